@@ -1,0 +1,294 @@
+"""Artifact folders: atomic writes, the lineage manifest, input fingerprints and the Hub model card.
+
+Every stage writes `OUTPUT/<stage>/` through `ArtifactWriter`: files go to `OUTPUT/.tmp/<stage>-<fp>/`, the manifest
+is written last, then the folder is renamed into place. A folder at `OUTPUT/<stage>` with a readable manifest is
+therefore always complete; a crash leaves at most a temporary folder, which the next run finishes or discards.
+Used by `pipeline.runner`; nothing runs at import.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import hashlib
+import json
+import os
+import re
+import shutil
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+MANIFEST = "manifest.json"
+MANIFEST_VERSION = 1
+LIBRARIES = ("pipeline", "torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers",
+             "huggingface_hub")
+_DISTRIBUTIONS = {"pipeline": "hf-pipeline", "huggingface_hub": "huggingface-hub"}
+# Keys that change nothing in the trained weights: editing them does not invalidate an artifact.
+NON_RESULT_KEYS = {"description", "push_to_hub", "logging_steps", "save_steps", "save_total_limit", "num_workers"}
+TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+
+
+def library_versions() -> dict[str, str]:
+    versions = {}
+    for name in LIBRARIES:
+        try:
+            versions[name] = metadata.version(_DISTRIBUTIONS.get(name, name))
+        except metadata.PackageNotFoundError:
+            continue
+    return versions
+
+
+# --------------------------------------------------------------------------------------------------- fingerprints
+
+_file_hash_cache: dict[tuple, str] = {}
+
+
+def file_digest(path: Path) -> str:
+    """sha256 of a file's bytes (cached by path, size and mtime within one process)."""
+    stat = path.stat()
+    key = (str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+    if key not in _file_hash_cache:
+        digest = hashlib.sha256()
+        with open(path, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+        _file_hash_cache[key] = digest.hexdigest()
+    return _file_hash_cache[key]
+
+
+def _strip_non_result(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _strip_non_result(v) for k, v in value.items() if k not in NON_RESULT_KEYS}
+    if isinstance(value, list):
+        return [_strip_non_result(v) for v in value]
+    return value
+
+
+def local_files_in(value: Any) -> list[Path]:
+    """Local files named anywhere in a stage config (data paths, include paths), for fingerprinting."""
+    from pipeline.recipe import looks_local
+
+    found: list[Path] = []
+    if isinstance(value, dict):
+        for item in value.values():
+            found += local_files_in(item)
+    elif isinstance(value, list):
+        for item in value:
+            found += local_files_in(item)
+    elif isinstance(value, str) and not value.startswith("${") and looks_local(value):
+        path = Path(value).expanduser()
+        if path.is_file():
+            found.append(path)
+        elif path.is_dir() and not (path / "config.json").exists() and not (path / MANIFEST).exists():
+            found += sorted(p for p in path.rglob("*") if p.is_file())
+    return found
+
+
+def fingerprint(config: dict[str, Any], parent_fingerprints: dict[str, str], seed: int) -> str:
+    """Hash of everything that decides a stage's result: its config, its parents' results, its data bytes, seed."""
+    files = {str(p): file_digest(p) for p in local_files_in(config)}
+    payload = {"config": _strip_non_result(config), "parents": parent_fingerprints, "files": files, "seed": seed,
+               "manifest_version": MANIFEST_VERSION}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()
+
+
+# -------------------------------------------------------------------------------------------------------- secrets
+
+
+def scrub(value: Any) -> Any:
+    """Remove anything that looks like a Hub token (and the current HF_TOKEN's value) before writing it anywhere."""
+    secrets = [v for k, v in os.environ.items() if k in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN") and v]
+    if isinstance(value, dict):
+        return {k: scrub(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [scrub(v) for v in value]
+    if isinstance(value, str):
+        for secret in secrets:
+            value = value.replace(secret, "***")
+        return TOKEN_PATTERN.sub("***", value)
+    return value
+
+
+# -------------------------------------------------------------------------------------------------------- reading
+
+
+@dataclass
+class Artifact:
+    """A complete artifact folder and its manifest."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def produces(self) -> str:
+        return self.manifest.get("produces", "causal-lm")
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.path / "adapter_config.json").exists()
+
+
+def read_manifest(folder: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((folder / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("complete") and "fingerprint" in manifest else None
+
+
+def open_artifact(folder: str | Path) -> Artifact | None:
+    """The artifact at `folder` if it is complete, else None."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    return Artifact(folder, manifest) if manifest else None
+
+
+def update_manifest(folder: Path, **fields: Any) -> dict[str, Any]:
+    """Merge fields (e.g. evaluation metrics) into a complete artifact's manifest, atomically."""
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise FileNotFoundError(f"{folder} is not a complete artifact")
+    for key, value in fields.items():
+        if isinstance(value, dict) and isinstance(manifest.get(key), dict):
+            manifest[key] = {**manifest[key], **value}
+        else:
+            manifest[key] = value
+    write_json_atomic(folder / MANIFEST, scrub(manifest))
+    return manifest
+
+
+def write_json_atomic(path: Path, data: Any) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with open(tmp, "w") as handle:
+        json.dump(data, handle, indent=2, sort_keys=False, default=str)
+        handle.flush()
+        os.fsync(handle.fileno())
+    os.replace(tmp, path)
+
+
+# -------------------------------------------------------------------------------------------------------- writing
+
+
+class ArtifactWriter:
+    """Builds one stage's artifact in a temporary folder and moves it into place when complete."""
+
+    def __init__(self, output_dir: Path, stage: str, fingerprint_: str):
+        self.output_dir, self.stage, self.fingerprint = Path(output_dir), stage, fingerprint_
+        self.final = self.output_dir / stage
+        self.tmp = self.output_dir / ".tmp" / f"{stage}-{fingerprint_[:16]}"
+
+    def prepare(self) -> Path:
+        """Create an empty temporary folder (main process only)."""
+        if self.tmp.exists():
+            shutil.rmtree(self.tmp)
+        self.tmp.mkdir(parents=True)
+        return self.tmp
+
+    def pending_complete(self) -> bool:
+        """A previous run finished this artifact but died before moving it into place."""
+        manifest = read_manifest(self.tmp)
+        return bool(manifest and manifest.get("fingerprint") == self.fingerprint)
+
+    def commit(self, manifest: dict[str, Any]) -> Artifact:
+        """Write the manifest last, then swap the folder into place; the old artifact is removed only after."""
+        manifest = scrub({**manifest, "complete": True, "fingerprint": self.fingerprint})
+        write_json_atomic(self.tmp / MANIFEST, manifest)
+        _fsync_dir(self.tmp)
+        return self.promote()
+
+    def promote(self) -> Artifact:
+        trash = None
+        if self.final.exists():
+            trash = self.output_dir / ".tmp" / f"{self.stage}-replaced-{int(time.time() * 1000)}"
+            os.replace(self.final, trash)
+        os.replace(self.tmp, self.final)
+        _fsync_dir(self.output_dir)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        return Artifact(self.final, read_manifest(self.final))
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def recover_output_dir(output_dir: Path, stages: list[str]) -> None:
+    """After a crash mid-swap the old artifact may sit in .tmp while the stage folder is gone: put it back."""
+    tmp_root = Path(output_dir) / ".tmp"
+    if not tmp_root.exists():
+        return
+    for stage in stages:
+        final = Path(output_dir) / stage
+        if final.exists():
+            continue
+        replaced = sorted(tmp_root.glob(f"{stage}-replaced-*"))
+        if replaced and read_manifest(replaced[-1]):
+            os.replace(replaced[-1], final)
+
+
+# ----------------------------------------------------------------------------------------------------- model card
+
+
+def model_card(*, name: str, stage: str, kind: str, recipe: str, base_model: str | None, datasets: list[str],
+               license_: str, metrics: dict[str, Any], lineage: list[dict[str, Any]], pipeline_tag: str | None,
+               library_name: str = "transformers", extra_tags: list[str] | None = None,
+               model_index: list[dict[str, Any]] | None = None) -> str:
+    """README.md text with Hub YAML metadata (base_model, datasets, tags, license) and a lineage table."""
+    meta: dict[str, Any] = {"library_name": library_name, "license": license_,
+                            "tags": ["hf-pipeline", kind, *(extra_tags or [])]}
+    if base_model:
+        meta["base_model"] = base_model
+    hub_datasets = [d for d in datasets if d and "/" in d and not Path(d).exists()]
+    if hub_datasets:
+        meta["datasets"] = hub_datasets
+    if pipeline_tag:
+        meta["pipeline_tag"] = pipeline_tag
+    if model_index:
+        meta["model-index"] = model_index
+    meta = scrub(meta)
+    lines = ["---", yaml.safe_dump(meta, sort_keys=False).strip(), "---", "",
+             f"# {name}", "",
+             f"Stage `{stage}` (kind `{kind}`) of recipe `{recipe}`, written by hf-pipeline on "
+             f"{_dt.date.today().isoformat()}.", ""]
+    if datasets:
+        lines += ["## Data", ""] + [f"- `{d}`" for d in datasets] + [""]
+    if metrics:
+        lines += ["## Metrics", "", "| metric | value |", "| --- | --- |"]
+        lines += [f"| {k} | {_fmt(v)} |" for k, v in metrics.items() if not isinstance(v, (dict, list))]
+        lines += [""]
+    if lineage:
+        lines += ["## Lineage", "", "| stage | kind | fingerprint |", "| --- | --- | --- |"]
+        lines += [f"| {p['stage']} | {p.get('kind', '')} | `{p['fingerprint'][:12]}` |" for p in lineage]
+        lines += [""]
+    lines += ["## Usage", "", "```python"]
+    if library_name == "peft":
+        lines += ["from peft import AutoPeftModelForCausalLM", "model = AutoPeftModelForCausalLM.from_pretrained(PATH)"]
+    elif pipeline_tag == "text-classification":
+        lines += ["from transformers import AutoModelForSequenceClassification",
+                  "model = AutoModelForSequenceClassification.from_pretrained(PATH)"]
+    elif kind == "tokenizer":
+        lines += ["from transformers import AutoTokenizer", "tokenizer = AutoTokenizer.from_pretrained(PATH)"]
+    else:
+        lines += ["from transformers import AutoModelForCausalLM", "model = AutoModelForCausalLM.from_pretrained(PATH)"]
+    lines += ["```", ""]
+    return scrub("\n".join(lines))
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.4g}" if isinstance(value, float) else str(value)

@@ -1,0 +1,189 @@
+"""Load tokenizers and models for a stage (safetensors only, remote code only when asked), apply LoRA, merge.
+
+Called from stage modules inside a run; imports torch/transformers lazily so recipe validation stays light.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from pathlib import Path
+from typing import Any
+
+from pipeline import schema
+from pipeline.errors import PipelineError, SecurityError
+
+log = logging.getLogger("pipeline")
+
+ARCHITECTURES = {  # name -> (config class, causal LM class) in transformers
+    "llama": ("LlamaConfig", "LlamaForCausalLM"),
+    "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"),
+    "mistral": ("MistralConfig", "MistralForCausalLM"),
+    "gpt2": ("GPT2Config", "GPT2LMHeadModel"),
+}
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.ckpt", "adapter_model.bin")
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
+
+
+def check_safe_weights(path: str | Path, key: str = "model.path") -> None:
+    """Refuse a local checkpoint that has only pickle weights: loading pickle can execute code."""
+    folder = Path(path)
+    if not folder.is_dir():
+        return
+    names = {p.name for p in folder.iterdir()}
+    if names & set(PICKLE_WEIGHTS) and not names & set(SAFE_WEIGHTS) and not any(n.endswith(".gguf") for n in names):
+        raise SecurityError(f"{folder} holds only pickle weights (.bin), which can run code when loaded", key=key,
+                            fix="convert it to safetensors (model.save_pretrained(dir, safe_serialization=True))")
+
+
+def remote_code_flag(section: schema.ModelSection | None) -> bool:
+    if section is not None and section.trust_remote_code:
+        warnings.warn("trust_remote_code is on: this recipe runs Python code from the model repository", stacklevel=2)
+        return True
+    return False
+
+
+def torch_dtype(section: schema.ModelSection | None):
+    import torch
+
+    name = section.dtype if section else "auto"
+    if name == "auto":
+        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
+            return torch.bfloat16
+        return torch.float32
+    return getattr(torch, name)
+
+
+def load_tokenizer(path: str, *, trust_remote_code: bool = False, gguf_file: str | None = None):
+    """A fast tokenizer with a pad token (falls back to EOS) and left padding off by default."""
+    from transformers import AutoTokenizer
+
+    kwargs: dict[str, Any] = {"trust_remote_code": trust_remote_code}
+    if gguf_file:
+        kwargs["gguf_file"] = gguf_file
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise PipelineError(f"cannot load a tokenizer from {path}: {str(exc).splitlines()[0]}", key="tokenizer",
+                            fix="point at a folder with tokenizer.json or a Hub id") from None
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def is_adapter(path: str | Path) -> bool:
+    return (Path(path) / "adapter_config.json").exists()
+
+
+def _load_kwargs(section: schema.ModelSection) -> dict[str, Any]:
+    kwargs: dict[str, Any] = {"dtype": torch_dtype(section), "trust_remote_code": remote_code_flag(section)}
+    if section.gguf_file:
+        kwargs["gguf_file"] = section.gguf_file
+    else:
+        kwargs["use_safetensors"] = True
+    if section.revision:
+        kwargs["revision"] = section.revision
+    if section.attn_implementation:
+        kwargs["attn_implementation"] = section.attn_implementation
+    return kwargs
+
+
+def build_from_config(section: schema.ModelSection, tokenizer):
+    """A randomly initialised causal LM of `section.architecture` sized by `section.config`."""
+    import transformers
+
+    config_name, model_name = ARCHITECTURES[section.architecture]
+    values = dict(section.config or {})
+    values.setdefault("vocab_size", len(tokenizer))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        values.setdefault(name, getattr(tokenizer, name))
+    try:
+        config = getattr(transformers, config_name)(**values)
+    except (TypeError, ValueError) as exc:
+        raise PipelineError(f"invalid model config: {exc}", key="model.config",
+                            fix=f"use {config_name} field names") from None
+    if section.attn_implementation:
+        config._attn_implementation = section.attn_implementation
+    model = getattr(transformers, model_name)(config)
+    return model.to(torch_dtype(section))
+
+
+def load_causal_lm(path: str, section: schema.ModelSection, *, merge_adapter: bool = True):
+    """A causal LM from a folder or Hub id; an adapter folder is loaded on its base (merged by default)."""
+    from transformers import AutoModelForCausalLM
+
+    check_safe_weights(path)
+    kwargs = _load_kwargs(section)
+    try:
+        if is_adapter(path):
+            from peft import AutoPeftModelForCausalLM
+
+            model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs)
+            return model.merge_and_unload() if merge_adapter else model
+        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+    except OSError as exc:
+        raise PipelineError(f"cannot load a model from {path}: {str(exc).splitlines()[0]}", key="model.path",
+                            fix="point at a folder with config.json and model.safetensors, or a Hub id") from None
+
+
+def load_reward_model(path: str, section: schema.ModelSection | None = None, num_labels: int = 1):
+    """A sequence-classification model (score head) from a folder, Hub id, or a causal LM to initialise one."""
+    from transformers import AutoModelForSequenceClassification
+
+    section = section or schema.ModelSection(path=path)
+    check_safe_weights(path)
+    kwargs = _load_kwargs(section)
+    if is_adapter(path):
+        raise PipelineError(f"{path} is a LoRA adapter; a reward model needs full weights", key="reward_model",
+                            fix="set `lora.merge: true` on the reward stage, or add a `merge` stage")
+    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+    if model.config.pad_token_id is None:
+        model.config.pad_token_id = model.config.eos_token_id
+    return model
+
+
+def lora_config(section: schema.LoraSection, task_type: str = "CAUSAL_LM"):
+    from peft import LoraConfig
+
+    return LoraConfig(r=section.r, lora_alpha=section.alpha, lora_dropout=section.dropout,
+                      target_modules=section.target_modules, task_type=task_type)
+
+
+def check_lora_targets(model, section: schema.LoraSection) -> None:
+    """LoRA target module names must exist in the model (before any training)."""
+    if section.target_modules == "all-linear":
+        return
+    names = {name.split(".")[-1] for name, _ in model.named_modules()}
+    missing = [t for t in section.target_modules if t not in names]
+    if missing:
+        import torch
+
+        linear = sorted({n.split(".")[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+        raise PipelineError(f"LoRA target modules not in the model: {', '.join(missing)}", key="lora.target_modules",
+                            fix=f"use some of: {', '.join(linear)} (or 'all-linear')")
+
+
+def base_model_of(path: str | Path) -> str | None:
+    """The model an artifact was trained from, as recorded in its manifest or adapter config."""
+    folder = Path(path)
+    adapter = folder / "adapter_config.json"
+    if adapter.exists():
+        return json.loads(adapter.read_text()).get("base_model_name_or_path")
+    return str(path)
+
+
+def save_model(model, tokenizer, folder: Path, *, merge_lora: bool = False) -> str:
+    """Save weights as safetensors with the tokenizer; returns 'peft' for an adapter, else 'transformers'."""
+    from peft import PeftModel
+
+    if isinstance(model, PeftModel) and merge_lora:
+        model = model.merge_and_unload()
+    model.save_pretrained(folder, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(folder)
+    if isinstance(model, PeftModel):
+        return "peft"
+    if getattr(model, "generation_config", None) is not None and tokenizer is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+        model.generation_config.save_pretrained(folder)
+    return "transformers"

@@ -1,0 +1,1 @@
+"""Our PPO on Accelerate: pure maths in `advantages`/`losses`, rollouts and the update loop beside them."""

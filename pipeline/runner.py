@@ -1,0 +1,241 @@
+"""Run a recipe's stages in order: skip unchanged ones, write each artifact atomically, keep ranks in step.
+
+Launched through `python -m pipeline run recipe.yaml` (one process) or `accelerate launch -m pipeline run ...`
+(N processes: every rank trains, rank 0 alone writes artifacts, barriers separate stages). Nothing runs at import.
+"""
+from __future__ import annotations
+
+import logging
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline import artifacts, registry, schema
+from pipeline.artifacts import Artifact, ArtifactWriter
+from pipeline.errors import PipelineError
+from pipeline.recipe import Recipe, resolve_ref
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass
+class StageResult:
+    """What a stage's `run(ctx)` returns besides the files it wrote into `ctx.output_dir`."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    library_name: str = "transformers"
+    pipeline_tag: str | None = "text-generation"
+    tags: list[str] = field(default_factory=list)
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs: its config, where to write, its parents' artifacts, the process state."""
+
+    name: str
+    config: schema.StageBase
+    recipe: Recipe
+    output_dir: Path  # temporary artifact folder; the runner moves it into place
+    work_dir: Path  # checkpoints that survive a crash, deleted once the artifact is complete
+    parents: dict[str, Artifact]
+    seed: int
+    state: Any  # accelerate.PartialState
+
+    def resolve(self, value: str | None) -> str | None:
+        """`${stage}` -> that stage's artifact folder (absolute); other values unchanged."""
+        resolved = resolve_ref(value, self.recipe)
+        if resolved and value and value.startswith("${"):
+            return str(Path(resolved).resolve())
+        return resolved
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+
+def _partial_state():
+    from accelerate import PartialState
+
+    return PartialState()
+
+
+def _barrier(state) -> None:
+    if state.num_processes > 1:
+        state.wait_for_everyone()
+
+
+def plan(recipe: Recipe, force: set[str] | None = None) -> list[tuple[str, str, str]]:
+    """(stage, fingerprint, 'run' | 'skip') for each stage, without training: what `run` would do."""
+    force = force or set()
+    fingerprints: dict[str, str] = {}
+    rows = []
+    for name, config in recipe.stages.items():
+        fp = stage_fingerprint(recipe, name, config, fingerprints)
+        fingerprints[name] = fp
+        existing = artifacts.open_artifact(recipe.output_dir / name)
+        fresh = existing is not None and existing.fingerprint == fp and name not in force and "all" not in force
+        rows.append((name, fp, "skip" if fresh else "run"))
+    return rows
+
+
+def stage_fingerprint(recipe: Recipe, name: str, config: schema.StageBase, fingerprints: dict[str, str]) -> str:
+    parents = {p: fingerprints[p] for p in recipe.parents[name] if p in fingerprints}
+    return artifacts.fingerprint(config.model_dump(mode="json"), parents, recipe.stage_seed(name))
+
+
+def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | None = None) -> dict[str, Artifact]:
+    """Run (or skip) every stage; return the complete artifacts by stage name."""
+    force = force or set()
+    unknown = (force - {"all"} - set(recipe.stages)) | ((only or set()) - set(recipe.stages))
+    if unknown:
+        raise PipelineError(f"no stage named {', '.join(sorted(unknown))}", file=str(recipe.path),
+                            key="--force/--only", fix=f"use one of: {', '.join(recipe.stages)}")
+    state = _partial_state()
+    output_dir = recipe.output_dir
+    if state.is_main_process:
+        output_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.recover_output_dir(output_dir, list(recipe.stages))
+    _barrier(state)
+
+    done: dict[str, Artifact] = {}
+    fingerprints: dict[str, str] = {}
+    total = len(recipe.stages)
+    for index, (name, config) in enumerate(recipe.stages.items(), start=1):
+        fp = stage_fingerprint(recipe, name, config, fingerprints)
+        fingerprints[name] = fp
+        existing = artifacts.open_artifact(output_dir / name)
+        forced = name in force or "all" in force
+        selected = only is None or name in only
+        if existing is not None and (not selected or (existing.fingerprint == fp and not forced)):
+            _say(state, f"[{index}/{total}] {name} ({config.kind}): up to date, skipped")
+            done[name] = existing
+            continue
+        if not selected:
+            raise PipelineError(f"stage '{name}' has no complete artifact yet", file=str(recipe.path),
+                                key="--only", fix=f"run it first or add --only {name}")
+        _say(state, f"[{index}/{total}] {name} ({config.kind}): running")
+        done[name] = _run_stage(recipe, name, config, fp, done, state)
+        metrics = done[name].manifest.get("metrics", {})
+        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
+                          if isinstance(v, (int, float)))
+        _say(state, f"[{index}/{total}] {name}: done in {done[name].manifest.get('duration_s', 0):.1f}s"
+                    + (f" ({shown})" if shown else ""))
+    return done
+
+
+def _say(state, message: str) -> None:
+    if state.is_main_process:
+        print(message, flush=True)
+
+
+def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, done: dict[str, Artifact],
+               state) -> Artifact:
+    output_dir = recipe.output_dir
+    writer = ArtifactWriter(output_dir, name, fp)
+    if writer.pending_complete():  # finished before a crash, not yet moved into place
+        if state.is_main_process:
+            writer.promote()
+        _barrier(state)
+        return artifacts.open_artifact(output_dir / name)
+
+    work_dir = output_dir / ".work" / f"{name}-{fp[:16]}"
+    if state.is_main_process:
+        writer.prepare()
+        work_dir.mkdir(parents=True, exist_ok=True)
+    _barrier(state)
+
+    parents = {p: done[p] for p in recipe.parents[name]}
+    seed = recipe.stage_seed(name)
+    ctx = StageContext(name=name, config=config, recipe=recipe, output_dir=writer.tmp, work_dir=work_dir,
+                       parents=parents, seed=seed, state=state)
+    _seed_everything(seed)
+    started = time.time()
+    result: StageResult = registry.stage_module(config.kind).run(ctx)
+    duration = time.time() - started
+    _barrier(state)
+
+    if state.is_main_process:
+        manifest = _manifest(recipe, name, config, fp, parents, result, duration)
+        card = _card(recipe, name, config, parents, result)
+        (writer.tmp / "README.md").write_text(card)
+        writer.commit(manifest)
+        shutil.rmtree(work_dir, ignore_errors=True)
+    _barrier(state)
+    artifact = artifacts.open_artifact(output_dir / name)
+    if artifact is None:
+        raise PipelineError(f"artifact for stage '{name}' is missing after it finished", file=str(recipe.path),
+                            key=f"stages.{name}", fix="the output folder must be on a filesystem every rank shares")
+    target = config.push_to_hub or _recipe_push_target(recipe, name)
+    if target is not None and state.is_main_process:
+        from pipeline import hub
+
+        hub.push_artifact(artifact, target)
+    return artifact
+
+
+def _recipe_push_target(recipe: Recipe, name: str) -> schema.HubTarget | None:
+    """A recipe-level `push_to_hub` pushes every stage to one repo, one branch per stage."""
+    target = recipe.header.push_to_hub
+    if target is None:
+        return None
+    return target.model_copy(update={"revision": target.revision or name})
+
+
+def _seed_everything(seed: int) -> None:
+    from transformers import set_seed
+
+    set_seed(seed)
+
+
+def _manifest(recipe: Recipe, name: str, config: schema.StageBase, fp: str, parents: dict[str, Artifact],
+              result: StageResult, duration: float) -> dict[str, Any]:
+    return {
+        "manifest_version": artifacts.MANIFEST_VERSION,
+        "recipe": recipe.name,
+        "recipe_file": str(recipe.path),
+        "stage": name,
+        "kind": config.kind,
+        "produces": config.produced_kind(),
+        "config": config.model_dump(mode="json"),
+        "resolved_references": {p: str(a.path.resolve()) for p, a in parents.items()},
+        "parents": [{"stage": p, "kind": a.manifest.get("kind"), "fingerprint": a.fingerprint,
+                     "path": str(a.path.resolve())} for p, a in parents.items()],
+        "lineage": _lineage(parents),
+        "seed": recipe.stage_seed(name),
+        "metrics": result.metrics,
+        "base_model": result.base_model,
+        "datasets": result.datasets,
+        "log_history": result.log_history,
+        "duration_s": round(duration, 3),
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "libraries": artifacts.library_versions(),
+        **result.extra,
+    }
+
+
+def _lineage(parents: dict[str, Artifact]) -> list[dict[str, Any]]:
+    """All ancestors, nearest first, each once."""
+    seen, chain = set(), []
+    for artifact in parents.values():
+        entries = [{"stage": artifact.manifest["stage"], "kind": artifact.manifest.get("kind"),
+                    "fingerprint": artifact.fingerprint}] + artifact.manifest.get("lineage", [])
+        for entry in entries:
+            if entry["fingerprint"] not in seen:
+                seen.add(entry["fingerprint"])
+                chain.append(entry)
+    return chain
+
+
+def _card(recipe: Recipe, name: str, config: schema.StageBase, parents: dict[str, Artifact],
+          result: StageResult) -> str:
+    return artifacts.model_card(
+        name=f"{recipe.name}/{name}", stage=name, kind=config.kind, recipe=recipe.name,
+        base_model=result.base_model, datasets=result.datasets, license_=recipe.header.license,
+        metrics=result.metrics, lineage=_lineage(parents), pipeline_tag=result.pipeline_tag,
+        library_name=result.library_name, extra_tags=result.tags)

@@ -1,0 +1,413 @@
+"""The recipe schema, in one place: shared sections (model, LoRA, data, training) and each stage kind's own fields.
+
+Every model here is strict (unknown keys are errors). A stage config composes the shared sections it needs and adds
+only its own fields. `pipeline.recipe` loads YAML into these models; `pipeline.registry` maps a stage `kind` to its
+config class and its run module. Nothing runs at import; no heavy library is imported here.
+"""
+from __future__ import annotations
+
+import re
+from typing import Any, ClassVar, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+REF_PATTERN = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_\-]*)\}$")
+STAGE_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
+
+# What a stage's artifact is; a reference is accepted where the consuming key lists the producer's kind.
+TOKENIZER, CAUSAL_LM, REWARD_MODEL, REPORT = "tokenizer", "causal-lm", "reward-model", "report"
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_default=True, protected_namespaces=())
+
+
+def _path_shorthand(value: Any) -> Any:
+    """`model: ${sft}` or `model: org/name` is short for `model: {path: ...}`."""
+    return {"path": value} if isinstance(value, str) else value
+
+
+class ModelSection(Strict):
+    """Which model a stage starts from: an artifact reference, a local folder or a Hub id; or a config to build."""
+
+    path: str | None = None
+    architecture: Literal["llama", "qwen2", "mistral", "gpt2"] = "llama"
+    config: dict[str, Any] | None = Field(default=None, description="architecture config to initialise from scratch")
+    gguf_file: str | None = None
+    revision: str | None = None
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    attn_implementation: str | None = None
+    trust_remote_code: bool = False
+
+    @model_validator(mode="after")
+    def _one_source(self):
+        if self.path is None and self.config is None:
+            raise ValueError("set `path` (artifact reference, folder or Hub id) or `config` (to build from scratch)")
+        return self
+
+
+class LoraSection(Strict):
+    """LoRA adapter settings (peft). `merge: true` writes a merged full model instead of an adapter."""
+
+    r: int = Field(16, gt=0)
+    alpha: int = Field(32, gt=0)
+    dropout: float = Field(0.05, ge=0, lt=1)
+    target_modules: list[str] | Literal["all-linear"] = "all-linear"
+    merge: bool = False
+
+
+class DataSection(Strict):
+    """A dataset: local file (json/jsonl/csv/parquet) or Hub id, with field mapping and splits."""
+
+    path: str
+    name: str | None = Field(default=None, description="Hub dataset config name")
+    split: str = "train"
+    eval_path: str | None = None
+    eval_split: str | None = None
+    eval_fraction: float | None = Field(default=None, gt=0, lt=1)
+    fields: dict[str, str] = Field(default_factory=dict, description="canonical field -> column in the file")
+    max_rows: int | None = Field(default=None, gt=0)
+    max_eval_rows: int | None = Field(default=None, gt=0)
+    on_bad_rows: Literal["error", "skip"] = "error"
+
+    @field_validator("path")
+    @classmethod
+    def _not_empty(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must not be empty")
+        return value
+
+
+class TrainSection(Strict):
+    """Optimisation settings shared by every trainable stage (mapped onto transformers' TrainingArguments)."""
+
+    learning_rate: float = Field(2e-5, gt=0)
+    epochs: float = Field(1.0, gt=0)
+    max_steps: int = Field(-1, ge=-1)
+    batch_size: int = Field(8, gt=0)
+    eval_batch_size: int | None = Field(default=None, gt=0)
+    grad_accum: int = Field(1, gt=0)
+    max_length: int = Field(512, gt=0)
+    warmup_ratio: float = Field(0.0, ge=0, lt=1)
+    weight_decay: float = Field(0.0, ge=0)
+    lr_scheduler: str = "linear"
+    optim: str = "adamw_torch"
+    max_grad_norm: float = Field(1.0, gt=0)
+    logging_steps: int = Field(10, gt=0)
+    save_steps: int = Field(100, gt=0)
+    save_total_limit: int = Field(2, gt=0)
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
+    gradient_checkpointing: bool = False
+    use_liger_kernel: bool = False
+    packing: bool | None = None
+    num_workers: int = Field(0, ge=0)
+
+
+class HubTarget(Strict):
+    """Where to push an artifact: repo id, visibility, branch."""
+
+    repo_id: str
+    private: bool = True
+    revision: str | None = None
+    commit_message: str | None = None
+
+    @field_validator("repo_id")
+    @classmethod
+    def _repo_id(cls, value: str) -> str:
+        if not re.match(r"^[A-Za-z0-9][\w.\-]*(/[\w.\-]+)?$", value):
+            raise ValueError(f"'{value}' is not a Hub repo id like 'user/name'")
+        return value
+
+
+def _hub_shorthand(value: Any) -> Any:
+    return {"repo_id": value} if isinstance(value, str) else value
+
+
+class StageBase(Strict):
+    """Fields every stage has. `produces` says what its artifact is; `references` which keys may hold `${stage}`."""
+
+    produces: ClassVar[str] = CAUSAL_LM
+    references: ClassVar[dict[str, tuple[str, ...]]] = {}
+
+    kind: str
+    description: str | None = None
+    push_to_hub: HubTarget | None = None
+    seed: int | None = None
+
+    _hub = field_validator("push_to_hub", mode="before")(lambda cls, v: _hub_shorthand(v))
+
+    def produced_kind(self) -> str:
+        return self.produces
+
+
+_ANY_MODEL = (CAUSAL_LM,)
+
+
+class TokenizerStage(StageBase):
+    """Train a byte-level BPE tokenizer with a chat template."""
+
+    produces: ClassVar[str] = TOKENIZER
+    kind: Literal["tokenizer"]
+    data: DataSection
+    vocab_size: int = Field(8000, ge=300)
+    min_frequency: int = Field(2, ge=1)
+    text_fields: list[str] = Field(default_factory=lambda: ["text"])
+    chat_template: str = "chatml"
+    model_max_length: int = Field(2048, gt=0)
+
+
+class PretrainStage(StageBase):
+    """Causal LM from a config (Llama by default) or continued pretraining; packing on."""
+
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"tokenizer": (TOKENIZER, CAUSAL_LM), "model.path": _ANY_MODEL}
+    kind: Literal["pretrain"]
+    model: ModelSection
+    tokenizer: str | None = None
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    text_field: str = "text"
+
+    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
+
+    @model_validator(mode="after")
+    def _tokenizer_for_scratch(self):
+        if self.model.config is not None and self.model.path is None and not self.tokenizer:
+            raise ValueError("a model built from `config` needs `tokenizer:` (e.g. ${tokenizer} or a folder)")
+        return self
+
+
+class SftStage(StageBase):
+    """Supervised fine-tuning, full or LoRA, on messages or prompt/completion data; loss on completions."""
+
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL, "tokenizer": (TOKENIZER, CAUSAL_LM)}
+    kind: Literal["sft"]
+    model: ModelSection
+    tokenizer: str | None = None
+    lora: LoraSection | None = None
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    completion_only_loss: bool = True
+
+    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
+
+
+class RewardStage(StageBase):
+    """Sequence-classification reward model on chosen/rejected pairs."""
+
+    produces: ClassVar[str] = REWARD_MODEL
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": (CAUSAL_LM, REWARD_MODEL),
+                                                        "tokenizer": (TOKENIZER, CAUSAL_LM)}
+    kind: Literal["reward"]
+    model: ModelSection
+    tokenizer: str | None = None
+    lora: LoraSection | None = None
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    center_rewards_coefficient: float | None = None
+
+    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
+
+
+class DpoStage(StageBase):
+    """Direct preference optimisation (TRL DPOTrainer); reference = the input model or the base under LoRA."""
+
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
+    kind: Literal["dpo"]
+    model: ModelSection
+    lora: LoraSection | None = None
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    beta: float = Field(0.1, gt=0)
+    loss_type: str = "sigmoid"
+    precompute_ref_log_probs: bool = False
+
+    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
+
+
+class KtoStage(StageBase):
+    """KTO (TRL KTOTrainer) on unpaired or paired preference data."""
+
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
+    kind: Literal["kto"]
+    model: ModelSection
+    lora: LoraSection | None = None
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    beta: float = Field(0.1, gt=0)
+
+    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
+
+
+class MergeStage(StageBase):
+    """Merge a LoRA adapter artifact into its base, writing a full model."""
+
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
+    kind: Literal["merge"]
+    model: ModelSection
+
+    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
+
+
+class RuleReward(Strict):
+    """A rule-based reward computed from the data: exact match on a known answer, or a length penalty."""
+
+    type: Literal["exact_match", "contains_answer", "length_penalty"]
+    field: str = "answer"
+    weight: float = 1.0
+    target_length: int | None = None
+
+
+class PpoStage(StageBase):
+    """Our PPO on Accelerate: policy (+value head or critic), frozen reference, learned reward model."""
+
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL, "reward_model": (REWARD_MODEL,),
+                                                        "value_model": (REWARD_MODEL,)}
+    kind: Literal["ppo"]
+    model: ModelSection
+    reward_model: str
+    value_model: str | None = Field(default=None, description="critic init; default: the reward model")
+    lora: LoraSection | None = None
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    rewards: list[RuleReward] = Field(default_factory=list)
+    total_episodes: int = Field(256, gt=0)
+    rollout_batch_size: int = Field(16, gt=0)
+    mini_batch_size: int = Field(8, gt=0)
+    ppo_epochs: int = Field(2, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    top_k: int = Field(0, ge=0)
+    top_p: float = Field(1.0, gt=0, le=1)
+    gamma: float = Field(1.0, ge=0, le=1)
+    lam: float = Field(0.95, ge=0, le=1)
+    clip_range: float = Field(0.2, gt=0)
+    clip_range_value: float = Field(0.2, gt=0)
+    vf_coef: float = Field(0.1, ge=0)
+    kl_coef: float = Field(0.05, ge=0)
+    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
+    adaptive_kl: bool = False
+    target_kl: float = Field(6.0, gt=0)
+    kl_horizon: int = Field(10000, gt=0)
+    whiten_rewards: bool = False
+    reward_normalization: bool = True
+    missing_eos_penalty: float | None = 1.0
+    stop_strings: list[str] = Field(default_factory=list)
+    entropy_coef: float = Field(0.0, ge=0)
+    value_learning_rate: float | None = Field(default=None, gt=0)
+    eval_prompts: int = Field(64, gt=0)
+
+    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
+
+
+class OnlineRLStage(StageBase):
+    """Fields shared by TRL's online trainers (GRPO, RLOO)."""
+
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL, "reward_model": (REWARD_MODEL,)}
+    model: ModelSection
+    reward_model: str | None = None
+    rewards: list[RuleReward] = Field(default_factory=list)
+    lora: LoraSection | None = None
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+    num_generations: int = Field(4, ge=2)
+    max_new_tokens: int = Field(32, gt=0)
+    temperature: float = Field(1.0, gt=0)
+    beta: float = Field(0.04, ge=0)
+    eval_prompts: int = Field(64, gt=0)
+
+    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
+
+    @model_validator(mode="after")
+    def _some_reward(self):
+        if not self.reward_model and not self.rewards:
+            raise ValueError("set `reward_model:` (e.g. ${reward}) or at least one rule in `rewards:`")
+        return self
+
+
+class GrpoStage(OnlineRLStage):
+    """Group-relative policy optimisation (TRL GRPOTrainer)."""
+
+    kind: Literal["grpo"]
+
+
+class RlooStage(OnlineRLStage):
+    """REINFORCE leave-one-out (TRL RLOOTrainer)."""
+
+    kind: Literal["rloo"]
+
+
+class EvalSection(Strict):
+    """One evaluation: which metric, on which data."""
+
+    metric: Literal["perplexity", "pairwise_accuracy", "win_rate", "exact_match", "lm_eval"]
+    data: DataSection | None = None
+    reward_model: str | None = None
+    reference: str | None = None
+    tasks: list[str] = Field(default_factory=list)
+    include_path: str | None = None
+    limit: int | None = Field(default=None, gt=0)
+    max_new_tokens: int = Field(32, gt=0)
+
+
+class EvaluateStage(StageBase):
+    """Evaluate an artifact; results go to its own report artifact and into the evaluated model's card."""
+
+    produces: ClassVar[str] = REPORT
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": (CAUSAL_LM, REWARD_MODEL),
+                                                        "evals.reward_model": (REWARD_MODEL,),
+                                                        "evals.reference": (CAUSAL_LM,)}
+    kind: Literal["evaluate"]
+    model: ModelSection
+    evals: list[EvalSection] = Field(min_length=1)
+    batch_size: int = Field(16, gt=0)
+
+    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
+
+
+class ParallelismSection(Strict):
+    """Accelerate ParallelismConfig sizes; -1 on dp_shard means 'the rest'."""
+
+    dp_replicate: int = Field(1, ge=1)
+    dp_shard: int = Field(1, ge=-1)
+    tp: int = Field(1, ge=1)
+    cp: int = Field(1, ge=1)
+
+
+class Defaults(Strict):
+    """Sections merged into every stage that has them; a stage's own values win."""
+
+    train: dict[str, Any] = Field(default_factory=dict)
+    lora: dict[str, Any] | None = None
+
+
+class RecipeHeader(Strict):
+    """Recipe-level fields; `stages` is validated per stage kind by `pipeline.recipe`."""
+
+    name: str
+    description: str | None = None
+    output_dir: str | None = None
+    seed: int = 42
+    license: str = "apache-2.0"
+    defaults: Defaults = Field(default_factory=Defaults)
+    push_to_hub: HubTarget | None = None
+    parallelism: ParallelismSection | None = None
+    stages: dict[str, dict[str, Any]]
+
+    _hub = field_validator("push_to_hub", mode="before")(lambda cls, v: _hub_shorthand(v))
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not STAGE_NAME_PATTERN.match(value):
+            raise ValueError("use letters, digits, '_' and '-' only")
+        return value
+
+    @field_validator("stages")
+    @classmethod
+    def _stages(cls, value: dict[str, Any]) -> dict[str, Any]:
+        if not value:
+            raise ValueError("a recipe needs at least one stage")
+        for name in value:
+            if not STAGE_NAME_PATTERN.match(str(name)):
+                raise ValueError(f"stage name '{name}' must use letters, digits, '_' and '-' only")
+        return value

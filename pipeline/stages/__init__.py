@@ -1,0 +1,1 @@
+"""Stage modules: one per stage kind, each exposing `run(ctx) -> StageResult`; see `pipeline.registry`."""

@@ -1,0 +1,50 @@
+"""`pretrain` stage: causal-LM training on text, from a config (Llama by default: RMSNorm, RoPE, grouped-query
+attention, SwiGLU) or continued pretraining of an existing model. Thin glue over TRL's SFTTrainer on a `text`
+dataset with packing on. Metrics: held-out loss and perplexity before and after.
+"""
+from __future__ import annotations
+
+from pipeline import data as data_lib
+from pipeline import models, scoring, training
+from pipeline.runner import StageContext, StageResult
+
+
+def load_model_and_tokenizer(ctx: StageContext):
+    cfg = ctx.config
+    tokenizer_path = ctx.resolve(cfg.tokenizer) or ctx.resolve(cfg.model.path)
+    tokenizer = models.load_tokenizer(tokenizer_path, trust_remote_code=cfg.model.trust_remote_code,
+                                      gguf_file=None if cfg.tokenizer else cfg.model.gguf_file)
+    if cfg.model.path:
+        model = models.load_causal_lm(ctx.resolve(cfg.model.path), cfg.model)
+        base = ctx.resolve(cfg.model.path)
+    else:
+        model = models.build_from_config(cfg.model, tokenizer)
+        base = None
+    return model, tokenizer, base
+
+
+def run(ctx: StageContext) -> StageResult:
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = ctx.config
+    model, tokenizer, base = load_model_and_tokenizer(ctx)
+    loaded = data_lib.load_data(cfg.data, "text", seed=ctx.seed, text_fields=[cfg.text_field])
+    packing = True if cfg.train.packing is None else cfg.train.packing
+    args = SFTConfig(**training.trainer_kwargs(ctx, cfg.train), dataset_text_field="text",
+                     max_length=cfg.train.max_length, packing=packing, packing_strategy="wrapped",
+                     eos_token=tokenizer.eos_token, completion_only_loss=False)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer)
+    eval_texts = loaded.eval["text"] if loaded.eval is not None else None
+    metrics: dict = {"parameters": sum(p.numel() for p in model.parameters()), "train_rows": len(loaded.train)}
+    if eval_texts:
+        metrics["eval_loss_before"] = scoring.lm_loss(model, tokenizer, eval_texts, max_length=cfg.train.max_length)
+    output = training.train(trainer, ctx)
+    metrics["train_loss"] = output.training_loss
+    if eval_texts:
+        metrics["eval_loss_after"] = scoring.lm_loss(trainer.model, tokenizer, eval_texts,
+                                                     max_length=cfg.train.max_length)
+        metrics["eval_perplexity_after"] = scoring.perplexity(metrics["eval_loss_after"])
+    if ctx.is_main:
+        models.save_model(trainer.model, tokenizer, ctx.output_dir)
+    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources,
+                       log_history=training.log_history(trainer), tags=["pretraining"])

@@ -1,0 +1,78 @@
+"""`sft` stage: supervised fine-tuning, full or LoRA (peft), on chat `messages` or prompt/completion data, with
+the loss on completions only. Thin glue over TRL's SFTTrainer. Metrics: held-out completion loss before and after,
+and exact match on held-out answers when the eval data's last turn holds a checkable answer.
+"""
+from __future__ import annotations
+
+from pipeline import data as data_lib
+from pipeline import models, scoring, training
+from pipeline.runner import StageContext, StageResult
+
+
+def load_policy(ctx: StageContext, key: str = "model"):
+    """The stage's starting causal LM (adapters merged) and its tokenizer."""
+    cfg = ctx.config
+    section = getattr(cfg, key)
+    path = ctx.resolve(section.path)
+    tokenizer = models.load_tokenizer(ctx.resolve(getattr(cfg, "tokenizer", None)) or path,
+                                      trust_remote_code=section.trust_remote_code, gguf_file=section.gguf_file)
+    if not tokenizer.chat_template:
+        from pipeline.errors import PipelineError
+
+        raise PipelineError(f"the tokenizer at {path} has no chat template", key=f"stages.{ctx.name}.{key}",
+                            fix="train it with the `tokenizer` stage, or use an instruct model's tokenizer")
+    model = models.load_causal_lm(path, section)
+    if getattr(cfg, "lora", None) is not None:
+        models.check_lora_targets(model, cfg.lora)
+    return model, tokenizer, path
+
+
+def completion_loss(model, tokenizer, dataset) -> float:
+    """Mean per-token NLL of the held-out completions."""
+    if dataset is None or len(dataset) == 0:
+        return float("nan")
+    logps = scoring.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["completion"])
+    tokens = [len(tokenizer(scoring.render(tokenizer, p, c)[1], add_special_tokens=False)["input_ids"])
+              for p, c in zip(dataset["prompt"], dataset["completion"])]
+    return -sum(logps) / max(sum(tokens), 1)
+
+
+def held_out_accuracy(model, tokenizer, dataset, max_new_tokens: int = 16) -> float | None:
+    """Exact match of greedy answers vs the reference completion's number, when there is one."""
+    if dataset is None or len(dataset) == 0:
+        return None
+    answers = [scoring.extract_answer(c[-1]["content"]) for c in dataset["completion"]]
+    if not all(a and a.lstrip("-").isdigit() for a in answers):
+        return None
+    predictions = scoring.generate(model, tokenizer, dataset["prompt"], max_new_tokens=max_new_tokens)
+    return scoring.exact_match(predictions, answers)
+
+
+def run(ctx: StageContext) -> StageResult:
+    from trl import SFTConfig, SFTTrainer
+
+    cfg = ctx.config
+    model, tokenizer, base = load_policy(ctx)
+    loaded = data_lib.load_data(cfg.data, "sft", seed=ctx.seed)
+    args = SFTConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length,
+                     packing=bool(cfg.train.packing), completion_only_loss=cfg.completion_only_loss,
+                     eos_token=tokenizer.eos_token)
+    metrics: dict = {"train_rows": len(loaded.train)}
+    if loaded.eval is not None:
+        metrics["eval_loss_before"] = completion_loss(model, tokenizer, loaded.eval)
+    peft_config = models.lora_config(cfg.lora) if cfg.lora else None
+    trainer = SFTTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer,
+                         peft_config=peft_config)
+    output = training.train(trainer, ctx)
+    metrics["train_loss"] = output.training_loss
+    if loaded.eval is not None:
+        metrics["eval_loss_after"] = completion_loss(trainer.model, tokenizer, loaded.eval)
+        accuracy = held_out_accuracy(trainer.model, tokenizer, loaded.eval)
+        if accuracy is not None:
+            metrics["eval_exact_match"] = accuracy
+    library = "transformers"
+    if ctx.is_main:
+        library = models.save_model(trainer.model, tokenizer, ctx.output_dir,
+                                    merge_lora=bool(cfg.lora and cfg.lora.merge))
+    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
+                       log_history=training.log_history(trainer), tags=["sft"] + (["lora"] if cfg.lora else []))

@@ -1,0 +1,108 @@
+"""Glue shared by the stages that use a transformers/TRL trainer: arguments from the `train:` section, resuming
+from the stage's last checkpoint, stopping on NaN/inf, and the loss history kept in the manifest.
+
+Imported by stage modules at run time; nothing runs at import.
+"""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+from pipeline import schema
+from pipeline.errors import TrainingError
+
+
+def precision_flags(section: schema.TrainSection) -> dict[str, bool]:
+    import torch
+
+    mode = section.mixed_precision
+    if mode == "auto":
+        mode = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
+
+
+def trainer_kwargs(ctx, section: schema.TrainSection, **overrides: Any) -> dict[str, Any]:
+    """Keyword arguments shared by TrainingArguments and every TRL *Config, from the `train:` section."""
+    import torch
+
+    kwargs: dict[str, Any] = dict(
+        output_dir=str(ctx.work_dir / "checkpoints"),
+        learning_rate=section.learning_rate,
+        num_train_epochs=section.epochs,
+        max_steps=section.max_steps,
+        per_device_train_batch_size=section.batch_size,
+        per_device_eval_batch_size=section.eval_batch_size or section.batch_size,
+        gradient_accumulation_steps=section.grad_accum,
+        warmup_steps=section.warmup_ratio,
+        weight_decay=section.weight_decay,
+        lr_scheduler_type=section.lr_scheduler,
+        optim=section.optim,
+        max_grad_norm=section.max_grad_norm,
+        logging_steps=section.logging_steps,
+        logging_first_step=True,
+        save_strategy="steps",
+        save_steps=section.save_steps,
+        save_total_limit=section.save_total_limit,
+        eval_strategy="no",
+        gradient_checkpointing=section.gradient_checkpointing,
+        use_liger_kernel=section.use_liger_kernel,
+        seed=ctx.seed,
+        data_seed=ctx.seed,
+        report_to=[],
+        use_cpu=not torch.cuda.is_available(),
+        dataloader_num_workers=section.num_workers,
+        disable_tqdm=not ctx.is_main,
+        **precision_flags(section),
+    )
+    kwargs.update(overrides)
+    return kwargs
+
+
+def last_checkpoint(ctx) -> str | None:
+    """The newest complete Trainer checkpoint in the stage's work folder (resumes a killed run)."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    folder = Path(ctx.work_dir) / "checkpoints"
+    if not folder.is_dir():
+        return None
+    found = get_last_checkpoint(str(folder))
+    if found and not (Path(found) / "trainer_state.json").exists():
+        return None
+    return found
+
+
+def nan_guard():
+    """A TrainerCallback that stops the stage when the logged loss or gradient norm is NaN/inf."""
+    from transformers import TrainerCallback
+
+    class NanGuard(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            for key in ("loss", "grad_norm"):
+                value = (logs or {}).get(key)
+                if isinstance(value, (int, float)) and not math.isfinite(value):
+                    raise TrainingError(
+                        f"{key} became {value} at step {state.global_step}; training stopped and the last good "
+                        f"checkpoint is kept", key="train.learning_rate",
+                        fix="lower the learning rate, enable max_grad_norm, or check the data")
+
+    return NanGuard()
+
+
+def train(trainer, ctx) -> Any:
+    """Run `trainer.train()`, resuming from the stage's last checkpoint if a previous run was killed."""
+    trainer.add_callback(nan_guard())
+    return trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+
+
+def log_history(trainer) -> list[dict[str, Any]]:
+    """The trainer's logged scalars (loss, learning rate, grad norm...), for curves in the report."""
+    keep = []
+    for entry in trainer.state.log_history:
+        keep.append({k: (round(v, 6) if isinstance(v, float) else v) for k, v in entry.items()
+                     if isinstance(v, (int, float))})
+    return keep
+
+
+def finite(value: float) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
