@@ -1,0 +1,87 @@
+"""Pure tensor maths for PPO losses: KL estimators, the clipped policy and value losses, entropy from logits, and
+the fixed / adaptive KL-coefficient controllers.
+
+Shapes are (batch, response_length) with a 0/1 `mask` of valid response tokens. Used by `pipeline.rl.trainer`;
+tested by tests/test_rl_math.py. Nothing runs at import.
+"""
+from __future__ import annotations
+
+from typing import Literal
+
+import torch
+
+from pipeline.rl.advantages import masked_mean
+
+
+def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
+                kind: Literal["k1", "k2", "k3"] = "k1") -> torch.Tensor:
+    """Per-token estimate of KL(policy || reference) from sampled-token log-probs (Schulman's k1/k2/k3).
+
+    k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r, where log r = logp - ref_logp.
+    """
+    log_ratio = logprobs - ref_logprobs
+    if kind == "k1":
+        return log_ratio
+    if kind == "k2":
+        return 0.5 * log_ratio ** 2
+    if kind == "k3":
+        return torch.expm1(-log_ratio) + log_ratio
+    raise ValueError(f"unknown KL estimator {kind!r}")
+
+
+def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
+                clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate: (loss, clip fraction, approx-KL = mean((logp - old)^2) / 2), all masked means."""
+    log_ratio = logprobs - old_logprobs
+    ratio = torch.exp(log_ratio)
+    unclipped = -advantages * ratio
+    clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
+    approx_kl = 0.5 * masked_mean(log_ratio ** 2, mask)
+    return loss, clip_fraction.detach(), approx_kl.detach()
+
+
+def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
+               clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * mean(max((V - R)^2, (clip(V, V_old +- c) - R)^2)) and its clip fraction."""
+    clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
+    unclipped_error = (values - returns) ** 2
+    clipped_error = (clipped_values - returns) ** 2
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
+    clip_fraction = masked_mean((clipped_error > unclipped_error).float(), mask)
+    return loss, clip_fraction.detach()
+
+
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy of softmax(logits) over the last axis: logsumexp(z) - sum(softmax(z) * z)."""
+    probs = torch.softmax(logits, dim=-1)
+    return torch.logsumexp(logits, dim=-1) - (probs * logits).sum(-1)
+
+
+class FixedKLController:
+    """A constant KL coefficient; `update` does nothing."""
+
+    def __init__(self, value: float):
+        self.value = value
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        del current_kl, n_steps
+
+    def state_dict(self) -> dict[str, float]:
+        return {"value": self.value}
+
+    def load_state_dict(self, state: dict[str, float]) -> None:
+        self.value = state["value"]
+
+
+class AdaptiveKLController(FixedKLController):
+    """Ziegler et al.'s proportional controller: value *= 1 + clip(kl / target - 1, -0.2, 0.2) * n_steps / horizon."""
+
+    def __init__(self, value: float, target: float, horizon: int):
+        super().__init__(value)
+        self.target, self.horizon = target, horizon
+
+    def update(self, current_kl: float, n_steps: int) -> None:
+        error = min(max(current_kl / self.target - 1.0, -0.2), 0.2)
+        self.value *= 1.0 + error * n_steps / self.horizon

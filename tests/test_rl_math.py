@@ -1,0 +1,126 @@
+"""Hand-computed checks of PPO's pure maths (pipeline.rl.advantages / pipeline.rl.losses).
+
+Run: .venv/bin/python -m pytest tests/test_rl_math.py -q
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from pipeline.rl import advantages as adv
+from pipeline.rl import losses
+
+MASK = torch.tensor([[1.0, 1.0, 0.0]])
+
+
+def test_masked_mean_and_var():
+    x = torch.tensor([[1.0, 3.0, 100.0]])
+    assert adv.masked_mean(x, MASK).item() == pytest.approx(2.0)  # (1 + 3) / 2; 100 is masked out
+    # deviations -1, +1 -> biased var 1, unbiased 1 * 2 / 1 = 2
+    assert adv.masked_var(x, MASK, unbiased=False).item() == pytest.approx(1.0)
+    assert adv.masked_var(x, MASK).item() == pytest.approx(2.0)
+    rows = torch.tensor([[1.0, 3.0], [5.0, 7.0]])
+    assert adv.masked_mean(rows, torch.tensor([[1, 0], [1, 1]]), dim=1).tolist() == pytest.approx([1.0, 6.0])
+
+
+def test_masked_whiten():
+    x = torch.tensor([[1.0, 3.0, 100.0]])
+    out = adv.masked_whiten(x, MASK, eps=0.0)
+    s = math.sqrt(2.0)  # unbiased std of {1, 3}
+    assert out.tolist()[0] == pytest.approx([-1 / s, 1 / s, 0.0])
+    kept = adv.masked_whiten(x, MASK, shift_mean=False, eps=0.0)
+    assert kept.tolist()[0] == pytest.approx([2 - 1 / s, 2 + 1 / s, 0.0])
+
+
+def test_gae_by_hand():
+    rewards = torch.tensor([[0.0, 1.0, 5.0]])  # reward after the mask must be ignored
+    values = torch.tensor([[0.5, 0.2, 9.0]])
+    gamma, lam = 0.9, 0.8
+    # t=1: delta = 1 + 0.9*0 - 0.2 = 0.8; A1 = 0.8
+    # t=0: delta = 0 + 0.9*0.2 - 0.5 = -0.32; A0 = -0.32 + 0.9*0.8*0.8 = 0.256
+    a, r = adv.gae(rewards, values, MASK, gamma, lam)
+    assert a.tolist()[0] == pytest.approx([0.256, 0.8, 0.0])
+    assert r.tolist()[0] == pytest.approx([0.756, 1.0, 0.0])
+
+
+def test_gae_gamma_one_lam_one_is_reward_to_go():
+    rewards = torch.tensor([[1.0, 2.0, 3.0]])
+    values = torch.zeros(1, 3)
+    a, _ = adv.gae(rewards, values, torch.ones(1, 3), 1.0, 1.0)
+    assert a.tolist()[0] == pytest.approx([6.0, 5.0, 3.0])
+
+
+def test_kl_penalty_rewards_score_on_last_token():
+    kl = torch.tensor([[0.2, 0.4, 0.6], [0.1, 0.1, 0.1]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1]])
+    out = adv.kl_penalty_rewards(kl, torch.tensor([2.0, -1.0]), mask, kl_coef=0.5)
+    # row 0: -0.1, -0.2 + 2 (last valid token is index 1), 0 (masked)
+    # row 1: -0.05, -0.05, -0.05 - 1
+    assert out.tolist()[0] == pytest.approx([-0.1, 1.8, 0.0])
+    assert out.tolist()[1] == pytest.approx([-0.05, -0.05, -1.05])
+
+
+def test_kl_estimators():
+    logp, ref = torch.tensor([-1.0]), torch.tensor([-1.5])  # log r = 0.5
+    assert losses.kl_estimate(logp, ref, "k1").item() == pytest.approx(0.5)
+    assert losses.kl_estimate(logp, ref, "k2").item() == pytest.approx(0.125)  # 0.5^2 / 2
+    assert losses.kl_estimate(logp, ref, "k3").item() == pytest.approx(math.exp(-0.5) - 1 + 0.5)
+    with pytest.raises(ValueError):
+        losses.kl_estimate(logp, ref, "k9")
+
+
+def test_policy_loss_clipping():
+    old = torch.zeros(1, 3)
+    new = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.1)]])
+    advantages = torch.tensor([[1.0, 1.0, -2.0]])
+    loss, clip_fraction, approx_kl = losses.policy_loss(new, old, advantages, torch.ones(1, 3), clip_range=0.2)
+    # token 0: ratio 1.5, A=+1 -> max(-1.5, -1.2) = -1.2 (clipped)
+    # token 1: ratio 0.5, A=+1 -> max(-0.5, -0.8) = -0.5 (not clipped)
+    # token 2: ratio 1.1, A=-2 -> max(2.2, 2.2) = 2.2 (inside the range)
+    assert loss.item() == pytest.approx((-1.2 - 0.5 + 2.2) / 3)
+    assert clip_fraction.item() == pytest.approx(1 / 3)
+    expected_kl = 0.5 * (math.log(1.5) ** 2 + math.log(0.5) ** 2 + math.log(1.1) ** 2) / 3
+    assert approx_kl.item() == pytest.approx(expected_kl)
+
+
+def test_policy_loss_gradient_flows_only_unclipped():
+    new = torch.tensor([[math.log(1.5), math.log(0.9)]], requires_grad=True)
+    loss, _, _ = losses.policy_loss(new, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), 0.2)
+    loss.backward()
+    # clipped token has zero gradient; the other: d(-ratio/2)/dlogp = -0.9/2
+    assert new.grad.tolist()[0] == pytest.approx([0.0, -0.45])
+
+
+def test_value_loss_by_hand():
+    old = torch.tensor([[0.0, 0.0]])
+    values = torch.tensor([[1.0, 0.1]])
+    returns = torch.tensor([[2.0, 1.0]])
+    loss, clip_fraction = losses.value_loss(values, old, returns, torch.ones(1, 2), clip_range=0.2)
+    # token 0: unclipped (1-2)^2 = 1; clipped V=0.2 -> (0.2-2)^2 = 3.24 -> 3.24
+    # token 1: unclipped (0.1-1)^2 = 0.81; clipped V=0.1 (inside) -> 0.81
+    assert loss.item() == pytest.approx(0.5 * (3.24 + 0.81) / 2)
+    assert clip_fraction.item() == pytest.approx(0.5)
+
+
+def test_entropy_from_logits():
+    uniform = torch.zeros(1, 4)
+    assert losses.entropy_from_logits(uniform).item() == pytest.approx(math.log(4))
+    two = torch.tensor([[math.log(3.0), 0.0]])  # probs 3/4, 1/4
+    expected = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
+    assert losses.entropy_from_logits(two).item() == pytest.approx(expected)
+
+
+def test_kl_controllers():
+    fixed = losses.FixedKLController(0.1)
+    fixed.update(100.0, 10)
+    assert fixed.value == 0.1
+    ctl = losses.AdaptiveKLController(0.1, target=6.0, horizon=100)
+    ctl.update(12.0, 10)  # error clipped to +0.2 -> 0.1 * (1 + 0.2 * 10 / 100) = 0.102
+    assert ctl.value == pytest.approx(0.102)
+    ctl.update(5.4, 50)  # error 5.4/6 - 1 = -0.1 -> 0.102 * (1 - 0.1 * 0.5) = 0.0969
+    assert ctl.value == pytest.approx(0.0969)
+    restored = losses.AdaptiveKLController(1.0, 6.0, 100)
+    restored.load_state_dict(ctl.state_dict())
+    assert restored.value == pytest.approx(0.0969)
