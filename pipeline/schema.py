@@ -266,6 +266,7 @@ class PpoStage(StageBase):
     model: ModelSection
     reward_model: str
     value_model: str | None = Field(default=None, description="critic init; default: the reward model")
+    value_head: bool = Field(False, description="a linear value head on the policy instead of a critic")
     lora: LoraSection | None = None
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)

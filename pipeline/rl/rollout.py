@@ -1,0 +1,155 @@
+"""PPO rollouts: tokenise prompts once, sample responses with the KV cache from left-padded batches, cut them at
+the first EOS or stop string, compute per-token log-probs / values in single forward passes, and score responses
+with the reward model plus rule rewards (and a penalty for a missing EOS).
+
+Called by `pipeline.rl.trainer` and `pipeline.stages.ppo` at run time; nothing runs at import.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from pipeline import scoring
+from pipeline.rl import rewards as rule_lib
+from pipeline.rl.losses import entropy_from_logits
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled episodes. Token tensors are (batch, length); `response_mask` covers tokens up to and
+    including the first EOS / stop string."""
+
+    query: torch.Tensor
+    query_mask: torch.Tensor
+    response: torch.Tensor
+    response_mask: torch.Tensor
+    has_eos: torch.Tensor
+    texts: list[str]
+    rows: list[dict[str, Any]]
+    scores: torch.Tensor | None = None
+    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+def encode_prompts(tokenizer, rows: list[dict[str, Any]]) -> list[list[int]]:
+    """Token ids of each row's chat prompt with the generation prompt (tokenised once, reused every step)."""
+    return [tokenizer(scoring.render(tokenizer, row["prompt"])[0], add_special_tokens=False)["input_ids"]
+            for row in rows]
+
+
+def left_pad(sequences: list[list[int]], pad_id: int, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Left-padded ids and attention mask."""
+    width = max(len(s) for s in sequences)
+    ids = torch.tensor([[pad_id] * (width - len(s)) + s for s in sequences], device=device)
+    mask = torch.tensor([[0] * (width - len(s)) + [1] * len(s) for s in sequences], device=device)
+    return ids, mask
+
+
+def stop_index(tokenizer, tokens: list[int], stop_strings: list[str]) -> int | None:
+    """Index of the token that completes the first stop string in `tokens`, or None."""
+    if not stop_strings or not any(s in tokenizer.decode(tokens) for s in stop_strings):
+        return None
+    for end in range(1, len(tokens) + 1):
+        if any(s in tokenizer.decode(tokens[:end]) for s in stop_strings):
+            return end - 1
+    return None
+
+
+def truncate(response: torch.Tensor, eos_id: int, pad_id: int, tokenizer=None,
+             stop_strings: list[str] | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Keep tokens up to and including the first EOS (or stop string); pad after it. Returns
+    (response, mask, ended) where `ended` says whether the response finished before the length limit."""
+    is_eos = response == eos_id
+    length = response.shape[1]
+    first = torch.where(is_eos.any(1), is_eos.float().argmax(1), torch.full_like(is_eos[:, 0], length, dtype=torch.long))
+    if stop_strings:
+        for row in range(response.shape[0]):
+            found = stop_index(tokenizer, response[row, :int(first[row])].tolist(), stop_strings)
+            if found is not None:
+                first[row] = found
+    positions = torch.arange(length, device=response.device).expand_as(response)
+    mask = (positions <= first[:, None]).long()
+    ended = first < length
+    return torch.where(mask.bool(), response, torch.full_like(response, pad_id)), mask, ended
+
+
+def sample(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
+           top_k: int = 0, top_p: float = 1.0, do_sample: bool = True) -> tuple[torch.Tensor, ...]:
+    """(query, query_mask, raw response) sampled in one batch with the KV cache."""
+    from transformers import GenerationConfig
+
+    device = next(policy.parameters()).device
+    query, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
+    config = GenerationConfig(max_new_tokens=max_new_tokens, do_sample=do_sample, use_cache=True,
+                              temperature=temperature if do_sample else None, top_k=top_k if do_sample else None,
+                              top_p=top_p if do_sample else None, pad_token_id=tokenizer.pad_token_id,
+                              eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
+    with torch.inference_mode():
+        out = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
+    response = out[:, query.shape[1]:]
+    if response.shape[1] < max_new_tokens:
+        pad = torch.full((response.shape[0], max_new_tokens - response.shape[1]), tokenizer.pad_token_id,
+                         dtype=response.dtype, device=device)
+        response = torch.cat([response, pad], 1)
+    return query, query_mask, response
+
+
+def rollout(policy, tokenizer, rows: list[dict[str, Any]], prompt_ids: list[list[int]], cfg,
+            do_sample: bool = True) -> Rollout:
+    """Sample, truncate and decode one batch of episodes (`cfg` is the stage's `PpoStage`)."""
+    query, query_mask, response = sample(policy, tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens,
+                                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                         do_sample=do_sample)
+    response, mask, ended = truncate(response, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer,
+                                     cfg.stop_strings)
+    texts = decode(tokenizer, response, mask, cfg.stop_strings)
+    return Rollout(query, query_mask, response, mask, ended, texts, rows)
+
+
+def decode(tokenizer, response: torch.Tensor, mask: torch.Tensor, stop_strings: list[str]) -> list[str]:
+    """Response texts without special tokens, cut at the first stop string."""
+    texts = tokenizer.batch_decode((response * mask).tolist(), skip_special_tokens=True)
+    for stop in stop_strings:
+        texts = [t.split(stop)[0] + stop if stop in t else t for t in texts]
+    return texts
+
+
+def sequence_inputs(batch: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """input_ids, attention_mask and position_ids of query + response (left padding aware)."""
+    ids = torch.cat([batch.query, batch.response], 1)
+    attention = torch.cat([batch.query_mask, batch.response_mask.to(batch.query_mask.dtype)], 1)
+    positions = (attention.cumsum(1) - 1).clamp(min=0)
+    return ids, attention, positions
+
+
+def policy_forward(model, batch: Rollout, temperature: float,
+                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of the response tokens (and the entropy of each next-token distribution)."""
+    ids, attention, positions = sequence_inputs(batch)
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).logits
+    start = batch.query.shape[1] - 1
+    logits = logits[:, start:start + batch.response.shape[1]].float() / temperature
+    logprobs = torch.log_softmax(logits, -1).gather(-1, batch.response[..., None]).squeeze(-1)
+    entropy = entropy_from_logits(logits) if with_entropy else None
+    return logprobs, entropy
+
+
+def score(reward_model, tokenizer, batch: Rollout, cfg, reward_tokenizer=None) -> torch.Tensor:
+    """Reward-model score + rule rewards, minus `missing_eos_penalty` where the response hit the length limit.
+
+    The response text is rendered in the chat template exactly as the reward model saw its training pairs (with
+    the reward model's own tokenizer when it differs)."""
+    device = batch.response.device
+    total = torch.zeros(len(batch.texts), device=device)
+    if reward_model is not None:
+        completions = [[{"role": "assistant", "content": t}] for t in batch.texts]
+        prompts = [row["prompt"] for row in batch.rows]
+        values = scoring.reward_scores(reward_model, reward_tokenizer or tokenizer, prompts, completions,
+                                       batch_size=len(prompts))
+        total += torch.tensor(values, device=device)
+    if cfg.rewards:
+        total += torch.tensor(rule_lib.rule_rewards(cfg.rewards, batch.texts, batch.rows), device=device)
+    if cfg.missing_eos_penalty is not None:
+        total -= cfg.missing_eos_penalty * (~batch.has_eos).float()
+    return total

@@ -1,0 +1,340 @@
+"""The PPO loop on Accelerate: rollout -> reference log-probs, values, scores -> KL-penalised rewards -> GAE ->
+minibatch epochs of clipped policy + value updates, with logging, checkpoints and resume.
+
+Built by `pipeline.stages.ppo.run(ctx)` (launched via `python -m pipeline run recipe.yaml`, or `accelerate launch -m
+pipeline run ...`); `bench/ppo.py` drives it directly. Nothing runs at import.
+"""
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from pipeline.errors import TrainingError
+from pipeline.rl import advantages as adv
+from pipeline.rl import losses
+from pipeline.rl import rollout as ro
+
+log = logging.getLogger("pipeline")
+CHECKPOINT = "ppo-checkpoint.pt"
+
+
+class Critic(torch.nn.Module):
+    """Per-token values from a sequence-classification model's backbone and its `score` head."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: ro.Rollout) -> torch.Tensor:
+        ids, attention, positions = ro.sequence_inputs(batch)
+        backbone = getattr(self.model, self.model.base_model_prefix)
+        hidden = backbone(input_ids=ids, attention_mask=attention, position_ids=positions,
+                          use_cache=False).last_hidden_state
+        start = batch.query.shape[1] - 1
+        return self.model.score(hidden[:, start:start + batch.response.shape[1]]).squeeze(-1).float()
+
+
+class ValueHead(torch.nn.Module):
+    """A linear value head on the policy's last hidden state (shares the policy's trunk)."""
+
+    def __init__(self, policy):
+        super().__init__()
+        self.policy = [policy]  # not a submodule: its weights belong to the policy optimiser
+        self.head = torch.nn.Linear(policy.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.head.weight)
+        torch.nn.init.zeros_(self.head.bias)
+
+    def forward(self, batch: ro.Rollout) -> torch.Tensor:
+        ids, attention, positions = ro.sequence_inputs(batch)
+        out = self.policy[0](input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                             output_hidden_states=True)
+        start = batch.query.shape[1] - 1
+        hidden = out.hidden_states[-1][:, start:start + batch.response.shape[1]]
+        return self.head(hidden.to(self.head.weight.dtype)).squeeze(-1).float()
+
+
+@dataclass
+class Models:
+    """The four roles. `reference` is None under LoRA (the policy with its adapter disabled is the reference)."""
+
+    policy: Any
+    critic: torch.nn.Module
+    reward: Any
+    tokenizer: Any
+    reference: Any = None
+    reward_tokenizer: Any = None
+
+
+@dataclass
+class TrainState:
+    step: int = 0
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def mixed_precision(setting: str) -> str:
+    if setting == "auto":
+        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    return setting if torch.cuda.is_available() else "no"
+
+
+def is_peft(model) -> bool:
+    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
+
+
+class PPOTrainer:
+    """Holds models, optimisers and the KL controller; `train()` runs `total_episodes` episodes."""
+
+    def __init__(self, cfg, models: Models, train_rows: list[dict], work_dir: Path | None, seed: int = 0):
+        from accelerate import Accelerator
+
+        self.cfg, self.m, self.work_dir, self.seed = cfg, models, work_dir, seed
+        self.accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.mixed_precision),
+                                       gradient_accumulation_steps=1)
+        self.rows = train_rows
+        self.prompt_ids = ro.encode_prompts(models.tokenizer, train_rows)
+        self.state = TrainState()
+        self.kl_ctl = (losses.AdaptiveKLController(cfg.kl_coef, cfg.target_kl, cfg.kl_horizon) if cfg.adaptive_kl
+                       else losses.FixedKLController(cfg.kl_coef))
+        self._build_optimizers()
+        self.order_gen = torch.Generator().manual_seed(seed)
+        self.order: list[int] = []
+
+    # ------------------------------------------------------------------------------------------------ setup
+
+    def _build_optimizers(self) -> None:
+        cfg, acc = self.cfg, self.accelerator
+        policy_params = [p for p in self.m.policy.parameters() if p.requires_grad]
+        critic_params = [p for p in self.m.critic.parameters() if p.requires_grad]
+        self.policy_opt = torch.optim.AdamW(policy_params, lr=cfg.train.learning_rate, eps=1e-5,
+                                            weight_decay=cfg.train.weight_decay)
+        self.critic_opt = torch.optim.AdamW(critic_params, lr=cfg.value_learning_rate or cfg.train.learning_rate,
+                                            eps=1e-5)
+        self.m.policy, self.m.critic, self.policy_opt, self.critic_opt = acc.prepare(
+            self.m.policy, self.m.critic, self.policy_opt, self.critic_opt)
+        for frozen in (self.m.reward, self.m.reference):
+            if frozen is not None:
+                frozen.requires_grad_(False).eval().to(acc.device)
+
+    @property
+    def total_steps(self) -> int:
+        return max(1, self.cfg.total_episodes // self.cfg.rollout_batch_size)
+
+    def _next_rows(self) -> list[int]:
+        """Indices of the next prompt batch: a seeded reshuffle each pass over the data."""
+        needed = self.cfg.rollout_batch_size
+        while len(self.order) < needed:
+            self.order += torch.randperm(len(self.rows), generator=self.order_gen).tolist()
+        picked, self.order = self.order[:needed], self.order[needed:]
+        return picked
+
+    # ------------------------------------------------------------------------------------------ experience
+
+    def _reference_logprobs(self, batch: ro.Rollout) -> torch.Tensor:
+        policy = self.accelerator.unwrap_model(self.m.policy)
+        if self.m.reference is not None:
+            return ro.policy_forward(self.m.reference, batch, self.cfg.temperature)[0]
+        with policy.disable_adapter():
+            return ro.policy_forward(policy, batch, self.cfg.temperature)[0]
+
+    def collect(self) -> tuple[ro.Rollout, dict[str, float]]:
+        """Sample a batch and attach old log-probs, reference log-probs, values, scores, rewards and advantages."""
+        cfg, times = self.cfg, {}
+        idx = self._next_rows()
+        rows = [self.rows[i] for i in idx]
+        policy = self.accelerator.unwrap_model(self.m.policy)
+        policy.eval()
+        started = time.perf_counter()
+        batch = ro.rollout(policy, self.m.tokenizer, rows, [self.prompt_ids[i] for i in idx], cfg)
+        times["time/generation"] = time.perf_counter() - started
+        started = time.perf_counter()
+        with torch.inference_mode(), self.accelerator.autocast():
+            old_logprobs = ro.policy_forward(policy, batch, cfg.temperature)[0]
+            ref_logprobs = self._reference_logprobs(batch)
+            values = self.m.critic(batch)
+            batch.scores = ro.score(self.m.reward, self.m.tokenizer, batch, cfg, self.m.reward_tokenizer)
+        times["time/scoring"] = time.perf_counter() - started
+        self._attach_advantages(batch, old_logprobs, ref_logprobs, values)
+        return batch, times
+
+    def _attach_advantages(self, batch: ro.Rollout, old_logprobs, ref_logprobs, values) -> None:
+        cfg, mask = self.cfg, batch.response_mask.float()
+        kl = losses.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
+        scores = batch.scores.float()
+        if cfg.reward_normalization and scores.numel() > 1:
+            scores = (scores - scores.mean()) / (scores.std() + 1e-6)
+        rewards = adv.kl_penalty_rewards(kl, scores, mask, self.kl_ctl.value)
+        if cfg.whiten_rewards:
+            rewards = adv.masked_whiten(rewards, mask, shift_mean=False)
+        advantages, returns = adv.gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
+        batch.extra = {"old_logprobs": old_logprobs.clone(), "values": (values * mask).clone(),
+                       "advantages": adv.masked_whiten(advantages, mask), "returns": returns,
+                       "kl": kl, "rewards": rewards}
+
+    # ---------------------------------------------------------------------------------------------- update
+
+    def _minibatch_loss(self, mb: ro.Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        cfg, mask, ex = self.cfg, mb.response_mask.float(), mb.extra
+        logprobs, entropy = ro.policy_forward(self.m.policy, mb, cfg.temperature, with_entropy=True)
+        pg_loss, clip_frac, approx_kl = losses.policy_loss(logprobs, ex["old_logprobs"], ex["advantages"], mask,
+                                                           cfg.clip_range)
+        values = self.m.critic(mb)
+        vf_loss, vf_clip = losses.value_loss(values, ex["values"], ex["returns"], mask, cfg.clip_range_value)
+        mean_entropy = adv.masked_mean(entropy, mask)
+        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy
+        stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/clipfrac": clip_frac,
+                 "policy/approx_kl": approx_kl, "policy/entropy": mean_entropy.detach(), "value/clipfrac": vf_clip}
+        return loss, stats
+
+    def update(self, batch: ro.Rollout) -> dict[str, float]:
+        """`ppo_epochs` passes of shuffled minibatches; each minibatch is split into `grad_accum` micro-batches."""
+        cfg, acc = self.cfg, self.accelerator
+        self.m.policy.train()
+        self.m.critic.train()
+        size = len(batch.texts)
+        mini = min(cfg.mini_batch_size, size)
+        micro = max(1, mini // cfg.train.grad_accum)
+        collected: list[dict[str, torch.Tensor]] = []
+        for _ in range(cfg.ppo_epochs):
+            order = torch.randperm(size).tolist()
+            for start in range(0, size, mini):
+                chunk = order[start:start + mini]
+                for micro_start in range(0, len(chunk), micro):
+                    part = chunk[micro_start:micro_start + micro]
+                    with acc.autocast():
+                        loss, stats = self._minibatch_loss(select(batch, part))
+                    check_finite(loss, self.state.step)
+                    acc.backward(loss * len(part) / len(chunk))
+                    collected.append(stats)
+                self._step_optimizers()
+        return {k: torch.stack([s[k] for s in collected]).mean().item() for k in collected[0]}
+
+    def _step_optimizers(self) -> None:
+        acc, max_norm = self.accelerator, self.cfg.train.max_grad_norm
+        for model, opt in ((self.m.policy, self.policy_opt), (self.m.critic, self.critic_opt)):
+            params = [p for p in model.parameters() if p.requires_grad]
+            if params:
+                acc.clip_grad_norm_(params, max_norm)
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------------------------------------ loop
+
+    def step(self) -> dict[str, float]:
+        batch, times = self.collect()
+        started = time.perf_counter()
+        stats = self.update(batch)
+        times["time/update"] = time.perf_counter() - started
+        mask = batch.response_mask.float()
+        kl_seq = batch.extra["kl"].sum(1).mean().item()
+        self.kl_ctl.update(kl_seq, len(batch.texts))
+        stats.update(step_stats(batch, mask, kl_seq, self.kl_ctl.value))
+        stats.update(times)
+        return stats
+
+    def train(self, progress: bool = True) -> list[dict[str, Any]]:
+        """Run (or resume) to `total_steps`; returns the per-step log history."""
+        from tqdm.auto import tqdm
+
+        self.load_checkpoint()
+        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="ppo",
+                   disable=not (progress and self.accelerator.is_main_process))
+        while self.state.step < self.total_steps:
+            stats = self.step()
+            self.state.step += 1
+            entry = {"step": self.state.step, "episodes": self.state.step * self.cfg.rollout_batch_size,
+                     **{k: round(v, 6) for k, v in stats.items()}}
+            self.state.log_history.append(entry)
+            bar.update(1)
+            bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['kl']:.3f}")
+            if self.work_dir is not None and self.state.step % self.cfg.train.save_steps == 0 \
+                    and self.state.step < self.total_steps:
+                self.save_checkpoint()
+        bar.close()
+        return self.state.log_history
+
+    # ----------------------------------------------------------------------------------------- checkpoints
+
+    def _checkpoint_path(self) -> Path | None:
+        return None if self.work_dir is None else Path(self.work_dir) / CHECKPOINT
+
+    def save_checkpoint(self) -> None:
+        """Policy (trainable weights), critic, optimisers, RNG, step, KL controller, data order, history."""
+        path = self._checkpoint_path()
+        if path is None or not self.accelerator.is_main_process:
+            return
+        unwrap = self.accelerator.unwrap_model
+        state = {"step": self.state.step, "log_history": self.state.log_history,
+                 "policy": trainable_state(unwrap(self.m.policy)), "critic": unwrap(self.m.critic).state_dict(),
+                 "policy_opt": self.policy_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+                 "kl_ctl": self.kl_ctl.state_dict(), "order": self.order, "order_gen": self.order_gen.get_state(),
+                 "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
+        if torch.cuda.is_available():
+            state["cuda_rng"] = torch.cuda.get_rng_state_all()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        torch.save(state, tmp)
+        tmp.replace(path)
+
+    def load_checkpoint(self) -> bool:
+        path = self._checkpoint_path()
+        if path is None or not path.exists():
+            return False
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        unwrap = self.accelerator.unwrap_model
+        unwrap(self.m.policy).load_state_dict(state["policy"], strict=False)
+        unwrap(self.m.critic).load_state_dict(state["critic"])
+        self.policy_opt.load_state_dict(state["policy_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.order, self.state.step = list(state["order"]), int(state["step"])
+        self.state.log_history = list(state["log_history"])
+        self.order_gen.set_state(state["order_gen"])
+        torch.set_rng_state(state["torch_rng"])
+        random.setstate(state["python_rng"])
+        if "cuda_rng" in state and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        log.info("ppo: resumed from %s at step %d", path, self.state.step)
+        return True
+
+
+def trainable_state(model) -> dict[str, torch.Tensor]:
+    """Only the parameters that train (the adapter under LoRA, everything for a full policy)."""
+    names = {n for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in model.state_dict().items() if k in names}
+
+
+def select(batch: ro.Rollout, index: list[int]) -> ro.Rollout:
+    """The rows `index` of a rollout (tensors and lists)."""
+    idx = torch.tensor(index, device=batch.query.device)
+    return ro.Rollout(batch.query[idx], batch.query_mask[idx], batch.response[idx], batch.response_mask[idx],
+                      batch.has_eos[idx], [batch.texts[i] for i in index], [batch.rows[i] for i in index],
+                      None if batch.scores is None else batch.scores[idx],
+                      {k: v[idx] for k, v in batch.extra.items()})
+
+
+def step_stats(batch: ro.Rollout, mask: torch.Tensor, kl_seq: float, kl_coef: float) -> dict[str, float]:
+    scores = batch.scores.float()
+    return {"reward/mean": scores.mean().item(), "reward/std": scores.std().item() if scores.numel() > 1 else 0.0,
+            "kl": kl_seq, "kl_coef": kl_coef, "response_length": mask.sum(1).mean().item(),
+            "eos_fraction": batch.has_eos.float().mean().item()}
+
+
+def check_finite(loss: torch.Tensor, step: int) -> None:
+    if not math.isfinite(loss.item()):
+        raise TrainingError(f"PPO loss became {loss.item()} at step {step}", key="train.learning_rate",
+                            fix="lower the learning rate or kl_coef, or check the reward model's scores")
+
+
+def reference_copy(policy):
+    """A frozen deep copy of the starting policy (full fine-tuning's reference)."""
+    ref = copy.deepcopy(policy)
+    return ref.requires_grad_(False).eval()
+
