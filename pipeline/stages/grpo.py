@@ -1,0 +1,15 @@
+"""`grpo` stage: group-relative policy optimisation with TRL's GRPOTrainer. Rewards come from the `reward` stage's
+model (`reward_model: ${reward}`) and/or rule rewards on the data (`rewards:`); metrics are the held-out mean reward
+and exact match before and after. Launched by `python -m pipeline run recipe.yaml` when the recipe has a `grpo`
+stage; the shared glue lives in `pipeline.stages.online_rl`.
+"""
+from __future__ import annotations
+
+from pipeline.runner import StageContext, StageResult
+from pipeline.stages.online_rl import run_online
+
+
+def run(ctx: StageContext) -> StageResult:
+    from trl import GRPOConfig, GRPOTrainer
+
+    return run_online(ctx, GRPOTrainer, GRPOConfig, tag="grpo")

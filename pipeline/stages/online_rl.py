@@ -1,0 +1,134 @@
+"""Glue shared by the `grpo` and `rloo` stages (TRL's GRPOTrainer and RLOOTrainer take the same inputs): reward
+functions from the stage config (a learned reward model and/or rule rewards on the data's `answer` column), the
+prompt dataset, the trainer config, held-out metrics before and after, and saving the policy.
+
+Not a stage itself: `pipeline.stages.grpo.run(ctx)` and `pipeline.stages.rloo.run(ctx)` call `run_online(...)`
+with their trainer and config classes, when `python -m pipeline run recipe.yaml` reaches such a stage.
+Nothing runs at import.
+"""
+from __future__ import annotations
+
+import functools
+from typing import Any, Sequence
+
+from pipeline import data as data_lib
+from pipeline import models, scoring, training
+from pipeline.errors import PipelineError
+from pipeline.rl.rewards import rule_rewards
+from pipeline.runner import StageContext, StageResult
+from pipeline.stages.sft import load_policy
+
+TRAINER_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")  # TRL extras, not data columns
+
+
+def completion_text(completion: Any) -> str:
+    """A completion as text: TRL passes conversational completions as a list of messages."""
+    if isinstance(completion, list):
+        return completion[-1]["content"] if completion else ""
+    return str(completion)
+
+
+def rule_reward(prompts: list, completions: list, rules: Sequence = (), **columns: Any) -> list[float]:
+    """A TRL reward function: `schema.RuleReward` rules scored on each completion against its data row."""
+    data = {k: v for k, v in columns.items() if k not in TRAINER_KWARGS and k != "completion_ids"}
+    rows = [{k: v[i] for k, v in data.items()} for i in range(len(completions))]
+    return rule_rewards(rules, [completion_text(c) for c in completions], rows)
+
+
+def load_reward_model(ctx: StageContext):
+    """(reward model, its tokenizer) from `reward_model:` (e.g. ${reward}), or (None, None) when unset."""
+    path = ctx.resolve(ctx.config.reward_model)
+    if not path:
+        return None, None
+    tokenizer = models.load_tokenizer(path)
+    model = models.load_reward_model(path)
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.eval().requires_grad_(False)
+    return model, tokenizer
+
+
+def reward_functions(cfg, reward_model, reward_tokenizer) -> tuple[list, list]:
+    """(reward_funcs, reward_processing_classes) for the TRL trainer; TRL sums them with weight 1 each."""
+    funcs, classes = [], []
+    if reward_model is not None:
+        funcs.append(reward_model)  # TRL scores prompt+completion via the chat template of `reward_tokenizer`
+        classes.append(reward_tokenizer)
+    if cfg.rewards:
+        funcs.append(functools.partial(rule_reward, rules=list(cfg.rewards)))
+        classes.append(None)
+    return funcs, classes
+
+
+def check_group_size(ctx: StageContext) -> None:
+    """TRL needs each generation batch to hold whole groups of `num_generations` completions."""
+    cfg = ctx.config
+    per_step = cfg.train.batch_size * cfg.train.grad_accum * ctx.state.num_processes
+    if per_step % cfg.num_generations:
+        raise PipelineError(
+            f"train.batch_size x train.grad_accum x processes = {per_step} is not a multiple of num_generations "
+            f"({cfg.num_generations})", key=f"stages.{ctx.name}.num_generations",
+            fix="make train.batch_size (or grad_accum) a multiple of num_generations")
+
+
+def trainer_config(ctx: StageContext, config_cls, **extra: Any):
+    """GRPOConfig / RLOOConfig from the `train:` section and the stage's generation fields."""
+    cfg = ctx.config
+    return config_cls(**training.trainer_kwargs(ctx, cfg.train), num_generations=cfg.num_generations,
+                      max_completion_length=cfg.max_new_tokens, temperature=cfg.temperature, beta=cfg.beta,
+                      log_completions=False, **extra)
+
+
+def held_out(loaded, limit: int):
+    """The first `limit` held-out prompts, or None when the data has no eval split."""
+    if loaded.eval is None or len(loaded.eval) == 0:
+        return None
+    return loaded.eval.select(range(min(limit, len(loaded.eval))))
+
+
+def evaluate(model, tokenizer, dataset, cfg, reward_model, reward_tokenizer, suffix: str) -> dict[str, float]:
+    """Greedy completions on held-out prompts: mean reward-model score, mean rule reward, exact match."""
+    predictions = scoring.generate(model, tokenizer, dataset["prompt"], max_new_tokens=cfg.max_new_tokens)
+    metrics: dict[str, float] = {}
+    if reward_model is not None:
+        completions = [[{"role": "assistant", "content": p}] for p in predictions]
+        scores = scoring.reward_scores(reward_model, reward_tokenizer, dataset["prompt"], completions)
+        metrics[f"eval_reward_{suffix}"] = sum(scores) / len(scores)
+    if cfg.rewards:
+        rules = rule_rewards(cfg.rewards, predictions, list(dataset))
+        metrics[f"eval_rule_reward_{suffix}"] = sum(rules) / len(rules)
+    answered = [(p, a) for p, a in zip(predictions, dataset["answer"]) if a is not None]
+    if answered:
+        metrics[f"eval_exact_match_{suffix}"] = scoring.exact_match(*map(list, zip(*answered)))
+    return metrics
+
+
+def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_extra: Any) -> StageResult:
+    """Train the policy with `trainer_cls` (GRPOTrainer or RLOOTrainer) and save it like the `sft` stage."""
+    cfg = ctx.config
+    check_group_size(ctx)
+    model, tokenizer, base = load_policy(ctx)
+    reward_model, reward_tokenizer = load_reward_model(ctx)
+    loaded = data_lib.load_data(cfg.data, "prompts", seed=ctx.seed)
+    evalset = held_out(loaded, cfg.eval_prompts)
+    metrics: dict[str, Any] = {"train_prompts": len(loaded.train)}
+    if evalset is not None:
+        device = ctx.state.device
+        model.to(device)
+        if reward_model is not None:
+            reward_model.to(device)
+        metrics.update(evaluate(model, tokenizer, evalset, cfg, reward_model, reward_tokenizer, "before"))
+    funcs, classes = reward_functions(cfg, reward_model, reward_tokenizer)
+    trainer = trainer_cls(model=model, reward_funcs=funcs, args=trainer_config(ctx, config_cls, **config_extra),
+                          train_dataset=loaded.train, processing_class=tokenizer, reward_processing_classes=classes,
+                          peft_config=models.lora_config(cfg.lora) if cfg.lora else None)
+    output = training.train(trainer, ctx)
+    metrics["train_loss"] = output.training_loss
+    if evalset is not None:
+        metrics.update(evaluate(trainer.model, tokenizer, evalset, cfg, reward_model, reward_tokenizer, "after"))
+        metrics["eval_prompts"] = len(evalset)
+    library = "transformers"
+    if ctx.is_main:
+        library = models.save_model(trainer.model, tokenizer, ctx.output_dir,
+                                    merge_lora=bool(cfg.lora and cfg.lora.merge))
+    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
+                       log_history=training.log_history(trainer), tags=[tag] + (["lora"] if cfg.lora else []))
