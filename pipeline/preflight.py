@@ -1,21 +1,320 @@
 """Checks run on the whole recipe before any training, so a run does not fail an hour in.
 
-Called by `pipeline run` (and `pipeline validate --deep`). Raises `PipelineError` (exit 2, one line) on the first
-problem. Issue #6 extends this with deeper checks (columns, chat templates, LoRA targets, tokenizer agreement).
+Called by `python -m pipeline run recipe.yaml` before the output folder is created, and by
+`python -m pipeline validate --deep recipe.yaml`. Raises a `PipelineError` (exit 2, one line naming the recipe file,
+the key and the fix) on the first problem; nothing is written. Checks need no model weights and no network: local
+data columns (first rows, honouring `fields:`), chat templates where a stage needs one, LoRA target names, that a
+reward model and its policy share a tokenizer, `train.max_length` against the model's positions, and that local model
+folders hold safetensors weights. Hub ids are not checked. Nothing runs at import.
 """
 from __future__ import annotations
 
-from pipeline.recipe import Recipe
+import csv
+import gzip
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+from pipeline import schema
+from pipeline.errors import DataError, PipelineError, RecipeError
+from pipeline.recipe import Recipe, looks_local
+
+NOT_AVAILABLE: dict[str, str] = {}
+CHAT_KINDS = {"sft", "dpo", "kto", "reward", "ppo", "grpo", "rloo"}
+SHAPE_OF_KIND = {"tokenizer": "text", "pretrain": "text", "sft": "sft", "reward": "preference",
+                 "dpo": "preference", "kto": "preference", "ppo": "prompts", "grpo": "prompts", "rloo": "prompts"}
+# Alternatives of canonical columns each shape needs (one alternative must be fully present).
+NEEDED = {"sft": [("messages",), ("prompt", "completion")], "preference": [("chosen", "rejected")],
+          "prompts": [("prompt",), ("messages",)]}
+LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+MODULES_BY_TYPE = {"llama": LLAMA_MODULES, "mistral": LLAMA_MODULES, "qwen2": LLAMA_MODULES, "qwen3": LLAMA_MODULES,
+                   "gemma": LLAMA_MODULES, "gemma2": LLAMA_MODULES, "phi3": ("qkv_proj", "o_proj", "gate_up_proj",
+                                                                             "down_proj"),
+                   "gpt2": ("c_attn", "c_proj", "c_fc"), "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h",
+                                                                      "dense_4h_to_h")}
+POSITION_KEYS = ("max_position_embeddings", "n_positions")
+FIRST_ROWS = 20
 
 
 def check(recipe: Recipe) -> None:
-    """Recipe-wide checks that need no model weights."""
+    """Run every check on every stage; raise on the first problem."""
     for name, config in recipe.stages.items():
         if config.kind in NOT_AVAILABLE:
-            from pipeline.errors import RecipeError
+            raise _error(recipe, name, ("kind",), NOT_AVAILABLE[config.kind], "remove this stage for now")
+        _check_weights(recipe, name, config)
+        _check_data(recipe, name, config)
+        _check_chat_template(recipe, name, config)
+        _check_lora(recipe, name, config)
+        _check_max_length(recipe, name, config)
+        _check_shared_tokenizer(recipe, name, config)
 
-            raise RecipeError(NOT_AVAILABLE[config.kind], file=str(recipe.path), key=f"stages.{name}.kind",
-                              fix="remove this stage for now")
+
+# ----------------------------------------------------------------------------------------------------- helpers
 
 
-NOT_AVAILABLE: dict[str, str] = {}
+def _error(recipe: Recipe, stage: str, key: tuple, message: str, fix: str, cls=RecipeError) -> PipelineError:
+    path = ("stages", stage) + key
+    line = None
+    for depth in range(len(path), 0, -1):
+        if path[:depth] in recipe.lines:
+            line = recipe.lines[path[:depth]]
+            break
+    return cls(message, file=str(recipe.path), line=line, key=".".join(map(str, path)), fix=fix)
+
+
+def _ref(value: Any) -> str | None:
+    match = schema.REF_PATTERN.match(value) if isinstance(value, str) else None
+    return match.group(1) if match else None
+
+
+def _folder(value: str | None) -> Path | None:
+    if not value or _ref(value):
+        return None
+    path = Path(value).expanduser()
+    return path if path.is_dir() else None
+
+
+def _read_json(path: Path) -> dict | None:
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return data if isinstance(data, dict) else None
+
+
+def _artifact(recipe: Recipe, stage: str) -> Path | None:
+    folder = recipe.output_dir / stage
+    return folder if (folder / "manifest.json").exists() else None
+
+
+# --------------------------------------------------------------------------------------------------- weights
+
+
+def _check_weights(recipe: Recipe, name: str, config: schema.StageBase) -> None:
+    from pipeline.models import check_safe_weights
+
+    model = getattr(config, "model", None)
+    folder = _folder(model.path) if isinstance(model, schema.ModelSection) else None
+    if folder is not None:
+        try:
+            check_safe_weights(folder, key=f"stages.{name}.model.path")
+        except PipelineError as exc:
+            exc.file = str(recipe.path)
+            raise
+
+
+# ------------------------------------------------------------------------------------------------------ data
+
+
+def first_rows(path: Path, n: int = FIRST_ROWS) -> list[dict]:
+    """The first `n` object rows of a local json/jsonl/csv/parquet/txt file (bad lines ignored here)."""
+    suffixes = [s.lower() for s in path.suffixes if s.lower() != ".gz"]
+    suffix = suffixes[-1] if suffixes else ""
+    raw = gzip.decompress(path.read_bytes()) if path.suffix == ".gz" else None
+    if suffix == ".parquet":
+        import pyarrow.parquet as pq
+
+        return pq.ParquetFile(path).read_row_group(0).slice(0, n).to_pylist()
+    text = (raw if raw is not None else path.read_bytes()).decode("utf-8", errors="replace")
+    if suffix == ".csv":
+        return [dict(row) for _, row in zip(range(n), csv.DictReader(io.StringIO(text)))]
+    if suffix == ".txt":
+        return [{"text": line} for line in text.splitlines()[:n]]
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except ValueError:
+            return []
+        return [r for r in items[:n] if isinstance(r, dict)]
+    rows = []
+    for line in text.splitlines():
+        try:
+            row = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(row, dict):
+            rows.append(row)
+        if len(rows) >= n:
+            break
+    return rows
+
+
+def _needed(shape: str, config: schema.StageBase) -> list[tuple[str, ...]]:
+    if shape == "text":
+        fields = getattr(config, "text_fields", None) or [getattr(config, "text_field", "text")]
+        return [(f,) for f in fields]
+    return NEEDED[shape]
+
+
+def _check_data(recipe: Recipe, name: str, config: schema.StageBase) -> None:
+    section = getattr(config, "data", None)
+    shape = SHAPE_OF_KIND.get(config.kind)
+    if not isinstance(section, schema.DataSection) or shape is None:
+        return
+    for key, value in (("path", section.path), ("eval_path", section.eval_path)):
+        if value and looks_local(value) and Path(value).expanduser().is_file():
+            _check_columns(recipe, name, key, Path(value).expanduser(), section, _needed(shape, config), shape)
+
+
+def _check_columns(recipe: Recipe, name: str, key: str, path: Path, section: schema.DataSection,
+                   needed: list[tuple[str, ...]], shape: str) -> None:
+    rows = first_rows(path)
+    if not rows:
+        raise _error(recipe, name, ("data", key), f"{path} has no readable rows", "check the file's format and "
+                     "encoding (UTF-8 JSON lines, CSV with a header, parquet)", cls=DataError)
+    columns = set().union(*(row.keys() for row in rows))
+    for option in needed:
+        if all(section.fields.get(c, c) in columns for c in option):
+            return
+    wanted = " or ".join("+".join(f"'{section.fields.get(c, c)}'" for c in option) for option in needed)
+    example = needed[0][0]
+    raise _error(recipe, name, ("data", "fields"),
+                 f"{path} has columns {sorted(columns)}, a {config_kind(recipe, name)} stage needs {wanted}",
+                 f"rename the columns, or map them: `fields: {{{example}: <your column>}}`", cls=DataError)
+
+
+def config_kind(recipe: Recipe, name: str) -> str:
+    return recipe.stages[name].kind
+
+
+# ------------------------------------------------------------------------------------------------ tokenizers
+
+
+def tokenizer_origin(recipe: Recipe, name: str, seen: frozenset = frozenset()) -> tuple[str, str] | None:
+    """Where a stage's tokenizer comes from: ('stage', tokenizer stage), ('folder', path), ('hub', id) or None."""
+    config = recipe.stages[name]
+    if config.kind == "tokenizer":
+        return ("stage", name)
+    if name in seen:
+        return None
+    model = getattr(config, "model", None)
+    value = getattr(config, "tokenizer", None) or (model.path if isinstance(model, schema.ModelSection) else None)
+    return _origin_of_value(recipe, value, seen | {name})
+
+
+def _origin_of_value(recipe: Recipe, value: str | None, seen: frozenset) -> tuple[str, str] | None:
+    if not value:
+        return None
+    target = _ref(value)
+    if target:
+        return tokenizer_origin(recipe, target, seen) if target in recipe.stages else None
+    if _folder(value):
+        return ("folder", value)
+    return None if looks_local(value) else ("hub", value)
+
+
+def _folder_chat_template(folder: Path) -> bool:
+    if (folder / "chat_template.jinja").exists() or (folder / "chat_template.json").exists():
+        return True
+    config = _read_json(folder / "tokenizer_config.json") or {}
+    return bool(config.get("chat_template"))
+
+
+def _check_chat_template(recipe: Recipe, name: str, config: schema.StageBase) -> None:
+    if config.kind not in CHAT_KINDS:
+        return
+    origin = tokenizer_origin(recipe, name)
+    key = ("tokenizer",) if getattr(config, "tokenizer", None) else ("model", "path")
+    if origin and origin[0] == "stage" and not recipe.stages[origin[1]].chat_template.strip():
+        raise _error(recipe, origin[1], ("chat_template",), f"stage '{name}' ({config.kind}) needs a chat template "
+                     "but this tokenizer stage sets none", "set `chat_template: chatml`")
+    if origin and origin[0] == "folder" and not _folder_chat_template(Path(origin[1])):
+        raise _error(recipe, name, key, f"the tokenizer at {origin[1]} has no chat template, which a "
+                     f"{config.kind} stage needs", "use an instruct model's tokenizer (`tokenizer: <folder>`) or "
+                     "train one with a `tokenizer` stage")
+
+
+def _tokenizer_digest(folder: Path) -> str | None:
+    data = _read_json(folder / "tokenizer.json")
+    if data is not None:
+        vocab = (data.get("model") or {}).get("vocab")
+        return hashlib.sha256(json.dumps(vocab, sort_keys=True).encode()).hexdigest()
+    for file in ("vocab.json", "tokenizer.model"):
+        if (folder / file).exists():
+            return hashlib.sha256((folder / file).read_bytes()).hexdigest()
+    return None
+
+
+def _comparable(recipe: Recipe, origin: tuple[str, str] | None) -> tuple[str, str] | None:
+    """A stage origin whose artifact exists compares by files; a folder by its vocabulary."""
+    if origin is None or origin[0] == "hub":
+        return origin
+    folder = Path(origin[1]) if origin[0] == "folder" else _artifact(recipe, origin[1])
+    digest = _tokenizer_digest(folder) if folder else None
+    return ("vocab", digest) if digest else origin
+
+
+def _check_shared_tokenizer(recipe: Recipe, name: str, config: schema.StageBase) -> None:
+    reward = getattr(config, "reward_model", None)
+    if config.kind not in ("ppo", "grpo", "rloo") or not reward:
+        return
+    policy = tokenizer_origin(recipe, name)
+    target = _ref(reward)
+    scorer = tokenizer_origin(recipe, target) if target else _origin_of_value(recipe, reward, frozenset())
+    if policy is None or scorer is None or policy == scorer:
+        return
+    if policy[0] == scorer[0] == "stage":
+        different = True
+    else:
+        left, right = _comparable(recipe, policy), _comparable(recipe, scorer)
+        different = left[0] == right[0] == "vocab" and left != right
+    if different:
+        raise _error(recipe, name, ("reward_model",), f"the reward model's tokenizer ({scorer[1]}) differs from the "
+                     f"policy's ({policy[1]}): rewards would score the wrong tokens",
+                     "train the reward model from the same base/tokenizer as the policy")
+
+
+# ------------------------------------------------------------------------------------------------ model config
+
+
+def model_config(recipe: Recipe, name: str, seen: frozenset = frozenset()) -> dict | None:
+    """The config.json-like dict of the model a stage starts from, following references; None if unknown."""
+    config = recipe.stages[name]
+    model = getattr(config, "model", None)
+    if not isinstance(model, schema.ModelSection) or name in seen:
+        return None
+    if model.path is None:
+        return {"model_type": model.architecture, **(model.config or {})}
+    target = _ref(model.path)
+    if target:
+        if target not in recipe.stages:
+            return None
+        built = _artifact(recipe, target)
+        if built is not None and (built / "config.json").exists():
+            return _read_json(built / "config.json")
+        return model_config(recipe, target, seen | {name})
+    folder = _folder(model.path)
+    if folder is None:
+        return None
+    if (folder / "adapter_config.json").exists():
+        base = (_read_json(folder / "adapter_config.json") or {}).get("base_model_name_or_path")
+        folder = _folder(base)
+        if folder is None:
+            return None
+    return _read_json(folder / "config.json")
+
+
+def _check_lora(recipe: Recipe, name: str, config: schema.StageBase) -> None:
+    lora = getattr(config, "lora", None)
+    if not isinstance(lora, schema.LoraSection) or lora.target_modules == "all-linear":
+        return
+    known = MODULES_BY_TYPE.get(str((model_config(recipe, name) or {}).get("model_type")))
+    if known is None:
+        return
+    missing = [m for m in lora.target_modules if m not in known]
+    if missing:
+        raise _error(recipe, name, ("lora", "target_modules"), f"LoRA target modules not in the model: "
+                     f"{', '.join(missing)}", f"use some of: {', '.join(known)} (or 'all-linear')")
+
+
+def _check_max_length(recipe: Recipe, name: str, config: schema.StageBase) -> None:
+    train = getattr(config, "train", None)
+    if not isinstance(train, schema.TrainSection):
+        return
+    values = model_config(recipe, name) or {}
+    limit = next((values[k] for k in POSITION_KEYS if isinstance(values.get(k), int)), None)
+    if limit is not None and train.max_length > limit:
+        raise _error(recipe, name, ("train", "max_length"), f"max_length {train.max_length} exceeds the model's "
+                     f"{limit} positions", f"set `train.max_length: {limit}` or less")

@@ -84,8 +84,10 @@ def read_yaml(path: Path) -> tuple[dict[str, Any], dict[tuple, int]]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        fix = ("recipes are plain data: remove the '!' tag (the safe loader never builds objects or runs code)"
+               if "constructor for the tag" in problem else "fix the YAML syntax (indentation, quotes, colons)")
         raise RecipeError(f"invalid YAML: {problem}", file=str(path), line=mark.line + 1 if mark else None,
-                          fix="fix the YAML syntax (indentation, quotes, colons)") from None
+                          fix=fix) from None
     if not isinstance(data, dict):
         raise RecipeError("a recipe must be a mapping with `name:` and `stages:`", file=str(path),
                           fix="see recipes/quickstart.yaml for the format")
@@ -329,6 +331,10 @@ def _merge_defaults(stage_raw: dict, defaults: schema.Defaults, config_cls: type
 def parse_recipe(data: dict[str, Any], path: Path, lines: dict[tuple, int] | None = None) -> Recipe:
     """Validate already-loaded recipe data."""
     file, lines = str(path), lines or {}
+    for name, raw in (data.get("stages") or {}).items() if isinstance(data.get("stages"), dict) else ():
+        if not isinstance(raw, dict):
+            raise RecipeError("a stage must be a mapping with `kind:`", file=file,
+                              line=_line_for(lines, ("stages", name)), key=f"stages.{name}", fix="e.g. `kind: sft`")
     try:
         header = schema.RecipeHeader.model_validate(data)
     except ValidationError as exc:

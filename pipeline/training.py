@@ -6,6 +6,8 @@ Imported by stage modules at run time; nothing runs at import.
 from __future__ import annotations
 
 import math
+import os
+import signal
 from pathlib import Path
 from typing import Any
 
@@ -89,9 +91,37 @@ def nan_guard():
     return NanGuard()
 
 
+KILL_HOOK = "PIPELINE_TEST_KILL_AT"  # "<stage>:<step>": SIGKILL this process after that optimizer step (tests only)
+
+
+def kill_hook(stage: str):
+    """A callback that SIGKILLs the process after step N of `stage` when PIPELINE_TEST_KILL_AT asks (crash tests)."""
+    wanted = os.environ.get(KILL_HOOK, "")
+    name, _, step = wanted.rpartition(":")
+    if name != stage or not step.isdigit():
+        return None
+    from transformers import TrainerCallback
+
+    class KillAt(TrainerCallback):
+        """Dies after the checkpoint of a save step, or after the log line of any other step."""
+
+        def on_save(self, args, state, control, **kwargs):
+            if state.global_step >= int(step):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if state.global_step >= int(step) and state.global_step % args.save_steps:
+                os.kill(os.getpid(), signal.SIGKILL)
+
+    return KillAt()
+
+
 def train(trainer, ctx) -> Any:
     """Run `trainer.train()`, resuming from the stage's last checkpoint if a previous run was killed."""
     trainer.add_callback(nan_guard())
+    hook = kill_hook(ctx.name)
+    if hook is not None:
+        trainer.add_callback(hook)
     return trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
 
 

@@ -1,0 +1,77 @@
+"""Helpers shared by the resilience tests (resume, faults, security, secrets, bad data): a tiny chained recipe
+written into a temporary folder and a way to run the CLI in a subprocess. Imported by tests; nothing runs at import.
+"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[1]
+PYTHON = sys.executable
+
+
+def tiny_recipe(tmp: Path, *, steps: int = 6, save_steps: int = 2, stages: tuple[str, ...] = ("tokenizer", "base", "sft"),
+                **train) -> dict:
+    """A tokenizer -> pretrain -> sft recipe with a 1-layer hidden-32 Llama, a few steps each (data from data/)."""
+    data = ROOT / "data"
+    train_cfg = {"max_steps": steps, "save_steps": save_steps, "batch_size": 4, "max_length": 32,
+                 "logging_steps": 1, "learning_rate": 1e-3, "save_total_limit": 10, **train}
+    recipe = {
+        "name": "tiny", "output_dir": str(tmp / "out"), "seed": 0,
+        "defaults": {"train": train_cfg},
+        "stages": {
+            "tokenizer": {"kind": "tokenizer", "vocab_size": 300,
+                          "data": {"path": str(data / "corpus.jsonl"), "max_rows": 200}},
+            "base": {"kind": "pretrain", "tokenizer": "${tokenizer}",
+                     "model": {"architecture": "llama", "config": {
+                         "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}},
+                     "data": {"path": str(data / "corpus.jsonl"), "max_rows": 200}},
+            "sft": {"kind": "sft", "model": "${base}",
+                    "data": {"path": str(data / "sft.jsonl"), "max_rows": 100}},
+        },
+    }
+    recipe["stages"] = {k: v for k, v in recipe["stages"].items() if k in stages}
+    return recipe
+
+
+def write_recipe(tmp: Path, recipe: dict, name: str = "recipe.yaml") -> Path:
+    path = tmp / name
+    path.write_text(yaml.safe_dump(recipe, sort_keys=False))
+    return path
+
+
+def env(**extra: str) -> dict[str, str]:
+    """Offline, single-threaded, deterministic environment for a CLI subprocess."""
+    out = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_XET": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "PYTHONHASHSEED": "0"}
+    out.update(extra)
+    return out
+
+
+def cli(*args: str, extra_env: dict[str, str] | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """`python -m pipeline ARGS` from the repo root, output captured."""
+    return subprocess.run([PYTHON, "-m", "pipeline", *args], cwd=ROOT, env=env(**(extra_env or {})),
+                          capture_output=True, text=True, timeout=timeout)
+
+
+def popen(*args: str, extra_env: dict[str, str] | None = None, log: Path) -> subprocess.Popen:
+    handle = open(log, "w")
+    return subprocess.Popen([PYTHON, "-m", "pipeline", *args], cwd=ROOT, env=env(**(extra_env or {})),
+                            stdout=handle, stderr=subprocess.STDOUT)
+
+
+def weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(str(folder / "model.safetensors"))
+
+
+def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
+    """(inode, mtime_ns) of every file under an artifact folder, to prove it was never rewritten."""
+    return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
+            for p in sorted(folder.rglob("*")) if p.is_file()} | {".": (folder.stat().st_ino, 0)}

@@ -1,0 +1,99 @@
+"""Kill a run at several points and rerun the same command: it must continue (skipping finished stages, resuming a
+stage from its last checkpoint) and end with the same weights as an uninterrupted run; finished artifacts are never
+rewritten and an interrupted one is never taken for complete.
+
+Run: `pytest tests/test_resume.py` (subprocess runs of a tiny tokenizer -> pretrain -> sft recipe, ~1-2 min;
+the kill-at-every-point sweep is marked slow).
+"""
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+
+from resilience_common import cli, snapshot, tiny_recipe, weights, write_recipe
+
+ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """Output folder of an uninterrupted run."""
+    tmp = tmp_path_factory.mktemp("reference")
+    result = cli("run", str(write_recipe(tmp, tiny_recipe(tmp))))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return tmp / "out"
+
+
+def _assert_same_weights(out: Path, reference: Path) -> None:
+    for stage in ("base", "sft"):
+        got, want = weights(out / stage), weights(reference / stage)
+        assert got.keys() == want.keys()
+        for key in want:
+            assert torch.allclose(got[key], want[key], atol=ATOL), f"{stage}/{key} differs after resume"
+
+
+def _killed_run(tmp: Path, kill_at: str) -> Path:
+    """Run with a SIGKILL injected at `stage:step`; return the recipe path."""
+    recipe = write_recipe(tmp, tiny_recipe(tmp))
+    result = cli("run", str(recipe), extra_env={"PIPELINE_TEST_KILL_AT": kill_at})
+    assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-2000:])
+    return recipe
+
+
+def _checkpoints(out: Path, stage: str) -> list[str]:
+    return sorted(p.name for p in out.glob(f".work/{stage}-*/checkpoints/checkpoint-*"))
+
+
+def test_kill_inside_second_stage_resumes_from_checkpoint(tmp_path, reference):
+    recipe = _killed_run(tmp_path, "sft:3")
+    out = tmp_path / "out"
+    assert (out / "tokenizer/manifest.json").exists() and (out / "base/manifest.json").exists()
+    assert not (out / "sft").exists(), "an interrupted stage must not look complete"
+    assert _checkpoints(out, "sft") == ["checkpoint-2"]
+    before = {stage: snapshot(out / stage) for stage in ("tokenizer", "base")}
+
+    result = cli("run", str(recipe))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "tokenizer (tokenizer): up to date, skipped" in result.stdout
+    assert "base (pretrain): up to date, skipped" in result.stdout
+    assert result.stdout.count("{'loss'") == 4, "sft must resume at step 3, not retrain steps 1-2"
+    for stage, files in before.items():
+        assert snapshot(out / stage) == files, f"{stage} was rewritten by the rerun"
+    _assert_same_weights(out, reference)
+    assert not list(out.glob(".work/sft-*")), "checkpoints are removed once the artifact is complete"
+
+
+@pytest.mark.slow
+def test_kill_inside_first_trained_stage(tmp_path, reference):
+    recipe = _killed_run(tmp_path, "base:4")
+    out = tmp_path / "out"
+    assert not (out / "base").exists() and _checkpoints(out, "base") == ["checkpoint-2", "checkpoint-4"]
+    before = snapshot(out / "tokenizer")
+    result = cli("run", str(recipe))
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert snapshot(out / "tokenizer") == before
+    _assert_same_weights(out, reference)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("kill_at", ["base:1", "base:5", "sft:1", "sft:2", "sft:5"])
+def test_kill_anywhere_then_resume(tmp_path, reference, kill_at):
+    recipe = _killed_run(tmp_path, kill_at)
+    result = cli("run", str(recipe))
+    assert result.returncode == 0, result.stderr[-2000:]
+    _assert_same_weights(tmp_path / "out", reference)
+
+
+def test_rerun_of_complete_run_rewrites_nothing(tmp_path):
+    """Killed 'between stages' and after the end look the same to the rerun: complete artifacts are skipped."""
+    recipe = write_recipe(tmp_path, tiny_recipe(tmp_path, stages=("tokenizer", "base")))
+    assert cli("run", str(recipe)).returncode == 0
+    out = tmp_path / "out"
+    before = {stage: snapshot(out / stage) for stage in ("tokenizer", "base")}
+    result = cli("run", str(recipe))
+    assert result.returncode == 0
+    assert result.stdout.count("up to date, skipped") == 2
+    assert {stage: snapshot(out / stage) for stage in ("tokenizer", "base")} == before
