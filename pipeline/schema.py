@@ -234,8 +234,17 @@ class KtoStage(StageBase):
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
     beta: float = Field(0.1, gt=0)
+    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
+    desirable_weight: float = Field(1.0, gt=0)
+    undesirable_weight: float = Field(1.0, gt=0)
 
     _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
+
+    @model_validator(mode="after")
+    def _kl_batch(self):
+        if self.loss_type == "kto" and self.train.batch_size < 2:
+            raise ValueError("KTO estimates its KL term within a batch: set train.batch_size >= 2")
+        return self
 
 
 class MergeStage(StageBase):

@@ -1,0 +1,121 @@
+"""`kto` stage: Kahneman-Tversky optimisation with TRL's KTOTrainer, on unpaired data (prompt, completion, label:
+desirable or not) or on paired preference data (prompt/chosen/rejected, split by TRL's `unpair_preference_dataset`
+into one desirable and one undesirable row per pair). The reference model is the input model (or the base under
+LoRA). Metrics: on held-out pairs the chosen-over-rejected log-prob margin and accuracy before and after (as in
+`dpo`); on held-out unpaired rows the mean log-prob of desirable minus undesirable completions.
+
+Launched by `python -m pipeline run recipe.yaml` when the recipe has a `kto` stage. Nothing runs at import.
+"""
+from __future__ import annotations
+
+from pipeline import data as data_lib
+from pipeline import models, scoring, training
+from pipeline.errors import DataError
+from pipeline.runner import StageContext, StageResult
+from pipeline.stages.dpo import logprob_margin
+from pipeline.stages.sft import load_policy
+
+
+def is_unpaired(section, path: str, split: str) -> bool:
+    """True when the file's first row has a `label` field (unpaired KTO data) rather than chosen/rejected."""
+    rows = data_lib.read_rows(path, section, split, data_lib.BadRows())
+    first = rows[0][1] if rows else {}
+    return isinstance(first, dict) and section.fields.get("label", "label") in first
+
+
+def unpaired_row(row, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    """(prompt, completion) messages and a bool label, or (None, reason)."""
+    item, reason = data_lib.normalise_row(row, "sft", fields)
+    if item is None:
+        return None, reason
+    label = row.get(fields.get("label", "label"))
+    if not isinstance(label, bool):
+        return None, "wrong type in 'label' (need true/false)"
+    return {**item, "label": label}, None
+
+
+def read_unpaired(section, path: str, split: str, limit: int | None, key: str) -> list[dict]:
+    bad = data_lib.BadRows()
+    out = []
+    for number, row in data_lib.read_rows(path, section, split, bad):
+        item, reason = unpaired_row(row, section.fields)
+        if item is None:
+            bad.add(reason, number)
+            continue
+        out.append(item)
+        if limit and len(out) >= limit:
+            break
+    if bad.count and section.on_bad_rows == "error":
+        raise DataError(f"{bad.count} bad rows: {bad.summary()}", file=path, key=key,
+                        fix="fix the rows, or set `on_bad_rows: skip` in the data section")
+    if not out:
+        raise DataError("no usable rows", file=path, key=key, fix="check the file and the `fields:` mapping")
+    return out
+
+
+def load_unpaired(section, seed: int) -> data_lib.LoadedData:
+    """Unpaired (prompt, completion, label) rows, with the data section's eval split, limits and sources."""
+    from datasets import Dataset
+
+    train = Dataset.from_list(read_unpaired(section, section.path, section.split, section.max_rows, "data.path"))
+    evalset, sources = None, [section.path]
+    if section.eval_path or section.eval_split:
+        path = section.eval_path or section.path
+        evalset = Dataset.from_list(read_unpaired(section, path, section.eval_split or section.split,
+                                                  section.max_eval_rows, "data.eval_path"))
+        sources += [path] if path not in sources else []
+    elif section.eval_fraction:
+        split = train.train_test_split(test_size=section.eval_fraction, seed=seed)
+        train, evalset = split["train"], split["test"]
+    return data_lib.LoadedData(train=train, eval=evalset, sources=sources)
+
+
+def load_kto_data(section, seed: int) -> data_lib.LoadedData:
+    """Training rows unpaired for KTOTrainer; held-out rows kept as they are (pairs stay pairs for the margin)."""
+    from trl.data_utils import unpair_preference_dataset
+
+    if is_unpaired(section, section.path, section.split):
+        return load_unpaired(section, seed)
+    loaded = data_lib.load_data(section, "preference", seed=seed)
+    loaded.train = unpair_preference_dataset(loaded.train)
+    return loaded
+
+
+def held_out_metrics(model, tokenizer, dataset, suffix: str) -> dict[str, float]:
+    """Pairs: chosen-over-rejected log-prob margin and accuracy. Unpaired: desirable minus undesirable mean log-prob."""
+    if "chosen" in dataset.column_names:
+        result = scoring.pairwise_accuracy(*logprob_margin(model, tokenizer, dataset))
+        return {f"eval_margin_{suffix}": result["margin"], f"eval_preference_accuracy_{suffix}": result["accuracy"]}
+    logps = scoring.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["completion"])
+    good = [lp for lp, label in zip(logps, dataset["label"]) if label]
+    bad = [lp for lp, label in zip(logps, dataset["label"]) if not label]
+    if not good or not bad:
+        return {}
+    return {f"eval_label_margin_{suffix}": sum(good) / len(good) - sum(bad) / len(bad)}
+
+
+def run(ctx: StageContext) -> StageResult:
+    from trl import KTOConfig, KTOTrainer
+
+    cfg = ctx.config
+    model, tokenizer, base = load_policy(ctx)
+    loaded = load_kto_data(cfg.data, ctx.seed)
+    args = KTOConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length, beta=cfg.beta,
+                     loss_type=cfg.loss_type, desirable_weight=cfg.desirable_weight,
+                     undesirable_weight=cfg.undesirable_weight)
+    labels = loaded.train["label"]
+    metrics: dict = {"train_rows": len(labels), "train_desirable": sum(map(bool, labels))}
+    if loaded.eval is not None:
+        metrics.update(held_out_metrics(model, tokenizer, loaded.eval, "before"))
+    trainer = KTOTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer,
+                         peft_config=models.lora_config(cfg.lora) if cfg.lora else None)
+    output = training.train(trainer, ctx)
+    metrics["train_loss"] = output.training_loss
+    if loaded.eval is not None:
+        metrics.update(held_out_metrics(trainer.model, tokenizer, loaded.eval, "after"))
+    library = "transformers"
+    if ctx.is_main:
+        library = models.save_model(trainer.model, tokenizer, ctx.output_dir,
+                                    merge_lora=bool(cfg.lora and cfg.lora.merge))
+    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
+                       log_history=training.log_history(trainer), tags=["kto"] + (["lora"] if cfg.lora else []))
