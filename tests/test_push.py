@@ -24,7 +24,7 @@ def _recipe(out: Path) -> dict:
     return {
         "name": "tinypush", "output_dir": str(out), "seed": 0, "license": "mit",
         "push_to_hub": {"repo_id": "org/chain"},
-        "defaults": {"train": {"max_steps": 2, "batch_size": 4, "max_length": 32, "logging_steps": 1,
+        "defaults": {"train": {"max_steps": 2, "batch_size": 4, "max_length": 64, "logging_steps": 1,
                                "learning_rate": 1e-3}},
         "stages": {
             "tokenizer": {"kind": "tokenizer", "vocab_size": 300,
@@ -35,7 +35,7 @@ def _recipe(out: Path) -> dict:
                          "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}},
                      "data": {"path": str(data / "corpus.jsonl"), "max_rows": 100}},
             "sft": {"kind": "sft", "model": "${base}", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                    "data": {"path": str(data / "sft.jsonl"), "max_rows": 40}},
+                    "data": {"path": str(data / "sft.jsonl"), "max_rows": 40, "on_bad_rows": "skip"}},
         },
     }
 
