@@ -7,6 +7,7 @@
     python -m pipeline eval OUTPUT/stage ...          # evaluate artifacts (see pipeline.evaluation)
     python -m pipeline chat OUTPUT/stage [--prompt]   # chat with a checkpoint
     python -m pipeline push OUTPUT/stage user/repo    # push an artifact to the Hub
+    python -m pipeline report OUTPUT                  # report.md/.html: graph, loss curves, metrics, lineage
 
 User errors print one line and exit 2; nothing runs at import.
 """
@@ -61,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action=argparse.BooleanOptionalAction, default=True)
     push.add_argument("--revision", default=None)
     push.add_argument("--merge", action="store_true", help="push a LoRA adapter merged into its base")
+    report = sub.add_parser("report", help="write OUTPUT/report.md and report.html from the artifacts' manifests")
+    report.add_argument("output_dir")
     return parser
 
 
@@ -119,7 +122,14 @@ def _push(args) -> int:
     return hub.main(args)
 
 
-COMMANDS = {"run": _run, "validate": _validate, "show": _show, "eval": _eval, "chat": _chat, "push": _push}
+def _report(args) -> int:
+    from pipeline import report
+
+    return report.main(args)
+
+
+COMMANDS = {"run": _run, "validate": _validate, "show": _show, "eval": _eval, "chat": _chat, "push": _push,
+            "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

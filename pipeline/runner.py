@@ -126,7 +126,20 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
                           if isinstance(v, (int, float)))
         _say(state, f"[{index}/{total}] {name}: done in {done[name].manifest.get('duration_s', 0):.1f}s"
                     + (f" ({shown})" if shown else ""))
+    if state.is_main_process:
+        _write_report(recipe)
     return done
+
+
+def _write_report(recipe: Recipe) -> None:
+    """OUTPUT/report.md and report.html (pipeline.report); a failure here never fails the run."""
+    from pipeline import report
+
+    try:
+        path = report.write_report(recipe.output_dir, recipe.name)
+        print(f"report: {path}", flush=True)
+    except Exception as exc:  # noqa: BLE001 - the artifacts are done; the report is a convenience
+        log.warning("could not write the run report: %s", exc)
 
 
 def _say(state, message: str) -> None:

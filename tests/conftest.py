@@ -15,3 +15,53 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 @pytest.fixture
 def repo_root() -> Path:
     return ROOT
+
+
+def tiny_chain_spec(output_dir: Path) -> dict:
+    """Recipe data for a tiny tokenizer -> pretrain -> sft / reward chain on the repo's addition data (CPU, seconds)."""
+    data = ROOT / "data"
+    small = {"max_rows": 64, "max_eval_rows": 8}
+    train = {"max_steps": 4, "batch_size": 8, "learning_rate": 3.0e-3, "logging_steps": 1, "max_length": 64}
+    return {
+        "name": "tiny-chain", "output_dir": str(output_dir), "seed": 0,
+        "stages": {
+            "tokenizer": {"kind": "tokenizer", "data": {"path": str(data / "corpus.jsonl"), "max_rows": 300},
+                          "vocab_size": 300, "model_max_length": 128},
+            "base": {"kind": "pretrain", "tokenizer": "${tokenizer}",
+                     "model": {"architecture": "llama", "config": {
+                         "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+                         "num_key_value_heads": 1, "max_position_embeddings": 128, "tie_word_embeddings": True}},
+                     "data": {"path": str(data / "corpus.jsonl"), "eval_path": str(data / "corpus_eval.jsonl"),
+                              **small},
+                     "train": train},
+            "sft": {"kind": "sft", "model": "${base}",
+                    "data": {"path": str(data / "sft.jsonl"), "eval_path": str(data / "sft_eval.jsonl"), **small},
+                    "train": train},
+            "reward": {"kind": "reward", "model": "${base}",
+                       "data": {"path": str(data / "preferences.jsonl"),
+                                "eval_path": str(data / "preferences_eval.jsonl"), **small},
+                       "train": train},
+        },
+    }
+
+
+@pytest.fixture(scope="session")
+def tiny_chain(tmp_path_factory):
+    """A trained tiny chain (tokenizer, base, sft, reward) built once per session through the runner.
+
+    Returns a namespace: `output` (folder holding one artifact per stage), `recipe` (its YAML path) and `spec`
+    (the recipe as a dict, to extend with more stages). Copy `output` before changing its artifacts.
+    """
+    from types import SimpleNamespace
+
+    import yaml
+
+    from pipeline import recipe as recipe_lib
+    from pipeline import runner
+
+    root = tmp_path_factory.mktemp("tiny_chain")
+    spec = tiny_chain_spec(root / "out")
+    path = root / "recipe.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    runner.run_recipe(recipe_lib.load_recipe(path))
+    return SimpleNamespace(output=root / "out", recipe=path, spec=spec)

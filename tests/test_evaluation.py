@@ -1,0 +1,183 @@
+"""Evaluation: the local `evaluate` metric modules (offline, hand cases), the `pipeline eval` CLI on a tiny trained
+chain (numbers in manifests and a valid Hub model-index equal to independently computed ones), win rate with its
+ties rule, the `evaluate` stage, and a local lm-eval task run offline.
+
+Run: .venv/bin/python -m pytest tests/test_evaluation.py -q   (add `-m slow` for the lm-eval test)
+"""
+from __future__ import annotations
+
+import json
+import math
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+
+from pipeline import evaluation, metrics
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture
+def chain(tiny_chain, tmp_path) -> Path:
+    """A private copy of the session's tiny chain output, safe to modify."""
+    return Path(shutil.copytree(tiny_chain.output, tmp_path / "out"))
+
+
+def manifest(folder: Path) -> dict:
+    return json.loads((folder / "manifest.json").read_text())
+
+
+# ------------------------------------------------------------------------------------------- metric modules
+
+
+def test_metric_modules_load_offline_by_path(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name in metrics.NAMES:
+        assert metrics.path(name).is_file()
+        assert metrics.load(name) is not None
+    with pytest.raises(ValueError):
+        metrics.path("accuracy")
+
+
+def test_exact_match_module_hand_cases():
+    metric = metrics.load("exact_match")
+    result = metric.compute(predictions=["3 + 4 = 7", "the answer is 12.", "no number", "  ok "],
+                            references=["7", "13", "no number", "ok"])
+    assert result["exact_match"] == pytest.approx(3 / 4)
+    assert metric.compute(predictions=["-5", "2 + 2 = 4 or 5"], references=["-5", "4"])["exact_match"] == 0.5
+
+
+def test_pairwise_and_perplexity_modules_hand_cases():
+    pairs = metrics.load("pairwise_accuracy").compute(predictions=[1.0, 2.0, 0.0], references=[0.0, 3.0, 0.0])
+    assert pairs["pairwise_accuracy"] == pytest.approx(1 / 3)  # a tie is not a win
+    assert pairs["margin"] == pytest.approx((1 - 1 + 0) / 3)
+    ppl = metrics.load("perplexity").compute(predictions=[2.0, 4.0], references=[1, 5])
+    assert ppl["loss"] == pytest.approx(1.0)
+    assert ppl["perplexity"] == pytest.approx(math.e)
+
+
+def test_win_rate_ties_count_half():
+    result = evaluation.win_rate_from_scores([1.0, 2.0, 3.0, 0.5], [0.0, 2.0, 4.0, 0.5])
+    assert (result["wins"], result["ties"], result["losses"]) == (1, 2, 1)
+    assert result["win_rate"] == pytest.approx((1 + 0.5 * 2) / 4)
+    assert evaluation.win_rate_from_scores([2.0, 2.0], [1.0, 2.0])["win_rate"] == pytest.approx(0.75)
+    assert evaluation.win_rate_from_scores([1.0], [1.05], tolerance=0.1)["win_rate"] == pytest.approx(0.5)
+
+
+def test_flatten_lm_eval_drops_stderr():
+    flat = evaluation.flatten_lm_eval({"addition": {"alias": "addition", "exact_match,last_number": 0.5,
+                                                    "exact_match_stderr,last_number": "N/A", "acc,none": 1}})
+    assert flat == {"addition/exact_match": 0.5, "addition/acc": 1.0}
+
+
+def test_model_card_front_matter_rewrite_keeps_body(tmp_path):
+    text = "---\nlicense: mit\ntags: [a]\n---\n\n# Title\n\nbody text\n"
+    meta, body = evaluation.split_card(text)
+    assert meta == {"license": "mit", "tags": ["a"]}
+    assert body.startswith("# Title") and "body text" in body
+
+
+# --------------------------------------------------------------------------------------------- on the chain
+
+
+def eval_cli(*argv: str) -> int:
+    from pipeline.__main__ import main
+
+    return main(["eval", *argv])
+
+
+def model_index_values(folder: Path) -> dict[str, float]:
+    from huggingface_hub import ModelCard
+
+    card = ModelCard.load(folder / "README.md")
+    assert card.data.model_name
+    return {r.metric_type: r.metric_value for r in card.data.eval_results}
+
+
+def test_cli_eval_writes_manifests_and_model_index(chain, capsys):
+    import torch
+
+    from pipeline import data as data_lib
+    from pipeline import models, schema, scoring
+
+    sft, reward = chain / "sft", chain / "reward"
+    assert eval_cli(str(sft), str(reward)) == 0
+    table = capsys.readouterr().out
+    assert "perplexity" in table and "pairwise_accuracy" in table
+
+    sft_eval = manifest(sft)["evaluation"]
+    assert {"perplexity", "eval_loss", "exact_match"} <= set(sft_eval)  # sft_eval.jsonl ends with checkable sums
+    assert sft_eval["perplexity"] == pytest.approx(math.exp(sft_eval["eval_loss"]))
+    assert 0.0 <= sft_eval["exact_match"] <= 1.0
+    assert model_index_values(sft) == pytest.approx({k: v for k, v in sft_eval.items()})
+
+    # the sft stage measured the same held-out completion loss right after training
+    assert sft_eval["eval_loss"] == pytest.approx(manifest(sft)["metrics"]["eval_loss_after"], rel=1e-4)
+
+    reward_eval = manifest(reward)["evaluation"]
+    model = models.load_reward_model(str(reward))
+    tokenizer = models.load_tokenizer(str(reward))
+    rows = data_lib.load_data(schema.DataSection(path=str(ROOT / "data/preferences_eval.jsonl"), max_rows=8),
+                              "preference").train
+    with torch.no_grad():
+        chosen = scoring.reward_scores(model, tokenizer, rows["prompt"], rows["chosen"])
+        rejected = scoring.reward_scores(model, tokenizer, rows["prompt"], rows["rejected"])
+    expected = scoring.pairwise_accuracy(chosen, rejected)
+    assert reward_eval["pairwise_accuracy"] == pytest.approx(expected["accuracy"])
+    assert reward_eval["reward_margin"] == pytest.approx(expected["margin"], abs=1e-6)
+    card = model_index_values(reward)
+    assert card["pairwise_accuracy"] == pytest.approx(expected["accuracy"])
+    meta, body = evaluation.split_card((reward / "README.md").read_text())
+    assert meta["model-index"][0]["results"][0]["task"]["type"] == "text-classification"
+    assert "## Lineage" in body and meta["license"]
+
+
+def test_cli_win_rate_against_itself_is_all_ties(chain):
+    sft, reward = chain / "sft", chain / "reward"
+    assert eval_cli(str(sft), "--metric", "win_rate", "--reward-model", str(reward), "--reference", str(sft),
+                    "--data", str(ROOT / "data/prompts_eval.jsonl"), "--limit", "3") == 0
+    # greedy decoding is deterministic, so the same policy ties on every prompt: exactly one half
+    assert manifest(sft)["evaluation"]["win_rate"] == pytest.approx(0.5)
+    assert model_index_values(sft)["win_rate"] == pytest.approx(0.5)
+
+
+def test_evaluate_stage_writes_report_artifact(tiny_chain, tmp_path):
+    from pipeline import recipe as recipe_lib
+    from pipeline import runner
+
+    out = Path(shutil.copytree(tiny_chain.output, tmp_path / "out"))
+    spec = {**tiny_chain.spec, "output_dir": str(out)}
+    spec["stages"] = {**spec["stages"], "evaluate": {
+        "kind": "evaluate", "model": "${sft}", "batch_size": 4, "evals": [
+            {"metric": "perplexity"},
+            {"metric": "win_rate", "data": {"path": str(ROOT / "data/prompts_eval.jsonl")},
+             "reward_model": "${reward}", "reference": "${base}", "limit": 3, "max_new_tokens": 4}]}}
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    done = runner.run_recipe(recipe_lib.load_recipe(path))
+    report = done["evaluate"]
+    assert report.produces == "report"
+    results = json.loads((report.path / "results.json").read_text())
+    values = {r["key"]: r["value"] for r in results["results"]}
+    assert 0.0 <= values["win_rate"] <= 1.0
+    assert values["perplexity"] == pytest.approx(math.exp(values["eval_loss"]))
+    assert report.manifest["metrics"] == pytest.approx(values)
+    assert manifest(out / "sft")["evaluation"] == pytest.approx(values)
+    assert model_index_values(out / "sft") == pytest.approx(values)
+    assert done["sft"].fingerprint == manifest(tiny_chain.output / "sft")["fingerprint"]  # reused, not retrained
+
+
+@pytest.mark.slow
+def test_lm_eval_local_task_offline(chain, monkeypatch):
+    monkeypatch.chdir(ROOT)  # the shipped task reads data/prompts_eval.jsonl relative to the repo root
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    sft = chain / "sft"
+    assert eval_cli(str(sft), "--tasks", "addition_loglik,addition",
+                    "--include-path", str(ROOT / "pipeline/lm_eval_tasks"), "--limit", "3") == 0
+    values = manifest(sft)["evaluation"]
+    assert 0.0 <= values["addition_loglik/acc"] <= 1.0
+    assert values["addition_loglik/perplexity"] > 1.0
+    assert 0.0 <= values["addition/exact_match"] <= 1.0
+    assert model_index_values(sft)["addition_loglik/acc"] == pytest.approx(values["addition_loglik/acc"])
