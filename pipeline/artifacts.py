@@ -176,13 +176,24 @@ def write_json_atomic(path: Path, data: Any) -> None:
 # -------------------------------------------------------------------------------------------------------- writing
 
 
+def inside(root: Path, target: Path) -> Path:
+    """`target` if it lies strictly inside `root` (after resolving '..' and links), else a SecurityError."""
+    from pipeline.errors import SecurityError
+
+    base, resolved = Path(root).resolve(), Path(target).resolve()
+    if resolved == base or base not in resolved.parents:
+        raise SecurityError(f"refusing to write {target}: it is outside the output folder {root}", key="stages",
+                            fix="use stage names made of letters, digits, '_' and '-' only")
+    return Path(target)
+
+
 class ArtifactWriter:
     """Builds one stage's artifact in a temporary folder and moves it into place when complete."""
 
     def __init__(self, output_dir: Path, stage: str, fingerprint_: str):
         self.output_dir, self.stage, self.fingerprint = Path(output_dir), stage, fingerprint_
-        self.final = self.output_dir / stage
-        self.tmp = self.output_dir / ".tmp" / f"{stage}-{fingerprint_[:16]}"
+        self.final = inside(self.output_dir, self.output_dir / stage)
+        self.tmp = inside(self.output_dir, self.output_dir / ".tmp" / f"{stage}-{fingerprint_[:16]}")
 
     def prepare(self) -> Path:
         """Create an empty temporary folder (main process only)."""

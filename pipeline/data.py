@@ -269,6 +269,22 @@ def _report(bad: BadRows, source: str, section: schema.DataSection, key: str) ->
         logging.getLogger("pipeline").warning("%s: skipped %d bad rows: %s", source, bad.count, bad.summary())
 
 
+def too_long_for(tokenizer, max_length: int) -> Callable[[dict], bool] | None:
+    """A `too_long` row check: prompt plus completion (or chosen/rejected) over `max_length` chat-template tokens."""
+    if tokenizer is None or not getattr(tokenizer, "chat_template", None):
+        return None
+
+    def check(item: dict) -> bool:
+        for key in ("completion", "chosen", "rejected"):
+            if key in item:
+                text = tokenizer.apply_chat_template(item["prompt"] + item[key], tokenize=False)
+                if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_length:
+                    return True
+        return False
+
+    return check
+
+
 def load_data(section: schema.DataSection, shape: str, *, key: str = "data", seed: int = 0,
               text_fields: Iterable[str] = ("text",), too_long: Callable[[dict], bool] | None = None) -> LoadedData:
     """Train and (optional) eval datasets in the canonical `shape`, validated row by row."""

@@ -74,7 +74,7 @@ def last_checkpoint(ctx) -> str | None:
     return found
 
 
-def nan_guard():
+def nan_guard(stage: str | None = None):
     """A TrainerCallback that stops the stage when the logged loss or gradient norm is NaN/inf."""
     from transformers import TrainerCallback
 
@@ -85,13 +85,15 @@ def nan_guard():
                 if isinstance(value, (int, float)) and not math.isfinite(value):
                     raise TrainingError(
                         f"{key} became {value} at step {state.global_step}; training stopped and the last good "
-                        f"checkpoint is kept", key="train.learning_rate",
+                        f"checkpoint is kept", key=f"stages.{stage}.train.learning_rate" if stage else
+                        "train.learning_rate",
                         fix="lower the learning rate, enable max_grad_norm, or check the data")
 
     return NanGuard()
 
 
 KILL_HOOK = "PIPELINE_TEST_KILL_AT"  # "<stage>:<step>": SIGKILL this process after that optimizer step (tests only)
+NAN_HOOK = "PIPELINE_TEST_NAN_AT"  # "<stage>:<step>": report a NaN loss from that step on (tests only)
 
 
 def kill_hook(stage: str):
@@ -116,12 +118,26 @@ def kill_hook(stage: str):
     return KillAt()
 
 
+def nan_hook(stage: str):
+    """A callback that turns the logged loss into NaN from step N of `stage` (PIPELINE_TEST_NAN_AT, tests only)."""
+    name, _, step = os.environ.get(NAN_HOOK, "").rpartition(":")
+    if name != stage or not step.isdigit():
+        return None
+    from transformers import TrainerCallback
+
+    class NanAt(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if logs is not None and "loss" in logs and state.global_step >= int(step):
+                logs["loss"] = float("nan")
+
+    return NanAt()
+
+
 def train(trainer, ctx) -> Any:
     """Run `trainer.train()`, resuming from the stage's last checkpoint if a previous run was killed."""
-    trainer.add_callback(nan_guard())
-    hook = kill_hook(ctx.name)
-    if hook is not None:
-        trainer.add_callback(hook)
+    for hook in (nan_hook(ctx.name), nan_guard(ctx.name), kill_hook(ctx.name)):
+        if hook is not None:
+            trainer.add_callback(hook)
     return trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
 
 

@@ -18,7 +18,7 @@ def tiny_recipe(tmp: Path, *, steps: int = 6, save_steps: int = 2, stages: tuple
                 **train) -> dict:
     """A tokenizer -> pretrain -> sft recipe with a 1-layer hidden-32 Llama, a few steps each (data from data/)."""
     data = ROOT / "data"
-    train_cfg = {"max_steps": steps, "save_steps": save_steps, "batch_size": 4, "max_length": 32,
+    train_cfg = {"max_steps": steps, "save_steps": save_steps, "batch_size": 4, "max_length": 48,
                  "logging_steps": 1, "learning_rate": 1e-3, "save_total_limit": 10, **train}
     recipe = {
         "name": "tiny", "output_dir": str(tmp / "out"), "seed": 0,

@@ -22,7 +22,8 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg = ctx.config
     model, tokenizer, base = load_policy(ctx)
-    loaded = data_lib.load_data(cfg.data, "preference", seed=ctx.seed)
+    loaded = data_lib.load_data(cfg.data, "preference", seed=ctx.seed,
+                                too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
     args = DPOConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length, beta=cfg.beta,
                      loss_type=[cfg.loss_type], precompute_ref_log_probs=cfg.precompute_ref_log_probs,
                      padding_free=False)

@@ -26,7 +26,8 @@ def run(ctx: StageContext) -> StageResult:
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.lora is not None:
         models.check_lora_targets(model, cfg.lora)
-    loaded = data_lib.load_data(cfg.data, "preference", seed=ctx.seed)
+    loaded = data_lib.load_data(cfg.data, "preference", seed=ctx.seed,
+                                too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
     args = RewardConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length,
                         center_rewards_coefficient=cfg.center_rewards_coefficient)
     metrics: dict = {"train_pairs": len(loaded.train)}

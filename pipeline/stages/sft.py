@@ -53,7 +53,8 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg = ctx.config
     model, tokenizer, base = load_policy(ctx)
-    loaded = data_lib.load_data(cfg.data, "sft", seed=ctx.seed)
+    loaded = data_lib.load_data(cfg.data, "sft", seed=ctx.seed,
+                                too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
     args = SFTConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length,
                      packing=bool(cfg.train.packing), completion_only_loss=cfg.completion_only_loss,
                      eos_token=tokenizer.eos_token)
