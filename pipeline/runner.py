@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, registry, schema
+from pipeline import artifacts, parallel, registry, schema
 from pipeline.artifacts import Artifact, ArtifactWriter
 from pipeline.errors import PipelineError
 from pipeline.recipe import Recipe, resolve_ref
@@ -60,9 +60,13 @@ class StageContext:
 
 
 def _partial_state():
+    """The process state. Without CUDA, ask for CPU explicitly: `PartialState()` alone would make every torchrun /
+    `accelerate launch --multi_gpu` rank a lone main process, all writing the same artifacts (trainers use CPU then
+    too: trainer_kwargs sets use_cpu)."""
+    import torch
     from accelerate import PartialState
 
-    return PartialState()
+    return PartialState(cpu=not torch.cuda.is_available())
 
 
 def _barrier(state) -> None:
@@ -98,6 +102,8 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
                             key="--force/--only", fix=f"use one of: {', '.join(recipe.stages)}")
     state = _partial_state()
     output_dir = recipe.output_dir
+    if state.num_processes > 1:
+        print(f"[rank {state.process_index}/{state.num_processes}] {recipe.name}: {state.distributed_type}", flush=True)
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         artifacts.recover_output_dir(output_dir, list(recipe.stages))
@@ -112,6 +118,8 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
         existing = artifacts.open_artifact(output_dir / name)
         forced = name in force or "all" in force
         selected = only is None or name in only
+        parallel.check_ranks_agree(state, f"stage '{name}' (fingerprint, artifact found)",
+                                   [fp, existing is not None and existing.fingerprint], key=f"stages.{name}")
         if existing is not None and (not selected or (existing.fingerprint == fp and not forced)):
             _say(state, f"[{index}/{total}] {name} ({config.kind}): up to date, skipped")
             done[name] = existing
@@ -175,12 +183,15 @@ def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, don
 
     if state.is_main_process:
         manifest = _manifest(recipe, name, config, fp, parents, result, duration)
+        manifest["world_size"] = state.num_processes
         card = _card(recipe, name, config, parents, result)
         (writer.tmp / "README.md").write_text(card)
         writer.commit(manifest)
         shutil.rmtree(work_dir, ignore_errors=True)
     _barrier(state)
     artifact = artifacts.open_artifact(output_dir / name)
+    parallel.check_ranks_agree(state, f"the files of artifact '{name}'",
+                               parallel.files_digest(artifact.path) if artifact else None, key=f"stages.{name}")
     if artifact is None:
         raise PipelineError(f"artifact for stage '{name}' is missing after it finished", file=str(recipe.path),
                             key=f"stages.{name}", fix="the output folder must be on a filesystem every rank shares")

@@ -57,8 +57,24 @@ def trainer_kwargs(ctx, section: schema.TrainSection, **overrides: Any) -> dict[
         disable_tqdm=not ctx.is_main,
         **precision_flags(section),
     )
+    kwargs.update(_parallel_kwargs(ctx, section))
     kwargs.update(overrides)
     return kwargs
+
+
+def _parallel_kwargs(ctx, section: schema.TrainSection) -> dict[str, Any]:
+    """The recipe's `parallelism:` section as a ParallelismConfig, and a clear error for Liger without its package."""
+    import importlib.util
+
+    from pipeline import parallel
+
+    if section.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
+        raise TrainingError("train.use_liger_kernel is on but the liger-kernel package is not installed",
+                            key="train.use_liger_kernel", fix="pip install liger-kernel, or set it to false")
+    header = getattr(getattr(ctx, "recipe", None), "header", None)
+    world_size = getattr(getattr(ctx, "state", None), "num_processes", 1)
+    config = parallel.parallelism_config(getattr(header, "parallelism", None), world_size)
+    return {"parallelism_config": config} if config is not None else {}
 
 
 def last_checkpoint(ctx) -> str | None:
@@ -138,7 +154,19 @@ def train(trainer, ctx) -> Any:
     for hook in (nan_hook(ctx.name), nan_guard(ctx.name), kill_hook(ctx.name)):
         if hook is not None:
             trainer.add_callback(hook)
-    return trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    output = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    check_weights_agree(trainer, ctx)
+    return output
+
+
+def check_weights_agree(trainer, ctx) -> None:
+    """Under DDP every rank must end with identical weights; FSDP/DeepSpeed shard them, so those are skipped."""
+    if ctx.state.num_processes <= 1 or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        return
+    from pipeline import parallel
+
+    parallel.check_ranks_agree(ctx.state, f"the trained weights of stage '{ctx.name}'",
+                               parallel.weights_digest(trainer.model), key=f"stages.{ctx.name}")
 
 
 def log_history(trainer) -> list[dict[str, Any]]:
