@@ -130,7 +130,7 @@ def test_cli_push_round_trip_loads_with_from_pretrained(hub, tmp_path, capfd):
 def test_adapter_push_names_the_pushed_base_repo(hub, tmp_path):
     from pipeline.__main__ import main
 
-    server, out, _ = hub
+    server, out, mp = hub
     assert main(["push", str(out / "base"), "org/base2", "--revision", "v1"]) == 0
     assert main(["push", str(out / "sft"), "org/adapter"]) == 0
     adapter = json.loads(server.state.files("org/adapter")["adapter_config.json"].data)
@@ -139,6 +139,16 @@ def test_adapter_push_names_the_pushed_base_repo(hub, tmp_path):
     assert meta["base_model"] == "org/base2" and meta["library_name"] == "peft" and meta["license"] == "mit"
     local_config = json.loads((out / "sft" / "adapter_config.json").read_text())
     assert Path(local_config["base_model_name_or_path"]).is_absolute()  # the local artifact is left untouched
+    # the downloaded adapter loads on its base fetched from the (loopback) Hub, branch v1
+    from peft import AutoPeftModelForCausalLM
+
+    mp.setenv("HF_HOME", str(tmp_path / "hf-home"))
+    mp.setattr("huggingface_hub.constants.HF_HUB_CACHE", str(tmp_path / "hub-cache"))
+    model = AutoPeftModelForCausalLM.from_pretrained(_download(server, "org/adapter", tmp_path / "a"),
+                                                     token=FAKE_TOKEN, cache_dir=str(tmp_path / "hub-cache"))
+    v1 = server.state.repos["org/base2"].branches["v1"]
+    assert ("GET", f"/org/base2/resolve/{v1}/model.safetensors") in server.state.requests
+    assert model.peft_config["default"].base_model_name_or_path == "org/base2"
 
 
 def test_merge_pushes_full_weights(hub, tmp_path):
