@@ -12,7 +12,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline import schema
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, RecipeError
 from pipeline.rl.rewards import rule_rewards
 from pipeline.stages import online_rl
 
@@ -218,3 +218,39 @@ def test_kto_on_unpaired_rows(tiny, tmp_path):
     metrics = artifact.manifest["metrics"]
     assert metrics["train_rows"] == 9
     assert metrics["eval_label_margin_before"] != metrics["eval_label_margin_after"]
+
+
+def chain(tiny: Path, reward_model: str) -> dict:
+    prefs = {"path": str(DATA / "preferences.jsonl"), "max_rows": 8}
+    return {"reward": {"kind": "reward", "model": str(tiny / "policy"), "data": prefs,
+                       "train": {**TRAIN, "max_steps": 1}},
+            "grpo": {"kind": "grpo", "model": str(tiny / "policy"), "reward_model": reward_model,
+                     "data": prompt_data(4), "train": {**TRAIN, "max_steps": 1}, "num_generations": 2,
+                     "max_new_tokens": 4}}
+
+
+def test_reward_model_reference_must_name_a_reward_stage(tmp_path):
+    from pipeline.recipe import parse_recipe
+
+    folder = tmp_path / "m"
+    (folder / "policy").mkdir(parents=True)
+    stages = chain(folder, "${reward}")
+    recipe = parse_recipe({"name": "t", "output_dir": str(tmp_path / "out"), "stages": stages}, tmp_path / "r.yaml")
+    assert recipe.parents["grpo"] == ["reward"]
+    stages["grpo"]["reward_model"] = "${grpo_parent}"
+    stages = {"grpo_parent": {**stages["grpo"], "reward_model": "${reward}"}, **stages}
+    with pytest.raises(RecipeError, match="reward_model.*needs a reward-model"):
+        parse_recipe({"name": "t", "output_dir": str(tmp_path / "out"), "stages": stages}, tmp_path / "r.yaml")
+
+
+@pytest.mark.slow
+def test_chain_reward_then_grpo_by_reference(tiny, tmp_path):
+    from pipeline.recipe import parse_recipe
+    from pipeline.runner import run_recipe
+
+    recipe = parse_recipe({"name": "t", "output_dir": str(tmp_path / "out"), "stages": chain(tiny, "${reward}")},
+                          tmp_path / "recipe.yaml")
+    done = run_recipe(recipe)
+    manifest = done["grpo"].manifest
+    assert manifest["resolved_references"]["reward"] == str(done["reward"].path.resolve())
+    assert "eval_reward_after" in manifest["metrics"]
