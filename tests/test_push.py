@@ -241,7 +241,8 @@ def test_server_rejects_invalid_card_yaml(hub):
 def test_card_refresh_keeps_metrics_current():
     from pipeline.hub import refresh_card, split_card
 
-    card = "---\nlicense: mit\nbase_model: /abs/local/path\ntags: [hf-pipeline]\n---\n# x\n\n## Metrics\n\n| a | 1 |\n\n## Usage\n"
+    card = ("---\nlicense: mit\nbase_model: /abs/local/path\ntags: [hf-pipeline]\n---\n"
+            "# x\n\n## Metrics\n\n| a | 1 |\n\n## Usage\n")
     text = refresh_card(card, {"metrics": {"eval_loss": 0.5}}, {"base_model": None, "library_name": None,
                                                                   "merged": False})
     meta, body = split_card(text)
