@@ -69,3 +69,65 @@ def test_python_tags_cannot_run_code(tmp_path):
     assert "could not determine a constructor" in result.stderr
     assert "Traceback" not in result.stderr and len(result.stderr.strip().splitlines()) == 1
     assert not marker.exists()
+
+
+@pytest.mark.parametrize("stem", ["missing_columns", "lora_bad_target", "max_length_too_long", "no_chat_template",
+                                  "reward_tokenizer_mismatch"])
+def test_validate_deep_runs_the_same_checks(stem, capsys, monkeypatch):
+    monkeypatch.chdir(ROOT)
+    path = f"tests/bad_recipes/{stem}.yaml"
+    assert main(["validate", path]) == 0, "schema-valid: only the deep checks catch it"
+    capsys.readouterr()
+    assert main(["validate", "--deep", path]) == 2
+    assert _spec(ROOT / path)["expect"] in capsys.readouterr().err
+
+
+def test_shipped_quickstart_passes_deep_checks(monkeypatch, capsys):
+    monkeypatch.chdir(ROOT)
+    assert main(["validate", "--deep", "recipes/quickstart.yaml"]) == 0
+
+
+def _model_folder(folder: Path, config: dict, chat_template: bool) -> Path:
+    import json
+
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "model.safetensors").write_bytes(b"")
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"vocab": {"a": 0, str(folder): 1}}}))
+    (folder / "tokenizer_config.json").write_text(json.dumps({"chat_template": "{{ x }}"} if chat_template else {}))
+    return folder
+
+
+def _deep(tmp_path, stage: dict) -> str:
+    import yaml
+
+    from pipeline import preflight
+    from pipeline.errors import PipelineError
+    from pipeline.recipe import load_recipe
+
+    path = tmp_path / "r.yaml"
+    path.write_text(yaml.safe_dump({"name": "r", "output_dir": str(tmp_path / "out"), "stages": stage}))
+    with pytest.raises(PipelineError) as info:
+        preflight.check(load_recipe(path))
+    assert not (tmp_path / "out").exists()
+    return info.value.render()
+
+
+def test_existing_folders_are_checked(tmp_path):
+    data = {"path": str(ROOT / "data/sft.jsonl")}
+    plain = _model_folder(tmp_path / "plain", {"model_type": "llama", "max_position_embeddings": 64}, False)
+    assert "has no chat template" in _deep(tmp_path, {"sft": {"kind": "sft", "model": str(plain), "data": data}})
+    gpt2 = _model_folder(tmp_path / "gpt2", {"model_type": "gpt2", "n_positions": 32}, True)
+    error = _deep(tmp_path, {"sft": {"kind": "sft", "model": str(gpt2), "data": data,
+                                     "lora": {"target_modules": ["q_proj"]}}})
+    assert "stages.sft.lora.target_modules" in error and "c_attn" in error
+    error = _deep(tmp_path, {"sft": {"kind": "sft", "model": str(gpt2), "data": data, "train": {"max_length": 64}}})
+    assert "exceeds the model's 32 positions" in error
+
+
+def test_reward_and_policy_folders_with_different_vocab(tmp_path):
+    policy = _model_folder(tmp_path / "policy", {"model_type": "llama"}, True)
+    reward = _model_folder(tmp_path / "reward", {"model_type": "llama"}, True)
+    error = _deep(tmp_path, {"grpo": {"kind": "grpo", "model": str(policy), "reward_model": str(reward),
+                                      "data": {"path": str(ROOT / "data/prompts.jsonl")}}})
+    assert "stages.grpo.reward_model" in error and "differs from the policy's" in error
