@@ -150,8 +150,12 @@ def split_card(text: str) -> tuple[dict[str, Any], str]:
     try:
         meta = yaml.safe_load(match.group(1)) or {}
     except yaml.YAMLError:
+        meta = None
+    if not isinstance(meta, dict):
+        _warn("README.md metadata is not a YAML mapping; it is replaced by fresh metadata (license and datasets "
+              "must be added back by hand)")
         meta = {}
-    return (meta if isinstance(meta, dict) else {}), text[match.end():]
+    return meta, text[match.end():]
 
 
 def refresh_card(text: str, manifest: dict[str, Any], info: dict[str, Any]) -> str:

@@ -225,6 +225,22 @@ def test_incomplete_artifact_and_bad_card_are_clear_errors(hub, tmp_path, capfd)
     finally:
         readme.write_text(good)
     assert isinstance(_card_meta(server, "org/card"), dict)
+    assert "not a YAML mapping" in capfd.readouterr().err
+
+
+def test_offline_mode_is_a_clear_error(hub, capfd):
+    from huggingface_hub import constants
+
+    from pipeline.__main__ import main
+
+    server, out, mp = hub
+    mp.setattr(constants, "HF_HUB_OFFLINE", True)
+    try:
+        assert main(["push", str(out / "base"), "org/offline"]) == 2
+    finally:
+        mp.setattr(constants, "HF_HUB_OFFLINE", False)
+    assert "HF_HUB_OFFLINE" in capfd.readouterr().err
+    assert "org/offline" not in server.state.repos
 
 
 def test_server_rejects_invalid_card_yaml(hub):
