@@ -117,7 +117,9 @@ def first_rows(path: Path, n: int = FIRST_ROWS) -> list[dict]:
         import pyarrow.parquet as pq
 
         return pq.ParquetFile(path).read_row_group(0).slice(0, n).to_pylist()
-    text = (raw if raw is not None else path.read_bytes()).decode("utf-8", errors="replace")
+    if raw is None:
+        raw = path.read_bytes() if suffix == ".json" else _head(path)
+    text = raw.decode("utf-8", errors="replace")
     if suffix == ".csv":
         return [dict(row) for _, row in zip(range(n), csv.DictReader(io.StringIO(text)))]
     if suffix == ".txt":
@@ -139,6 +141,13 @@ def first_rows(path: Path, n: int = FIRST_ROWS) -> list[dict]:
         if len(rows) >= n:
             break
     return rows
+
+
+def _head(path: Path, size: int = 1 << 20) -> bytes:
+    """The first `size` bytes of a file, cut at the last complete line (large corpora are not read whole)."""
+    with open(path, "rb") as handle:
+        data = handle.read(size + 1)
+    return data if len(data) <= size else data[:data.rfind(b"\n") + 1]
 
 
 def _needed(shape: str, config: schema.StageBase) -> list[tuple[str, ...]]:

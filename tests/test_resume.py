@@ -87,6 +87,7 @@ def test_kill_anywhere_then_resume(tmp_path, reference, kill_at):
     _assert_same_weights(tmp_path / "out", reference)
 
 
+@pytest.mark.slow
 def test_rerun_of_complete_run_rewrites_nothing(tmp_path):
     """Killed 'between stages' and after the end look the same to the rerun: complete artifacts are skipped."""
     recipe = write_recipe(tmp_path, tiny_recipe(tmp_path, stages=("tokenizer", "base")))
