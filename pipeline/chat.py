@@ -120,7 +120,7 @@ class Chat:
     def generate(self, ids: list[int]) -> str:
         import torch
 
-        streamer = _Streamer(self.tokenizer, self.out)
+        streamer = _streamer(self.tokenizer, self.out)
         sampling = {"do_sample": True, "temperature": self.temperature} if self.temperature > 0 else \
             {"do_sample": False}
         device = next(self.model.parameters()).device
@@ -150,7 +150,7 @@ def _streamer_class():
     return Streamer
 
 
-def _Streamer(tokenizer, out: TextIO):
+def _streamer(tokenizer, out: TextIO):
     return _streamer_class()(tokenizer, out)
 
 
