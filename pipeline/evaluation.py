@@ -110,38 +110,51 @@ def _name(section: schema.DataSection) -> str:
 # ----------------------------------------------------------------------------------------------------- metrics
 
 
+def conversations(section: schema.DataSection, limit: int | None = None, shapes=("sft", "preference")):
+    """(prompts, reference completions) from chat rows, or from preference rows (the chosen answers)."""
+    shape, rows = _try_held_out(section, shapes, limit)
+    if shape == "preference":
+        return rows["prompt"], rows["chosen"]
+    if shape == "sft":
+        return rows["prompt"], rows["completion"]
+    return rows, None
+
+
 def perplexity(model, tokenizer, section: schema.DataSection, limit: int | None = None,
                batch_size: int = 8) -> dict[str, float]:
-    """Token-weighted perplexity of chat completions (given their prompts) or of plain text."""
+    """Token-weighted perplexity of reference completions given their prompts (chat or preference data, chosen
+    answers), or of plain text."""
     from pipeline import metrics, scoring
 
-    shape, rows = _try_held_out(section, ("sft", "text"), limit)
-    if shape == "sft":
-        logps = scoring.completion_logprobs(model, tokenizer, rows["prompt"], rows["completion"], batch_size)
+    prompts, completions = conversations(section, limit, ("sft", "preference", "text"))
+    if completions is not None:
+        logps = scoring.completion_logprobs(model, tokenizer, prompts, completions, batch_size)
         counts = [len(tokenizer(scoring.render(tokenizer, p, c)[1], add_special_tokens=False)["input_ids"])
-                  for p, c in zip(rows["prompt"], rows["completion"])]
+                  for p, c in zip(prompts, completions)]
         nll = [-lp for lp in logps]
     else:
-        counts = [max(len(tokenizer(t)["input_ids"]) - 1, 0) for t in rows["text"]]
-        nll = [scoring.lm_loss(model, tokenizer, [t], 1) * n for t, n in zip(rows["text"], counts)]
+        texts = prompts["text"]
+        counts = [max(len(tokenizer(t)["input_ids"]) - 1, 0) for t in texts]
+        nll = [scoring.lm_loss(model, tokenizer, [t], 1) * n for t, n in zip(texts, counts)]
     return metrics.load("perplexity").compute(predictions=nll, references=counts)
 
 
 def answers_of(section: schema.DataSection, limit: int | None = None):
     """(prompts, answers) when the data has checkable answers (`answer` field, or a number ending each
-    reference completion), else None."""
+    reference completion / chosen answer), else None."""
     from pipeline import scoring
 
-    shape, rows = _try_held_out(section, ("sft", "prompts"), limit)
-    if shape == "prompts":
-        answers = rows["answer"]
+    prompts, completions = conversations(section, limit, ("sft", "preference", "prompts"))
+    if completions is None:
+        rows = prompts
+        prompts, answers = rows["prompt"], rows["answer"]
     else:
-        answers = [scoring.extract_answer(c[-1]["content"]) for c in rows["completion"]]
+        answers = [scoring.extract_answer(c[-1]["content"]) for c in completions]
         if not all(a and a.lstrip("-").isdigit() for a in answers):
             return None
     if any(a is None for a in answers):
         return None
-    return rows["prompt"], answers
+    return prompts, answers
 
 
 def exact_match(model, tokenizer, section: schema.DataSection, limit: int | None = None, batch_size: int = 16,
@@ -181,8 +194,8 @@ def win_rate(model, tokenizer, reference_path: str, judge_path: str, section: sc
     """Greedy answers of the policy and of the reference on held-out prompts, both scored by the reward model."""
     from pipeline import scoring
 
-    _, rows = _try_held_out(section, ("sft", "prompts"), limit)
-    prompts = rows["prompt"]
+    prompts, completions = conversations(section, limit, ("sft", "preference", "prompts"))
+    prompts = prompts["prompt"] if completions is None else prompts
     ours = scoring.generate(model, tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
     ref_model, ref_tokenizer = load_policy(reference_path)
     theirs = scoring.generate(ref_model, ref_tokenizer, prompts, max_new_tokens=max_new_tokens, batch_size=batch_size)
@@ -247,15 +260,23 @@ def _data_for(spec: schema.EvalSection, path: str) -> schema.DataSection:
     return section
 
 
+def check(spec: schema.EvalSection) -> None:
+    """Refuse an evaluation that lacks what it needs, before any model is loaded."""
+    if spec.metric == "win_rate" and (not spec.reward_model or not spec.reference):
+        raise PipelineError("win_rate needs a reward model and a reference policy", key="reward_model",
+                            fix="set `reward_model:` and `reference:` (--reward-model, --reference)")
+    if spec.metric == "lm_eval" and not spec.tasks:
+        raise PipelineError("lm_eval needs tasks", key="tasks", fix="e.g. --tasks addition_loglik")
+
+
 def run_one(path: str, spec: schema.EvalSection, loaded: dict[str, Any], batch_size: int = 16) -> list[Result]:
     """Run one evaluation on the artifact at `path`; `loaded` caches (model, tokenizer) between evaluations."""
+    check(spec)
     role = "judge" if spec.metric == "pairwise_accuracy" else "policy"
     if role not in loaded:
         loaded[role] = load_judge(path) if role == "judge" else load_policy(path)
     model, tokenizer = loaded[role]
     if spec.metric == "lm_eval":
-        if not spec.tasks:
-            raise PipelineError("lm_eval needs tasks", key="tasks", fix="e.g. --tasks addition_loglik")
         values = lm_eval_tasks(model, tokenizer, spec.tasks, spec.include_path, spec.limit, batch_size)
         return [Result("lm_eval", k, v, "lm-eval:" + k.split("/")[0]) for k, v in values.items()]
     section = _data_for(spec, path)
@@ -269,9 +290,6 @@ def run_one(path: str, spec: schema.EvalSection, loaded: dict[str, Any], batch_s
         values = pairwise_accuracy(model, tokenizer, section, spec.limit, batch_size)
         keys = {"pairwise_accuracy": "pairwise_accuracy", "margin": "reward_margin"}
     else:
-        if not spec.reward_model or not spec.reference:
-            raise PipelineError("win_rate needs a reward model and a reference policy", key="reward_model",
-                                fix="set `reward_model:` and `reference:` (--reward-model, --reference)")
         values = win_rate(model, tokenizer, spec.reference, spec.reward_model, section, spec.limit, batch_size,
                           spec.max_new_tokens)
         keys = {"win_rate": "win_rate"}
@@ -280,6 +298,8 @@ def run_one(path: str, spec: schema.EvalSection, loaded: dict[str, Any], batch_s
 
 def evaluate_artifact(path: str, evals: list[schema.EvalSection], batch_size: int = 16) -> list[Result]:
     """All evaluations of one artifact, loading its model once."""
+    for spec in evals:
+        check(spec)
     loaded: dict[str, Any] = {}
     results: list[Result] = []
     for spec in evals:

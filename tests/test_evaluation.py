@@ -181,3 +181,32 @@ def test_lm_eval_local_task_offline(chain, monkeypatch):
     assert values["addition_loglik/perplexity"] > 1.0
     assert 0.0 <= values["addition/exact_match"] <= 1.0
     assert model_index_values(sft)["addition_loglik/acc"] == pytest.approx(values["addition_loglik/acc"])
+
+
+def test_cli_errors_are_one_line_user_errors(tmp_path, capsys):
+    assert eval_cli(str(tmp_path / "missing")) == 2
+    assert "is not a folder" in capsys.readouterr().err
+    assert eval_cli(str(tmp_path)) == 2  # no manifest, no --data: nothing to evaluate on
+    assert "no held-out data" in capsys.readouterr().err
+
+
+def test_win_rate_needs_judge_and_reference(chain, capsys):
+    assert eval_cli(str(chain / "sft"), "--metric", "win_rate", "--limit", "2") == 2
+    assert "reward model and a reference" in capsys.readouterr().err
+
+
+def test_perplexity_on_preference_data_scores_the_chosen_answers(chain):
+    from pipeline import data as data_lib
+    from pipeline import models, schema, scoring
+
+    sft, file = chain / "sft", str(ROOT / "data/preferences_eval.jsonl")
+    assert eval_cli(str(sft), "--metric", "perplexity", "--data", file, "--limit", "4") == 0
+    got = manifest(sft)["evaluation"]
+    model = models.load_causal_lm(str(sft), schema.ModelSection(path=str(sft)))
+    tokenizer = models.load_tokenizer(str(sft))
+    rows = data_lib.load_data(schema.DataSection(path=file, max_rows=4), "preference").train
+    logps = scoring.completion_logprobs(model, tokenizer, rows["prompt"], rows["chosen"])
+    tokens = sum(len(tokenizer(scoring.render(tokenizer, p, c)[1], add_special_tokens=False)["input_ids"])
+                 for p, c in zip(rows["prompt"], rows["chosen"]))
+    assert got["eval_loss"] == pytest.approx(-sum(logps) / tokens, rel=1e-5)
+    assert manifest(sft)["evaluation_datasets"]["perplexity"] == file
