@@ -66,6 +66,17 @@ def test_win_rate_ties_count_half():
     assert evaluation.win_rate_from_scores([1.0], [1.05], tolerance=0.1)["win_rate"] == pytest.approx(0.5)
 
 
+def test_local_task_data_files_made_absolute_only_when_needed(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    config = evaluation.local_task("addition_loglik", [evaluation.TASKS_DIR])
+    data_file = Path(config["dataset_kwargs"]["data_files"]["test"])
+    assert data_file.is_absolute() and data_file == ROOT / "data/prompts_eval.jsonl"
+    assert config["output_type"] == "loglikelihood"
+    monkeypatch.chdir(ROOT)
+    assert evaluation.local_task("addition_loglik", [evaluation.TASKS_DIR]) is None  # found as written
+    assert evaluation.local_task("no_such_task", [evaluation.TASKS_DIR]) is None
+
+
 def test_flatten_lm_eval_drops_stderr():
     flat = evaluation.flatten_lm_eval({"addition": {"alias": "addition", "exact_match,last_number": 0.5,
                                                     "exact_match_stderr,last_number": "N/A", "acc,none": 1}})
@@ -171,7 +182,7 @@ def test_evaluate_stage_writes_report_artifact(tiny_chain, tmp_path):
 
 @pytest.mark.slow
 def test_lm_eval_local_task_offline(chain, monkeypatch):
-    monkeypatch.chdir(ROOT)  # the shipped task reads data/prompts_eval.jsonl relative to the repo root
+    monkeypatch.chdir(chain)  # away from the repo root: the shipped tasks' relative data_files are still found
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     sft = chain / "sft"
     assert eval_cli(str(sft), "--tasks", "addition_loglik,addition",
