@@ -112,14 +112,15 @@ def run_stage(tmp_path: Path, name: str, stage: dict):
     return run_recipe(recipe)[name]
 
 
-def changed(before: Path, after, names: list[str] | None = None) -> bool:
+def changed(before: Path, after) -> bool:
     """Whether any weight of `after` (a model) differs from the same-named weight saved in `before`."""
     import torch
     from safetensors.torch import load_file
 
     old = load_file(before / "model.safetensors")
     new = after.state_dict()
-    return any(not torch.equal(old[k], new[k]) for k in old if k in new)
+    assert set(old) <= set(new)
+    return any(not torch.equal(old[k], new[k]) for k in old)
 
 
 def prompt_data(max_rows: int = 8) -> dict:
