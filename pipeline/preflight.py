@@ -199,7 +199,11 @@ def tokenizer_origin(recipe: Recipe, name: str, seen: frozenset = frozenset()) -
     if name in seen:
         return None
     model = getattr(config, "model", None)
-    value = getattr(config, "tokenizer", None) or (model.path if isinstance(model, schema.ModelSection) else None)
+    value = getattr(config, "tokenizer", None)
+    if not value and isinstance(model, schema.ModelSection):
+        if model.gguf_file:  # the tokenizer (and its template) lives inside the GGUF file: not checked here
+            return None
+        value = model.path
     return _origin_of_value(recipe, value, seen | {name})
 
 

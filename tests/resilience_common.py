@@ -3,9 +3,12 @@ written into a temporary folder and a way to run the CLI in a subprocess. Import
 """
 from __future__ import annotations
 
+import functools
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import yaml
@@ -14,10 +17,20 @@ ROOT = Path(__file__).resolve().parents[1]
 PYTHON = sys.executable
 
 
-def tiny_recipe(tmp: Path, *, steps: int = 6, save_steps: int = 2, stages: tuple[str, ...] = ("tokenizer", "base", "sft"),
-                **train) -> dict:
+@functools.lru_cache(maxsize=None)
+def data_dir() -> Path:
+    """A private copy of data/*.jsonl taken once per test process, so runs compared with each other read the same
+    bytes even if someone regenerates data/ meanwhile."""
+    folder = Path(tempfile.mkdtemp(prefix="resilience-data-"))
+    for name in ("corpus.jsonl", "sft.jsonl", "preferences.jsonl", "prompts.jsonl"):
+        shutil.copy(ROOT / "data" / name, folder / name)
+    return folder
+
+
+def tiny_recipe(tmp: Path, *, steps: int = 6, save_steps: int = 2,
+                stages: tuple[str, ...] = ("tokenizer", "base", "sft"), **train) -> dict:
     """A tokenizer -> pretrain -> sft recipe with a 1-layer hidden-32 Llama, a few steps each (data from data/)."""
-    data = ROOT / "data"
+    data = data_dir()
     train_cfg = {"max_steps": steps, "save_steps": save_steps, "batch_size": 4, "max_length": 48,
                  "logging_steps": 1, "learning_rate": 1e-3, "save_total_limit": 10, **train}
     recipe = {

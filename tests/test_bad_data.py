@@ -1,7 +1,8 @@
 """Bad rows in a stage's data (empty, missing field, wrong type, non-UTF-8, invalid JSON, over-long) are reported with
 their counts and row numbers; `on_bad_rows: error` (default) stops with one line, `skip` trains on the rest.
 
-Run: `pytest tests/test_bad_data.py` (in-process loader checks, a second; the CLI run of an sft stage in skip mode is marked slow).
+Run: `pytest tests/test_bad_data.py` (in-process loader checks, a second; the CLI run of an sft stage in skip
+mode is marked slow: `pytest -m slow tests/test_bad_data.py`).
 """
 from __future__ import annotations
 
@@ -34,7 +35,8 @@ CASES = {
     "wrong type": ({"text": 42}, "text", "1 wrong type in 'text' (rows 2)"),
     "non-UTF-8": (b'{"text": "caf\xe9"}', "text", "1 non-UTF-8 (rows 2)"),
     "invalid JSON": (b'{"text": "unclosed', "text", "1 invalid JSON (rows 2)"),
-    "sft wrong type": ({"prompt": ["not", "messages"], "completion": 3}, "sft", "1 wrong type in 'prompt'/'completion'"),
+    "sft wrong type": ({"prompt": ["not", "messages"], "completion": 3}, "sft",
+                       "1 wrong type in 'prompt'/'completion'"),
     "sft missing": ({"question": "x", "answer": "y"}, "sft", "1 missing field 'messages' or 'prompt'/'completion'"),
     "preference missing": ({"prompt": "x", "chosen": "y"}, "preference", "1 missing field 'chosen'/'rejected'"),
 }
