@@ -138,6 +138,9 @@ def test_cli_eval_writes_manifests_and_model_index(chain, capsys):
     expected = scoring.pairwise_accuracy(chosen, rejected)
     assert reward_eval["pairwise_accuracy"] == pytest.approx(expected["accuracy"])
     assert reward_eval["reward_margin"] == pytest.approx(expected["margin"], abs=1e-6)
+    # the reward stage measured the same held-out pairs (its max_eval_rows) right after training
+    assert reward_eval["pairwise_accuracy"] == pytest.approx(manifest(reward)["metrics"]["eval_accuracy"])
+    assert reward_eval["reward_margin"] == pytest.approx(manifest(reward)["metrics"]["eval_margin"], abs=1e-6)
     card = model_index_values(reward)
     assert card["pairwise_accuracy"] == pytest.approx(expected["accuracy"])
     meta, body = evaluation.split_card((reward / "README.md").read_text())
