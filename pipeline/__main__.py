@@ -75,7 +75,12 @@ def _run(args) -> int:
     from pipeline import preflight
 
     preflight.check(recipe)
-    run_recipe(recipe, force=set(args.force), only=set(args.only) if args.only else None)
+    from pipeline.parallel import close_process_group
+
+    try:
+        run_recipe(recipe, force=set(args.force), only=set(args.only) if args.only else None)
+    finally:
+        close_process_group()
     return 0
 
 

@@ -65,6 +65,16 @@ def parallelism_config(section, world_size: int):
 # ----------------------------------------------------------------------------------------------- rank agreement
 
 
+def close_process_group() -> None:
+    """Tear down torch.distributed (if this launch started it) so ranks exit together instead of one rank's gloo
+    threads aborting when a peer has already gone."""
+    import sys
+
+    dist = getattr(sys.modules.get("torch"), "distributed", None)
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
 def gather(state, value: Any) -> list[Any]:
     """`value` from every rank, in rank order (a one-element list with one process)."""
     if state.num_processes <= 1:
