@@ -215,3 +215,13 @@ def test_liger_without_its_package_is_a_clear_error(tmp_path):
         pytest.skip("liger-kernel is installed here")
     with pytest.raises(PipelineError, match="liger-kernel package is not installed"):
         training.trainer_kwargs(_ctx(tmp_path, None, 1), TrainSection(use_liger_kernel=True))
+
+
+def test_sft_packs_padding_free_only_with_flash_attention():
+    from pipeline.stages.sft import packing_strategy
+
+    def model(attn):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn))
+
+    assert packing_strategy(model("flash_attention_2")) == "bfd"
+    assert packing_strategy(model("sdpa")) == "wrapped" and packing_strategy(model("eager")) == "wrapped"

@@ -48,6 +48,12 @@ def held_out_accuracy(model, tokenizer, dataset, max_new_tokens: int = 16) -> fl
     return scoring.exact_match(predictions, answers)
 
 
+def packing_strategy(model) -> str:
+    """Best-fit packing is padding-free, which only FlashAttention runs efficiently (one varlen sequence per batch);
+    with SDPA/eager attention it attends over the whole flattened batch, so pack by wrapping rows instead."""
+    return "bfd" if "flash" in str(getattr(model.config, "_attn_implementation", "")) else "wrapped"
+
+
 def run(ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
@@ -56,8 +62,8 @@ def run(ctx: StageContext) -> StageResult:
     loaded = data_lib.load_data(cfg.data, "sft", seed=ctx.seed,
                                 too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
     args = SFTConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length,
-                     packing=bool(cfg.train.packing), completion_only_loss=cfg.completion_only_loss,
-                     eos_token=tokenizer.eos_token)
+                     packing=bool(cfg.train.packing), packing_strategy=packing_strategy(model),
+                     completion_only_loss=cfg.completion_only_loss, eos_token=tokenizer.eos_token)
     metrics: dict = {"train_rows": len(loaded.train)}
     if loaded.eval is not None:
         metrics["eval_loss_before"] = completion_loss(model, tokenizer, loaded.eval)
