@@ -13,7 +13,9 @@ import random
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-TEMPLATES = ["{a} plus {b} is {c}.", "{a} + {b} = {c}", "the sum of {a} and {b} is {c}.", "add {a} and {b} to get {c}."]
+# One fixed sentence shape, in the answer format of later stages ("a + b = c"): a 2-layer model then learns the
+# addition table (a phase change after ~700 steps) and the facts transfer to chat answers.
+TEMPLATES = ["{a} + {b} = {c}."]
 QUESTIONS = ["What is {a} + {b}?", "What is {a} plus {b}?", "Compute {a} + {b}.", "Add {a} and {b}."]
 
 
@@ -37,7 +39,7 @@ def corpus(rng: random.Random, n: int) -> list[dict]:
     rows = []
     for _ in range(n):
         sentences = []
-        for _ in range(rng.randint(2, 5)):
+        for _ in range(rng.randint(4, 8)):
             a, b = rng.randrange(10), rng.randrange(10)
             sentences.append(rng.choice(TEMPLATES).format(a=a, b=b, c=a + b))
         rows.append({"text": " ".join(sentences)})
@@ -84,7 +86,7 @@ def main() -> None:
     write("corpus_eval.jsonl", corpus(rng, 200))
     write("sft.jsonl", sft(train, rng, 4))
     write("sft_eval.jsonl", sft(held_out, rng, 1))
-    write("preferences.jsonl", preferences(train, rng, 4))
+    write("preferences.jsonl", preferences(train, rng, 8))
     write("preferences_eval.jsonl", preferences(held_out, rng, 2))
     write("prompts.jsonl", prompts(train, rng, 4))
     write("prompts_eval.jsonl", prompts(held_out, rng, 2))
