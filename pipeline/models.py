@@ -120,10 +120,20 @@ def load_causal_lm(path: str, section: schema.ModelSection, *, merge_adapter: bo
 
             model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs)
             return model.merge_and_unload() if merge_adapter else model
-        return AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        return _dequantised(model) if section.gguf_file else model
     except OSError as exc:
         raise PipelineError(f"cannot load a model from {path}: {str(exc).splitlines()[0]}", key="model.path",
                             fix="point at a folder with config.json and model.safetensors, or a Hub id") from None
+
+
+def _dequantised(model):
+    """A GGUF checkpoint is dequantised on load but still marked quantized, which the Trainer refuses: unmark it."""
+    model.hf_quantizer = None
+    model.is_quantized = False
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    return model
 
 
 def load_reward_model(path: str, section: schema.ModelSection | None = None, num_labels: int = 1):
