@@ -1,0 +1,442 @@
+"""Benchmarks for hf-pipeline, all in one job, each comparison run side by side (alternating, fresh processes):
+
+    python bench/run.py [--quick]
+
+Writes bench/results/results.json and bench/results/results.md (benchmark | measured | baseline | ratio | goal).
+  1. overhead: our `sft` stage through the runner vs a plain TRL SFTTrainer script, identical settings.
+  2. packing: real (non-pad) tokens/s of our `sft` stage with packing on vs off, on mixed-length data.
+  3. dpo: pair-tokens/s and peak memory of our `dpo` stage, default vs precompute_ref_log_probs.
+  4. gpu mfu: a ~1B Llama at seq 2048 in bf16 vs 989 TFLOP/s and vs a matmul measured in the same job (GPU only).
+  5. quickstart: peak resident memory of `python -m pipeline run recipes/quickstart.yaml` (goal < 3 GiB on CPU).
+Every trial is a fresh `python bench/run.py --worker ...` process, so each side pays the same imports; throughput
+comes from the Trainer's own train_runtime (the training loop only: model load, tokenisation and saving excluded).
+Benchmarks report; they never assert. Nothing runs at import.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import random
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+RESULTS = HERE / "results"
+MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
+             num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
+ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_XET": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+
+# ------------------------------------------------------------------------------------------------ shared setup
+
+
+def build_base(folder: Path) -> Path:
+    """A randomly initialised Llama (hidden 256, 4 layers) with our BPE tokenizer, saved as a Hub-format folder."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.stages.tokenizer import build
+
+    texts = [json.loads(line)["text"] for line in (ROOT / "data" / "corpus.jsonl").read_text().splitlines()]
+    tokenizer = build(texts, vocab_size=1024, min_frequency=2, chat_template="chatml", model_max_length=512)
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **MODEL)
+    LlamaForCausalLM(config).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def mixed_length_sft(path: Path, rows: int = 400) -> Path:
+    """Chat rows whose answers repeat 1..24 addition facts: lengths spread over ~10x, as real SFT data does."""
+    rng = random.Random(0)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as handle:
+        for _ in range(rows):
+            facts = [f"{a} + {b} = {a + b}" for a, b in ((rng.randint(0, 9), rng.randint(0, 9))
+                                                          for _ in range(rng.choice([1, 2, 3, 6, 12, 24])))]
+            handle.write(json.dumps({"messages": [{"role": "user", "content": "List some sums."},
+                                                  {"role": "assistant", "content": " ".join(facts)}]}) + "\n")
+    return path
+
+
+# ------------------------------------------------------------------------------------------------------ workers
+
+
+def _peak_memory() -> dict:
+    import torch
+
+    peak = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
+    if torch.cuda.is_available():
+        peak["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
+    return peak
+
+
+def _loop_stats(log_history: list[dict]) -> dict:
+    """Tokens and seconds of the training loop, from the Trainer's own log (num_tokens = non-pad tokens)."""
+    final = next(e for e in reversed(log_history) if "train_runtime" in e)
+    tokens = max(e.get("num_tokens", 0) for e in log_history)
+    samples = final["train_samples_per_second"] * final["train_runtime"]
+    return {"train_runtime_s": final["train_runtime"], "tokens": tokens, "samples": round(samples),
+            "tokens_per_s": tokens / final["train_runtime"], "samples_per_s": final["train_samples_per_second"]}
+
+
+def worker_ours(spec: dict) -> dict:
+    """One stage through the real runner (fingerprints, atomic artifact, manifest), in a fresh output folder."""
+    import yaml
+
+    from pipeline.recipe import load_recipe
+    from pipeline.runner import run_recipe
+
+    out = Path(spec["out"])
+    recipe_file = out / "recipe.yaml"
+    out.mkdir(parents=True, exist_ok=True)
+    recipe_file.write_text(yaml.safe_dump({"name": "bench", "output_dir": str(out / "artifacts"), "seed": 0,
+                                           "stages": {"stage": spec["stage"]}}))
+    artifact = run_recipe(load_recipe(str(recipe_file), []))["stage"]
+    manifest = artifact.manifest
+    return {**_loop_stats(manifest["log_history"]), "stage_wall_s": manifest["duration_s"], **_peak_memory()}
+
+
+def worker_plain(spec: dict) -> dict:
+    """The same SFT as `worker_ours`, written as a plain TRL script (what a user would write by hand)."""
+    import torch
+    from datasets import load_dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import SFTConfig, SFTTrainer
+
+    stage, train = spec["stage"], spec["stage"]["train"]
+    tokenizer = AutoTokenizer.from_pretrained(stage["model"])
+    model = AutoModelForCausalLM.from_pretrained(stage["model"], dtype=torch.float32)
+    dataset = load_dataset("json", data_files=stage["data"]["path"], split="train").map(
+        lambda row: {"prompt": row["messages"][:-1], "completion": row["messages"][-1:]}, remove_columns=["messages"])
+    args = SFTConfig(output_dir=str(Path(spec["out"]) / "checkpoints"), learning_rate=train["learning_rate"],
+                     max_steps=train["max_steps"], per_device_train_batch_size=train["batch_size"],
+                     max_length=train["max_length"], packing=bool(train.get("packing")), logging_steps=
+                     train["logging_steps"], save_steps=train["save_steps"], seed=0, data_seed=0, report_to=[],
+                     use_cpu=not torch.cuda.is_available(), bf16=torch.cuda.is_available(), warmup_steps=0.0,
+                     eos_token=tokenizer.eos_token, completion_only_loss=True, disable_tqdm=True,
+                     optim="adamw_torch", logging_first_step=True, lr_scheduler_type="linear", weight_decay=0.0)
+    started = time.time()
+    trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
+    trainer.train()
+    trainer.save_model(str(Path(spec["out"]) / "model"))
+    return {**_loop_stats(trainer.state.log_history), "stage_wall_s": round(time.time() - started, 3),
+            **_peak_memory()}
+
+
+def worker_quickstart(spec: dict) -> dict:
+    """Run the quickstart recipe in a child process; our only child, so RUSAGE_CHILDREN is its peak RSS."""
+    command = [sys.executable, "-m", "pipeline", "run", str(ROOT / "recipes" / "quickstart.yaml"),
+               f"output_dir={spec['out']}", *spec.get("overrides", [])]
+    started = time.time()
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True)
+    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
+    return {"returncode": result.returncode, "wall_s": round(time.time() - started, 1),
+            "peak_rss_mib": round(peak, 1), "tail": (result.stdout + result.stderr)[-1500:]}
+
+
+def worker_mfu(spec: dict) -> dict:
+    """~1B Llama, seq 2048, bf16, forward+backward: achieved TFLOP/s vs 989 (H100 dense bf16) and vs a matmul."""
+    import torch
+
+    if not torch.cuda.is_available():
+        return {"skipped": "no CUDA device in this job"}
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    config = LlamaConfig(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
+                         num_key_value_heads=8, vocab_size=32000, max_position_embeddings=2048)
+    model = LlamaForCausalLM(config).to("cuda", torch.bfloat16)
+    model.config._attn_implementation = "sdpa"
+    seq, batch, steps = 2048, spec.get("batch", 4), spec.get("steps", 10)
+    params = sum(p.numel() for p in model.parameters())
+    flops_per_token = 6 * params + 12 * config.num_hidden_layers * config.hidden_size * seq
+    ids = torch.randint(0, config.vocab_size, (batch, seq), device="cuda")
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    seconds = _time_cuda(lambda: _train_step(model, optimizer, ids), steps)
+    achieved = flops_per_token * batch * seq / seconds / 1e12
+    matmul = _matmul_tflops()
+    return {"params": params, "tflops": round(achieved, 1), "mfu_vs_989": round(achieved / 989, 3),
+            "matmul_tflops": round(matmul, 1), "ratio_vs_matmul": round(achieved / matmul, 3), **_peak_memory()}
+
+
+def _train_step(model, optimizer, ids) -> None:
+    loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+
+
+def _time_cuda(step, steps: int, warmup: int = 3) -> float:
+    import torch
+
+    for _ in range(warmup):
+        step()
+    torch.cuda.synchronize()
+    started = time.perf_counter()
+    for _ in range(steps):
+        step()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - started) / steps
+
+
+def _matmul_tflops(n: int = 8192) -> float:
+    import torch
+
+    a = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(n, n, device="cuda", dtype=torch.bfloat16)
+    return 2 * n**3 / _time_cuda(lambda: a @ b, 20) / 1e12
+
+
+WORKERS = {"ours": worker_ours, "plain": worker_plain, "quickstart": worker_quickstart, "mfu": worker_mfu}
+
+
+def run_worker(kind: str, spec: dict) -> dict:
+    """Run one trial in a fresh process and return its JSON result."""
+    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
+        json.dump(spec, handle)
+    command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", handle.name]
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True)
+    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    if result.returncode or not lines:
+        return {"error": (result.stdout + result.stderr)[-2000:]}
+    return json.loads(lines[-1][len("RESULT "):])
+
+
+# --------------------------------------------------------------------------------------------------- benchmarks
+
+
+def sft_stage(base: Path, data: Path, steps: int, packing: bool, max_length: int, batch: int = 16) -> dict:
+    return {"kind": "sft", "model": str(base), "data": {"path": str(data)},
+            "train": {"learning_rate": 1e-3, "max_steps": steps, "batch_size": batch, "max_length": max_length,
+                      "packing": packing, "logging_steps": steps, "save_steps": 10 * steps, "warmup_ratio": 0.0}}
+
+
+def alternate(trials: dict[str, tuple[str, dict]], repeats: int, work: Path) -> dict[str, list[dict]]:
+    """Run the named trials in turn, `repeats` rounds (A B A B ...), so background load hits both sides alike."""
+    runs: dict[str, list[dict]] = {name: [] for name in trials}
+    for round_ in range(repeats):
+        for name, (kind, spec) in trials.items():
+            result = run_worker(kind, {**spec, "out": str(work / f"{name}-{round_}")})
+            runs[name].append(result)
+            print(f"  {name} #{round_}: {_brief(result)}", flush=True)
+    return runs
+
+
+def _brief(result: dict) -> str:
+    if "error" in result:
+        return "ERROR " + result["error"][-300:]
+    keys = ("tokens_per_s", "samples_per_s", "stage_wall_s", "peak_rss_mib")
+    return ", ".join(f"{k}={result[k]:.1f}" for k in keys if k in result)
+
+
+def median(runs: list[dict], key: str) -> float | None:
+    values = [r[key] for r in runs if key in r]
+    return statistics.median(values) if values else None
+
+
+def bench_overhead(base: Path, work: Path, steps: int, repeats: int) -> dict:
+    stage = sft_stage(base, ROOT / "data" / "sft.jsonl", steps, packing=False, max_length=64)
+    stage["completion_only_loss"] = True
+    runs = alternate({"ours": ("ours", {"stage": stage}), "plain": ("plain", {"stage": stage})}, repeats, work)
+    return {"runs": runs, **{f"{side}_{key}": median(runs[side], key) for side in runs
+                             for key in ("tokens_per_s", "peak_rss_mib", "peak_cuda_mib", "stage_wall_s")}}
+
+
+def bench_packing(base: Path, work: Path, steps: int, repeats: int) -> dict:
+    data = mixed_length_sft(work / "mixed.jsonl")
+    trials = {name: ("ours", {"stage": sft_stage(base, data, steps, packing=packing, max_length=256, batch=8)})
+              for name, packing in (("packed", True), ("padded", False))}
+    runs = alternate(trials, repeats, work)
+    return {"runs": runs, **{f"{side}_tokens_per_s": median(runs[side], "tokens_per_s") for side in runs}}
+
+
+def bench_dpo(base: Path, work: Path, steps: int, repeats: int) -> dict:
+    def stage(precompute: bool) -> dict:
+        return {"kind": "dpo", "model": str(base), "data": {"path": str(ROOT / "data" / "preferences.jsonl")},
+                "precompute_ref_log_probs": precompute,
+                "train": {"learning_rate": 1e-4, "max_steps": steps, "batch_size": 16, "max_length": 64,
+                          "logging_steps": steps, "save_steps": 10 * steps}}
+
+    runs = alternate({"default": ("ours", {"stage": stage(False)}), "precompute": ("ours", {"stage": stage(True)})},
+                     repeats, work)
+    tokens = pair_tokens(base)
+    for side in runs.values():
+        for run in side:
+            if "samples" in run:  # stage wall time includes the reference pass wherever TRL runs it
+                run["pair_tokens_per_s"] = run["samples"] * tokens / run["stage_wall_s"]
+    return {"runs": runs, "mean_tokens_per_pair": tokens,
+            **{f"{side}_{key}": median(runs[side], key) for side in runs
+               for key in ("pair_tokens_per_s", "peak_rss_mib", "peak_cuda_mib")}}
+
+
+def pair_tokens(base: Path) -> float:
+    """Mean tokens in prompt + chosen + rejected of the preference data (chat-formatted prompt)."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(base)
+    rows = [json.loads(line) for line in (ROOT / "data" / "preferences.jsonl").read_text().splitlines()]
+    counts = [len(tokenizer.apply_chat_template([{"role": "user", "content": r["prompt"]}], tokenize=True,
+                                                add_generation_prompt=True, return_dict=False))
+              + len(tokenizer(r["chosen"])["input_ids"]) + len(tokenizer(r["rejected"])["input_ids"]) for r in rows]
+    return statistics.mean(counts)
+
+
+def bench_quickstart(work: Path, capped: bool) -> dict:
+    """Peak RSS of the quickstart; `capped` shortens every stage (peak memory is set by models and data, not steps)."""
+    return run_worker("quickstart", {"out": str(work / "quickstart"), "overrides": step_caps() if capped else []})
+
+
+def step_caps(steps: int = 10, episodes: int = 64) -> list[str]:
+    """Overrides that cap each quickstart stage's length, for whichever stages the recipe has today."""
+    import yaml
+
+    stages = yaml.safe_load((ROOT / "recipes" / "quickstart.yaml").read_text())["stages"]
+    caps = []
+    for name, stage in stages.items():
+        if "train" in stage and stage["kind"] not in ("ppo", "grpo", "rloo"):
+            caps.append(f"stages.{name}.train.max_steps={3 * steps if stage['kind'] == 'pretrain' else steps}")
+        if stage["kind"] == "ppo":
+            caps.append(f"stages.{name}.total_episodes={episodes}")
+    return caps
+
+
+# ------------------------------------------------------------------------------------------------------- report
+
+
+def ratio(a: float | None, b: float | None) -> float | None:
+    return a / b if a is not None and b else None
+
+
+def rows(results: dict) -> list[tuple[str, str, str, str, str]]:
+    """(benchmark, measured, baseline, ratio, goal) for the Markdown table."""
+    o, p, d, q, m = (results[k] for k in ("overhead", "packing", "dpo", "quickstart", "mfu"))
+    table = [
+        ("sft overhead: tokens/s, ours vs plain TRL", _f(o.get("ours_tokens_per_s")), _f(o.get("plain_tokens_per_s")),
+         _r(ratio(o.get("ours_tokens_per_s"), o.get("plain_tokens_per_s"))), ">= 0.97"),
+        ("sft overhead: peak RSS MiB, ours vs plain TRL", _f(o.get("ours_peak_rss_mib")), _f(o.get("plain_peak_rss_mib")),
+         _r(ratio(o.get("ours_peak_rss_mib"), o.get("plain_peak_rss_mib"))), "report"),
+        ("sft packing: real tokens/s, packed vs padded", _f(p.get("packed_tokens_per_s")), _f(p.get("padded_tokens_per_s")),
+         _r(ratio(p.get("packed_tokens_per_s"), p.get("padded_tokens_per_s"))), ">= 1.5"),
+        ("dpo: pair-tokens/s, precompute_ref_log_probs vs default", _f(d.get("precompute_pair_tokens_per_s")),
+         _f(d.get("default_pair_tokens_per_s")), _r(ratio(d.get("precompute_pair_tokens_per_s"),
+                                                       d.get("default_pair_tokens_per_s"))), "report"),
+        ("dpo: peak RSS MiB, precompute vs default", _f(d.get("precompute_peak_rss_mib")), _f(d.get("default_peak_rss_mib")),
+         _r(ratio(d.get("precompute_peak_rss_mib"), d.get("default_peak_rss_mib"))), "report"),
+        ("quickstart: peak RSS MiB (CPU)", _f(q.get("peak_rss_mib")), "3072", _r(ratio(q.get("peak_rss_mib"), 3072)),
+         "< 1.0 (under 3 GiB)"),
+    ]
+    if "skipped" in m or "error" in m:
+        table.append(("gpu mfu: ~1B Llama, seq 2048, bf16", "skipped", "989 TFLOP/s", "-",
+                      f"report ({m.get('skipped') or 'error'})"))
+    else:
+        table += [("gpu mfu: TFLOP/s vs 989 dense bf16", _f(m["tflops"]), "989", _r(m["mfu_vs_989"]), "report"),
+                  ("gpu mfu: TFLOP/s vs measured matmul", _f(m["tflops"]), _f(m["matmul_tflops"]),
+                   _r(m["ratio_vs_matmul"]), "report")]
+    return table
+
+
+def _f(value) -> str:
+    return "-" if value is None else (f"{value:.1f}" if isinstance(value, float) else str(value))
+
+
+def _r(value) -> str:
+    return "-" if value is None else f"{value:.3f}"
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [f"# hf-pipeline benchmarks ({'quick' if meta['quick'] else 'full'} run, {meta['date']})", "",
+             f"Machine: {meta['machine']}; device: {meta['device']}; {meta['repeats']} alternating round(s), "
+             "median reported.", "",
+             "| benchmark | measured | baseline | ratio | goal |", "| --- | --- | --- | --- | --- |"]
+    lines += [f"| {' | '.join(row)} |" for row in rows(results)]
+    lines += ["", "How it is measured:", "",
+              f"- Model: random Llama {MODEL['hidden_size']} hidden, {MODEL['num_hidden_layers']} layers, our BPE "
+              "tokenizer (1024 tokens), fp32 on CPU (bf16 on GPU).",
+              "- Every trial is a fresh process and the two sides alternate (A B A B), so one-time startup (imports, "
+              "process launch) is paid equally and excluded: tokens/s = the Trainer's non-pad `num_tokens` over its "
+              "own `train_runtime` (the training loop only, no model load, tokenisation or saving).",
+              "- Overhead: identical settings on both sides (same model folder, data/sft.jsonl, steps, batch 16, "
+              "max_length 64, completion-only loss, no packing). Ours runs the full runner (fingerprints, atomic "
+              "artifact, manifest, NaN guard, rank checks); peak RSS is each process's own maximum.",
+              "- Packing: mixed-length chat data (answers of 1..24 sums), batch 8, max_length 256; padded = pad to "
+              "the longest in the batch; only real tokens are counted. Without FlashAttention (CPU, SDPA) the sft "
+              "stage packs by wrapping rows; with it, best-fit-decreasing padding-free packing.",
+              "- DPO: pair-tokens/s = pairs trained x mean tokens per pair (prompt+chosen+rejected) / stage wall "
+              "time, which includes the reference log-prob pass wherever TRL runs it.",
+              "- Quickstart: `python -m pipeline run recipes/quickstart.yaml` in a child process; peak RSS from "
+              "getrusage(RUSAGE_CHILDREN), every stage shortened by overrides (pretrain 30 steps, others 10, PPO 64 "
+              "episodes): peak memory is set by the models and data, not by the number of steps.",
+              "- Other jobs shared these CPU cores while this ran: absolute numbers are noisy, ratios of "
+              "side-by-side runs much less so. Benchmarks never assert timings."]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer steps and one round (smoke run)")
+    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="rerun these benchmarks and update "
+                        "their entries in the existing results.json")
+    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+    if args.worker:
+        sys.path.insert(0, str(ROOT))
+        print("RESULT " + json.dumps(WORKERS[args.worker](json.loads(Path(args.spec).read_text()))), flush=True)
+        return 0
+    return run_all(args.quick, args.only)
+
+
+BENCHMARKS = ("overhead", "packing", "dpo", "mfu", "quickstart")
+
+
+def run_all(quick: bool, only: list[str] | None = None) -> int:
+    import torch
+
+    sys.path.insert(0, str(ROOT))
+    os.environ.update(ENV)
+    steps, repeats = (8, 1) if quick else (20, 2)
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix="hfp-bench-") as tmp:
+        work = Path(tmp)
+        base = build_base(work / "base")
+        results = {"meta": {"quick": quick, "steps": steps, "repeats": repeats, "date": time.strftime("%Y-%m-%d"),
+                            "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s) visible",
+                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"}}
+        if only:  # keep the other entries of the last full run
+            results = {**json.loads((RESULTS / "results.json").read_text()), "meta": results["meta"]}
+        for name, bench in (("overhead", lambda: bench_overhead(base, work / "overhead", steps, repeats)),
+                            ("packing", lambda: bench_packing(base, work / "packing", steps, repeats)),
+                            ("dpo", lambda: bench_dpo(base, work / "dpo", steps, 1)),
+                            ("mfu", lambda: run_worker("mfu", {})),
+                            ("quickstart", lambda: bench_quickstart(work, capped=True))):
+            if only and name not in only:
+                continue
+            print(f"[bench] {name}", flush=True)
+            try:
+                results[name] = bench()
+            except Exception as error:  # report what failed, keep the other benchmarks
+                results[name] = {"error": repr(error)}
+            write_results(results)
+    print(markdown(results))
+    return 0
+
+
+def write_results(results: dict) -> None:
+    """results.json always; results.md once every benchmark has an entry."""
+    (RESULTS / "results.json").write_text(json.dumps(results, indent=2, default=str))
+    if all(k in results for k in ("overhead", "packing", "dpo", "mfu", "quickstart")):
+        (RESULTS / "results.md").write_text(markdown(results))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
