@@ -23,6 +23,14 @@ def load_model_and_tokenizer(ctx: StageContext):
     return model, tokenizer, base
 
 
+def document_separator(tokenizer) -> str:
+    """The token between packed documents: `<|endoftext|>` (the BOS of our tokenizers) when the tokenizer has one
+    distinct from its EOS. With ChatML the EOS `<|im_end|>` ends a chat turn; packing documents with it would teach
+    the model that nothing before `<|im_end|>` matters, so SFT answers and reward scores could not see the prompt."""
+    bos, eos = tokenizer.bos_token, tokenizer.eos_token
+    return bos if bos and bos != eos and bos == "<|endoftext|>" else eos
+
+
 def run(ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
@@ -32,7 +40,7 @@ def run(ctx: StageContext) -> StageResult:
     packing = True if cfg.train.packing is None else cfg.train.packing
     args = SFTConfig(**training.trainer_kwargs(ctx, cfg.train), dataset_text_field="text",
                      max_length=cfg.train.max_length, packing=packing, packing_strategy="wrapped",
-                     eos_token=tokenizer.eos_token, completion_only_loss=False)
+                     eos_token=document_separator(tokenizer), completion_only_loss=False)
     trainer = SFTTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer)
     eval_texts = loaded.eval["text"] if loaded.eval is not None else None
     metrics: dict = {"parameters": sum(p.numel() for p in model.parameters()), "train_rows": len(loaded.train)}
