@@ -15,7 +15,6 @@ import yaml
 from pipeline import recipe as recipe_lib
 from pipeline import runner
 
-pytestmark = pytest.mark.slow
 
 
 @pytest.fixture(scope="module")
