@@ -197,3 +197,13 @@ def save_model(model, tokenizer, folder: Path, *, merge_lora: bool = False) -> s
         model.generation_config.pad_token_id = tokenizer.pad_token_id
         model.generation_config.save_pretrained(folder)
     return "transformers"
+
+
+def save_policy(ctx, model, tokenizer) -> str:
+    """Save a trained policy into the stage's artifact folder on the main process: a LoRA adapter, or merged full
+    weights when the stage's `lora.merge` is set. Returns the card's library name ('peft' or 'transformers')."""
+    lora = getattr(ctx.config, "lora", None)
+    merge = bool(lora and lora.merge)
+    if not ctx.is_main:
+        return "peft" if lora and not merge else "transformers"
+    return save_model(model, tokenizer, ctx.output_dir, merge_lora=merge)

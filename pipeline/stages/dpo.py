@@ -45,9 +45,6 @@ def run(ctx: StageContext) -> StageResult:
                                              [c - r for c, r in zip(rejected, ref_rejected)])
         metrics.update(eval_margin_after=after["margin"], eval_preference_accuracy_after=after["accuracy"],
                        eval_reward_accuracy=implicit["accuracy"], eval_reward_margin=cfg.beta * implicit["margin"])
-    library = "transformers"
-    if ctx.is_main:
-        library = models.save_model(trainer.model, tokenizer, ctx.output_dir,
-                                    merge_lora=bool(cfg.lora and cfg.lora.merge))
+    library = models.save_policy(ctx, trainer.model, tokenizer)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
                        log_history=training.log_history(trainer), tags=["dpo"] + (["lora"] if cfg.lora else []))

@@ -126,9 +126,6 @@ def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_ex
     if evalset is not None:
         metrics.update(evaluate(trainer.model, tokenizer, evalset, cfg, reward_model, reward_tokenizer, "after"))
         metrics["eval_prompts"] = len(evalset)
-    library = "transformers"
-    if ctx.is_main:
-        library = models.save_model(trainer.model, tokenizer, ctx.output_dir,
-                                    merge_lora=bool(cfg.lora and cfg.lora.merge))
+    library = models.save_policy(ctx, trainer.model, tokenizer)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
                        log_history=training.log_history(trainer), tags=[tag] + (["lora"] if cfg.lora else []))

@@ -99,9 +99,7 @@ def run(ctx: StageContext) -> StageResult:
     metrics.update({f"eval_{k}_after": v for k, v in after.items() if k != "kl"})
     if "kl" in after:
         metrics["kl"] = after["kl"]
-    library = "transformers"
-    if ctx.is_main:
-        library = models.save_model(policy, tokenizer, ctx.output_dir, merge_lora=bool(cfg.lora and cfg.lora.merge))
+    library = models.save_policy(ctx, policy, tokenizer)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
                        log_history=history, tags=["ppo"] + (["lora"] if cfg.lora else []))
 

@@ -77,9 +77,6 @@ def run(ctx: StageContext) -> StageResult:
         accuracy = held_out_accuracy(trainer.model, tokenizer, loaded.eval)
         if accuracy is not None:
             metrics["eval_exact_match"] = accuracy
-    library = "transformers"
-    if ctx.is_main:
-        library = models.save_model(trainer.model, tokenizer, ctx.output_dir,
-                                    merge_lora=bool(cfg.lora and cfg.lora.merge))
+    library = models.save_policy(ctx, trainer.model, tokenizer)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
                        log_history=training.log_history(trainer), tags=["sft"] + (["lora"] if cfg.lora else []))
