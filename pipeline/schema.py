@@ -140,6 +140,22 @@ class StageBase(Strict):
         return self.produces
 
 
+class ModelStage(StageBase):
+    """A stage that starts from a model: `model:` (reference, folder, Hub id or a config to build)."""
+
+    model: ModelSection
+
+    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
+
+
+class TrainedStage(ModelStage):
+    """A stage that trains its model on a dataset, optionally through a LoRA adapter."""
+
+    lora: LoraSection | None = None
+    data: DataSection
+    train: TrainSection = Field(default_factory=TrainSection)
+
+
 _ANY_MODEL = (CAUSAL_LM,)
 
 
@@ -156,18 +172,15 @@ class TokenizerStage(StageBase):
     model_max_length: int = Field(2048, gt=0)
 
 
-class PretrainStage(StageBase):
+class PretrainStage(ModelStage):
     """Causal LM from a config (Llama by default) or continued pretraining; packing on."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"tokenizer": (TOKENIZER, CAUSAL_LM), "model.path": _ANY_MODEL}
     kind: Literal["pretrain"]
-    model: ModelSection
     tokenizer: str | None = None
     data: DataSection
     train: TrainSection = Field(default_factory=TrainSection)
     text_field: str = "text"
-
-    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
 
     @model_validator(mode="after")
     def _tokenizer_for_scratch(self):
@@ -176,69 +189,45 @@ class PretrainStage(StageBase):
         return self
 
 
-class SftStage(StageBase):
+class SftStage(TrainedStage):
     """Supervised fine-tuning, full or LoRA, on messages or prompt/completion data; loss on completions."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL, "tokenizer": (TOKENIZER, CAUSAL_LM)}
     kind: Literal["sft"]
-    model: ModelSection
     tokenizer: str | None = None
-    lora: LoraSection | None = None
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
     completion_only_loss: bool = True
 
-    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
 
-
-class RewardStage(StageBase):
+class RewardStage(TrainedStage):
     """Sequence-classification reward model on chosen/rejected pairs."""
 
     produces: ClassVar[str] = REWARD_MODEL
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": (CAUSAL_LM, REWARD_MODEL),
                                                         "tokenizer": (TOKENIZER, CAUSAL_LM)}
     kind: Literal["reward"]
-    model: ModelSection
     tokenizer: str | None = None
-    lora: LoraSection | None = None
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
     center_rewards_coefficient: float | None = None
 
-    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
 
-
-class DpoStage(StageBase):
+class DpoStage(TrainedStage):
     """Direct preference optimisation (TRL DPOTrainer); reference = the input model or the base under LoRA."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
     kind: Literal["dpo"]
-    model: ModelSection
-    lora: LoraSection | None = None
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
     beta: float = Field(0.1, gt=0)
     loss_type: str = "sigmoid"
     precompute_ref_log_probs: bool = False
 
-    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
 
-
-class KtoStage(StageBase):
+class KtoStage(TrainedStage):
     """KTO (TRL KTOTrainer) on unpaired or paired preference data."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
     kind: Literal["kto"]
-    model: ModelSection
-    lora: LoraSection | None = None
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
     beta: float = Field(0.1, gt=0)
     loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
     desirable_weight: float = Field(1.0, gt=0)
     undesirable_weight: float = Field(1.0, gt=0)
-
-    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
 
     @model_validator(mode="after")
     def _kl_batch(self):
@@ -247,14 +236,11 @@ class KtoStage(StageBase):
         return self
 
 
-class MergeStage(StageBase):
+class MergeStage(ModelStage):
     """Merge a LoRA adapter artifact into its base, writing a full model."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
     kind: Literal["merge"]
-    model: ModelSection
-
-    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
 
 
 class RuleReward(Strict):
@@ -266,19 +252,15 @@ class RuleReward(Strict):
     target_length: int | None = None
 
 
-class PpoStage(StageBase):
+class PpoStage(TrainedStage):
     """Our PPO on Accelerate: policy (+value head or critic), frozen reference, learned reward model."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL, "reward_model": (REWARD_MODEL,),
                                                         "value_model": (REWARD_MODEL,)}
     kind: Literal["ppo"]
-    model: ModelSection
     reward_model: str
     value_model: str | None = Field(default=None, description="critic init; default: the reward model")
     value_head: bool = Field(False, description="a linear value head on the policy instead of a critic")
-    lora: LoraSection | None = None
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
     rewards: list[RuleReward] = Field(default_factory=list)
     total_episodes: int = Field(256, gt=0)
     rollout_batch_size: int = Field(16, gt=0)
@@ -306,26 +288,18 @@ class PpoStage(StageBase):
     value_learning_rate: float | None = Field(default=None, gt=0)
     eval_prompts: int = Field(64, gt=0)
 
-    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
 
-
-class OnlineRLStage(StageBase):
+class OnlineRLStage(TrainedStage):
     """Fields shared by TRL's online trainers (GRPO, RLOO)."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL, "reward_model": (REWARD_MODEL,)}
-    model: ModelSection
     reward_model: str | None = None
     rewards: list[RuleReward] = Field(default_factory=list)
-    lora: LoraSection | None = None
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
     num_generations: int = Field(4, ge=2)
     max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(0.04, ge=0)
     eval_prompts: int = Field(64, gt=0)
-
-    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
 
     @model_validator(mode="after")
     def _some_reward(self):
@@ -359,7 +333,7 @@ class EvalSection(Strict):
     max_new_tokens: int = Field(32, gt=0)
 
 
-class EvaluateStage(StageBase):
+class EvaluateStage(ModelStage):
     """Evaluate an artifact; results go to its own report artifact and into the evaluated model's card."""
 
     produces: ClassVar[str] = REPORT
@@ -367,11 +341,8 @@ class EvaluateStage(StageBase):
                                                         "evals.reward_model": (REWARD_MODEL,),
                                                         "evals.reference": (CAUSAL_LM,)}
     kind: Literal["evaluate"]
-    model: ModelSection
     evals: list[EvalSection] = Field(min_length=1)
     batch_size: int = Field(16, gt=0)
-
-    _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
 
 
 class ParallelismSection(Strict):
