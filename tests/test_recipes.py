@@ -17,6 +17,7 @@ from pipeline.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {
     "quickstart.yaml",
+    "every_stage.yaml",
     "real/qwen2.5-0.5b-sft-lora.yaml",
     "real/qwen2.5-0.5b-reward-dpo.yaml",
     "real/qwen2.5-0.5b-chain.yaml",
