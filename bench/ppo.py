@@ -1,10 +1,10 @@
 """Benchmark: our PPO (pipeline.rl) against the old-TRL PPOTrainer anchor at the same settings, in one job.
 
 Launch: `.venv/bin/python bench/ppo.py` (from the repo root; writes bench/results/ppo.json and bench/results/ppo.md).
-Settings (as in /work/shared/anchors/old_trl_ppo.py): random-init tiny Llama with a local BPE tokenizer, hidden
+Settings (as in ../shared/anchors/old_trl_ppo.py): random-init tiny Llama with a local BPE tokenizer, hidden
 128 / 2 layers and 512 / 4 layers, 128 episodes, batch 8, response length 32, one PPO epoch, separate value and
 reward models, CPU. Each run is its own subprocess so its peak RSS is its own. On a GPU it also runs a ~0.5B config
-with and without LoRA. The anchor needs its venv (see /work/shared/anchors/README.md):
+with and without LoRA. The anchor needs its venv (see ../shared/anchors/README.md):
   python3 -m venv /work/oldtrl-venv && /work/oldtrl-venv/bin/pip install torch==2.13.0 'transformers<5' \
       'trl==0.23.*' 'peft<0.18' datasets accelerate
 Nothing runs at import.
@@ -20,7 +20,7 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-ANCHOR = Path("/work/shared/anchors/old_trl_ppo.py")
+ANCHOR = Path(os.environ.get("PIPELINE_ANCHORS", ROOT.parent / "shared" / "anchors")) / "old_trl_ppo.py"
 ANCHOR_PY = Path(os.environ.get("OLDTRL_PYTHON", "/work/oldtrl-venv/bin/python"))
 SIZES = [(128, 2), (512, 4)]
 EPISODES, BATCH, RESPONSE = 128, 8, 32
