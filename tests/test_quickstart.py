@@ -3,8 +3,9 @@
     pytest tests/test_quickstart.py              # fast variant: few steps, artifacts load (about a minute)
     pytest -m slow tests/test_quickstart.py      # the real recipe: asserts the measured effect of each stage
 
-The slow test reads the effects from the manifests: pretraining lowers held-out loss, the reward model ranks
-held-out pairs, DPO widens the chosen-over-rejected margin. A `ppo` stage, when present, is checked by its own tests.
+The slow test reads the effects from the manifests (held-out data: see data/make_data.py): pretraining lowers
+held-out loss, SFT answers some held-out prompts, the reward model ranks held-out pairs (accuracy >= 0.75), DPO widens
+the chosen-over-rejected margin, PPO raises both reward-model score and exact match over the SFT policy.
 """
 from __future__ import annotations
 
@@ -89,9 +90,9 @@ def test_sft_answers_some_held_out_facts(quickstart_full):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(reason="reward model stays at chance: pretraining packs documents on <|im_end|>, the chat turn "
-                          "terminator, so the final-token score cannot see the answer (see docs/recipes.md)",
-                   strict=False)
+@pytest.mark.xfail(reason="not yet met: the reward head reads the chat's final newline, whose hidden state the "
+                          "pretrained 2-layer model makes independent of the answer (attention weights underflow), so "
+                          "training gets no gradient and stays at loss log 2 (see docs/recipes.md)", strict=False)
 def test_reward_model_ranks_held_out_pairs(quickstart_full):
     metrics = quickstart_full[1]["reward"]["metrics"]
     assert metrics["eval_accuracy"] >= 0.75
@@ -103,3 +104,14 @@ def test_dpo_widens_the_margin(quickstart_full):
     metrics = quickstart_full[1]["dpo"]["metrics"]
     assert metrics["eval_margin_after"] > metrics["eval_margin_before"]
     assert metrics["eval_preference_accuracy_after"] >= metrics["eval_preference_accuracy_before"]
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(reason="not yet met: SFT already answers 0.96 of held-out prompts and the reward model is at "
+                          "chance, so PPO has no room and no signal beyond exact match (see docs/recipes.md)",
+                   strict=False)
+def test_ppo_beats_the_sft_policy(quickstart_full):
+    metrics = quickstart_full[1]["ppo"]["metrics"]
+    assert metrics["eval_reward_after"] > metrics["eval_reward_before"]
+    assert metrics["eval_accuracy_after"] > metrics["eval_accuracy_before"]
+    assert metrics["kl"] < 1.0
