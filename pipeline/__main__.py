@@ -14,6 +14,7 @@ User errors print one line and exit 2; nothing runs at import.
 from __future__ import annotations
 
 import argparse
+import errno
 import logging
 import os
 import sys
@@ -150,6 +151,12 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted: rerun the same command to resume", file=sys.stderr)
         return 130
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        print(f"error: {exc.filename or 'output folder'}: disk full while writing; completed artifacts are intact "
+              "(fix: free space, then rerun the same command to resume)", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

@@ -132,3 +132,17 @@ def test_interrupted_artifact_is_never_complete(tmp_path):
     assert artifacts.open_artifact(writer.tmp) is None and artifacts.open_artifact(writer.final) is None
     writer.prepare()
     assert list(writer.tmp.iterdir()) == []
+
+
+def test_out_of_disk_at_the_cli_is_one_line_not_a_traceback(built, monkeypatch, capsys):
+    from pipeline.__main__ import main
+
+    recipe_path, out = built
+    before = snapshot(out / "base")
+    monkeypatch.setattr(models, "save_model", _enospc)
+    assert main(["run", str(recipe_path), "--force", "base"]) == 1
+    err = capsys.readouterr().err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "disk full" in errors[0] and "rerun" in errors[0], err[-2000:]
+    assert "Traceback" not in err
+    _assert_intact(out / "base", before)
