@@ -140,12 +140,15 @@ def test_window_applies_during_a_session(chain):
     model, tokenizer = chat_module.load(str(chain / "base"))
     session = chat_module.Chat(model, tokenizer, system="sys", max_new_tokens=4, context_tokens=130,
                                out=io.StringIO())
-    for question in ("first question here", "second question here", "third question here"):
+    # Questions long enough (about 50 tokens each) that three turns overflow the window whatever the replies are.
+    questions = [f"{name} question here, " * 3 for name in ("first", "second", "third")]
+    assert session.count_tokens([{"role": "user", "content": q} for q in questions]) > 130
+    for question in questions:
         session.ask(question)
         assert session.count_tokens(session.history[:-1]) <= 126
     kept = [m["content"] for m in session.history]
     assert kept[0] == "sys" and session.history[0]["role"] == "system"
-    assert "first question here" not in kept and "third question here" in kept
+    assert questions[0] not in kept and questions[2] in kept
 
 
 def test_piped_stdin_two_turns_in_a_subprocess(chain):
