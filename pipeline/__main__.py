@@ -141,7 +141,13 @@ COMMANDS = {"run": _run, "validate": _validate, "show": _show, "eval": _eval, "c
 def main(argv: list[str] | None = None) -> int:
     from pipeline.errors import PipelineError
 
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args, extra = parser.parse_known_args(argv)
+    late_overrides = [x for x in extra if "=" in x and not x.startswith("-")]  # KEY=VALUE after --force/--only
+    if len(late_overrides) != len(extra) or (late_overrides and not hasattr(args, "overrides")):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    if late_overrides:
+        args.overrides = list(args.overrides) + late_overrides
     logging.basicConfig(level=os.environ.get("PIPELINE_LOG_LEVEL", "WARNING"), format="%(levelname)s %(message)s")
     try:
         return COMMANDS[args.command](args)

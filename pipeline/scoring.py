@@ -60,13 +60,26 @@ def completion_logprobs(model, tokenizer, prompts: list[list[dict]], completions
     return scores
 
 
+def reward_text(tokenizer, prompt: list[dict], completion: list[dict]) -> str:
+    """The conversation as our reward models read it: chat-rendered, ending at the answer's last character.
+
+    The end-of-turn marker (`<|im_end|>` and the newline after it) is dropped: the sequence-classification head reads
+    the last token, and a model's state at a marker that always follows an answer need not depend on the answer (in
+    the quickstart's pretrained model it is bit-identical for right and wrong answers). The reward stage trains on
+    exactly this text and PPO, GRPO/RLOO and evaluation score with it."""
+    full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
+    content = completion[-1]["content"].rstrip() if completion else ""
+    cut = full.rfind(content) if content else -1
+    return full[:cut + len(content)] if cut >= 0 else full
+
+
 def reward_scores(model, tokenizer, prompts: list[list[dict]], completions: list[list[dict]],
                   batch_size: int = 16, max_length: int = 1024) -> list[float]:
-    """Scalar reward-model scores of each (prompt, completion) conversation."""
+    """Scalar reward-model scores of each (prompt, completion) conversation, read as `reward_text` renders it."""
     import torch
 
     device, scores = _device(model), []
-    texts = [tokenizer.apply_chat_template(p + c, tokenize=False) for p, c in zip(prompts, completions)]
+    texts = [reward_text(tokenizer, p, c) for p, c in zip(prompts, completions)]
     model.eval()
     padding_side = tokenizer.padding_side
     tokenizer.padding_side = "right"

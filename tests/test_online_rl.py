@@ -53,7 +53,9 @@ def test_reward_functions_pair_model_with_its_tokenizer():
     cfg = SimpleNamespace(rewards=rules({"type": "exact_match"}))
     model, tokenizer = object(), object()
     funcs, classes = online_rl.reward_functions(cfg, model, tokenizer)
-    assert funcs[0] is model and classes == [tokenizer, None]
+    # the reward model is wrapped so TRL scores it exactly as the reward stage trained it (scoring.reward_text)
+    assert funcs[0].func is online_rl.reward_model_score and funcs[0].keywords == {"model": model, "tokenizer": tokenizer}
+    assert classes == [None, None]
     assert funcs[1](prompts=[[]], completions=["= 3"], answer=["3"]) == [1.0]
     funcs, classes = online_rl.reward_functions(SimpleNamespace(rewards=[]), None, None)
     assert funcs == [] and classes == []
@@ -145,7 +147,7 @@ def test_online_rl_with_reward_model_and_rule(kind, tiny, tmp_path):
         assert isinstance(metrics[f"eval_reward_{when}"], float)
     assert metrics["eval_prompts"] == 4 and metrics["train_prompts"] == 8
     logged = {key for entry in artifact.manifest["log_history"] for key in entry}
-    assert {"rewards/rm/mean", "rewards/rule_reward/mean"} <= logged  # TRL used both reward functions
+    assert {"rewards/reward_model_score/mean", "rewards/rule_reward/mean"} <= logged  # TRL used both reward functions
     assert artifact.manifest["kind"] == kind
 
 

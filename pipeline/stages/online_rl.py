@@ -35,6 +35,13 @@ def rule_reward(prompts: list, completions: list, rules: Sequence = (), **column
     return rule_rewards(rules, [completion_text(c) for c in completions], rows)
 
 
+def reward_model_score(prompts: list, completions: list, model=None, tokenizer=None, **_: Any) -> list[float]:
+    """A TRL reward function: the learned reward model's score of each (prompt, completion)."""
+    as_messages = [p if isinstance(p, list) else [{"role": "user", "content": str(p)}] for p in prompts]
+    answers = [[{"role": "assistant", "content": completion_text(c)}] for c in completions]
+    return scoring.reward_scores(model, tokenizer, as_messages, answers, batch_size=len(answers))
+
+
 def load_reward_model(ctx: StageContext):
     """(reward model, its tokenizer) from `reward_model:` (e.g. ${reward}), or (None, None) when unset."""
     path = ctx.resolve(ctx.config.reward_model)
@@ -50,9 +57,10 @@ def load_reward_model(ctx: StageContext):
 def reward_functions(cfg, reward_model, reward_tokenizer) -> tuple[list, list]:
     """(reward_funcs, reward_processing_classes) for the TRL trainer; TRL sums them with weight 1 each."""
     funcs, classes = [], []
-    if reward_model is not None:
-        funcs.append(reward_model)  # TRL scores prompt+completion via the chat template of `reward_tokenizer`
-        classes.append(reward_tokenizer)
+    if reward_model is not None:  # scored as the reward stage trained it (scoring.reward_text)
+        # TRL logs it as rewards/reward_model_score/*
+        funcs.append(functools.partial(reward_model_score, model=reward_model, tokenizer=reward_tokenizer))
+        classes.append(None)
     if cfg.rewards:
         funcs.append(functools.partial(rule_reward, rules=list(cfg.rewards)))
         classes.append(None)

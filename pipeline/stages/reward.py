@@ -15,6 +15,17 @@ def pairwise(model, tokenizer, dataset) -> dict[str, float]:
     return scoring.pairwise_accuracy(chosen, rejected)
 
 
+def tokenized_pairs(dataset, tokenizer, max_length: int):
+    """`chosen_ids` / `rejected_ids` of each pair rendered by `scoring.reward_text`, the text the reward model is
+    scored on everywhere else (TRL's RewardTrainer takes pre-tokenised pairs as they are)."""
+    def encode(row):
+        return {side: tokenizer(scoring.reward_text(tokenizer, row["prompt"], row[name]),
+                                add_special_tokens=False)["input_ids"][:max_length]
+                for side, name in (("chosen_ids", "chosen"), ("rejected_ids", "rejected"))}
+
+    return dataset.map(encode, remove_columns=dataset.column_names)
+
+
 def run(ctx: StageContext) -> StageResult:
     from trl import RewardConfig, RewardTrainer
 
@@ -35,7 +46,8 @@ def run(ctx: StageContext) -> StageResult:
         before = pairwise(model, tokenizer, loaded.eval)
         metrics.update(eval_accuracy_before=before["accuracy"], eval_margin_before=before["margin"])
     peft_config = models.lora_config(cfg.lora, task_type="SEQ_CLS") if cfg.lora else None
-    trainer = RewardTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer,
+    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
+                            train_dataset=tokenized_pairs(loaded.train, tokenizer, cfg.train.max_length),
                             peft_config=peft_config)
     output = training.train(trainer, ctx)
     metrics["train_loss"] = output.training_loss
