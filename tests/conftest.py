@@ -65,3 +65,24 @@ def tiny_chain(tmp_path_factory):
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     runner.run_recipe(recipe_lib.load_recipe(path))
     return SimpleNamespace(output=root / "out", recipe=path, spec=spec)
+
+
+def tiny_lora_chain_recipe(out: Path, name: str, **header) -> dict:
+    """A tokenizer -> pretrain -> LoRA sft recipe at toy sizes (2 steps each), for tests that need real artifacts."""
+    data = ROOT / "data"
+    return {
+        "name": name, "output_dir": str(out), "seed": 0, **header,
+        "defaults": {"train": {"max_steps": 2, "batch_size": 4, "max_length": 64, "logging_steps": 1,
+                               "learning_rate": 1e-3}},
+        "stages": {
+            "tokenizer": {"kind": "tokenizer", "vocab_size": 300,
+                          "data": {"path": str(data / "corpus.jsonl"), "max_rows": 100}},
+            "base": {"kind": "pretrain", "tokenizer": "${tokenizer}",
+                     "model": {"architecture": "llama", "config": {
+                         "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                         "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}},
+                     "data": {"path": str(data / "corpus.jsonl"), "max_rows": 100}},
+            "sft": {"kind": "sft", "model": "${base}", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
+                    "data": {"path": str(data / "sft.jsonl"), "max_rows": 40, "on_bad_rows": "skip"}},
+        },
+    }

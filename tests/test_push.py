@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from conftest import tiny_lora_chain_recipe
 
 from hub_server import HubServer
 
@@ -20,24 +21,7 @@ FAKE_TOKEN = "hf_" + "FakeTokenForLoopbackTests0123456789"
 
 
 def _recipe(out: Path) -> dict:
-    data = ROOT / "data"
-    return {
-        "name": "tinypush", "output_dir": str(out), "seed": 0, "license": "mit",
-        "push_to_hub": {"repo_id": "org/chain"},
-        "defaults": {"train": {"max_steps": 2, "batch_size": 4, "max_length": 64, "logging_steps": 1,
-                               "learning_rate": 1e-3}},
-        "stages": {
-            "tokenizer": {"kind": "tokenizer", "vocab_size": 300,
-                          "data": {"path": str(data / "corpus.jsonl"), "max_rows": 100}},
-            "base": {"kind": "pretrain", "tokenizer": "${tokenizer}",
-                     "model": {"architecture": "llama", "config": {
-                         "hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
-                         "num_attention_heads": 2, "num_key_value_heads": 1, "max_position_embeddings": 64}},
-                     "data": {"path": str(data / "corpus.jsonl"), "max_rows": 100}},
-            "sft": {"kind": "sft", "model": "${base}", "lora": {"r": 4, "alpha": 8, "dropout": 0.0},
-                    "data": {"path": str(data / "sft.jsonl"), "max_rows": 40, "on_bad_rows": "skip"}},
-        },
-    }
+    return tiny_lora_chain_recipe(out, "tinypush", license="mit", push_to_hub={"repo_id": "org/chain"})
 
 
 def _online(mp: pytest.MonkeyPatch, url: str, token: str | None) -> None:
