@@ -177,6 +177,3 @@ def log_history(trainer) -> list[dict[str, Any]]:
                      if isinstance(v, (int, float))})
     return keep
 
-
-def finite(value: float) -> float | None:
-    return value if value is not None and math.isfinite(value) else None

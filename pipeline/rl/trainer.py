@@ -85,9 +85,6 @@ def mixed_precision(setting: str) -> str:
     return setting if torch.cuda.is_available() else "no"
 
 
-def is_peft(model) -> bool:
-    return hasattr(model, "disable_adapter") and hasattr(model, "peft_config")
-
 
 class PPOTrainer:
     """Holds models, optimisers and the KL controller; `train()` runs `total_episodes` episodes."""
