@@ -201,9 +201,72 @@ def save_model(model, tokenizer, folder: Path, *, merge_lora: bool = False) -> s
 
 def save_policy(ctx, model, tokenizer) -> str:
     """Save a trained policy into the stage's artifact folder on the main process: a LoRA adapter, or merged full
-    weights when the stage's `lora.merge` is set. Returns the card's library name ('peft' or 'transformers')."""
-    lora = getattr(ctx.config, "lora", None)
-    merge = bool(lora and lora.merge)
+    weights when the stage's `lora.merge` is set. Returns the card's library name ('peft' or 'transformers').
+    Only for a model that every rank holds whole (PPO); Trainer stages call `save_trained`."""
+    merge = merge_requested(ctx)
     if not ctx.is_main:
-        return "peft" if lora and not merge else "transformers"
+        return library_of(ctx, merge)
     return save_model(model, tokenizer, ctx.output_dir, merge_lora=merge)
+
+
+def merge_requested(ctx) -> bool:
+    lora = getattr(ctx.config, "lora", None)
+    return bool(lora and lora.merge)
+
+
+def library_of(ctx, merge: bool) -> str:
+    """'peft' when the stage writes a LoRA adapter, else 'transformers' (known on every rank before saving)."""
+    return "peft" if getattr(ctx.config, "lora", None) is not None and not merge else "transformers"
+
+
+def is_sharded(accelerator) -> bool:
+    """True when no rank holds the whole model: FSDP (1 or 2), DeepSpeed ZeRO-3, or tensor/context parallel."""
+    from accelerate.utils import DistributedType
+
+    state = accelerator.state
+    if state.distributed_type == DistributedType.FSDP:
+        return True
+    if state.distributed_type == DistributedType.DEEPSPEED:
+        return accelerator.deepspeed_config.get("zero_optimization", {}).get("stage") == 3
+    config = getattr(accelerator, "parallelism_config", None)
+    return bool(config is not None and (config.tp_enabled or config.cp_enabled or config.dp_shard_enabled))
+
+
+def save_trained(ctx, trainer, tokenizer, *, merge_lora: bool | None = None) -> str:
+    """Write a Trainer's model into the artifact folder; EVERY rank must call it. When the model is sharded (FSDP,
+    ZeRO-3, TP), `Trainer.save_model` gathers the full weights collectively and the main process writes them; a LoRA
+    adapter to merge is then folded into its base on the main process. Returns the card's library name."""
+    merge = merge_requested(ctx) if merge_lora is None else merge_lora
+    library = library_of(ctx, merge)
+    if not is_sharded(trainer.accelerator):
+        return save_model(trainer.model, tokenizer, ctx.output_dir, merge_lora=merge) if ctx.is_main else library
+    unwrapped = trainer.accelerator.unwrap_model(trainer.model)
+    if getattr(unwrapped, "generation_config", None) is not None:
+        unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
+    trainer.save_model(str(ctx.output_dir))
+    if ctx.is_main:
+        folder = Path(ctx.output_dir)
+        (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle; artifacts hold safetensors only
+        if merge and is_adapter(folder):
+            merge_saved_adapter(folder, tokenizer, num_labels=getattr(unwrapped.config, "num_labels", None))
+        else:
+            tokenizer.save_pretrained(folder)
+    return library
+
+
+def merge_saved_adapter(folder: Path, tokenizer, num_labels: int | None = None) -> None:
+    """Replace the LoRA adapter saved in `folder` by full weights: its base with the adapter merged in (a reward
+    model's base is loaded with the trained model's `num_labels`)."""
+    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+
+    task = json.loads((folder / "adapter_config.json").read_text()).get("task_type")
+    if task == "SEQ_CLS":
+        merged = AutoPeftModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels or 1)
+        if merged.config.pad_token_id is None:
+            merged.config.pad_token_id = tokenizer.pad_token_id
+    else:
+        merged = AutoPeftModelForCausalLM.from_pretrained(str(folder))
+    merged = merged.merge_and_unload()
+    for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
+        (folder / name).unlink(missing_ok=True)
+    save_model(merged, tokenizer, folder)

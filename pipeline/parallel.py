@@ -62,6 +62,24 @@ def parallelism_config(section, world_size: int):
                              tp_size=sizes["tp"], cp_size=sizes["cp"])
 
 
+def sharding_in_launch(section, environ=None) -> str | None:
+    """What shards the model in this launch (FSDP, DeepSpeed ZeRO-3, or the recipe's tp/cp/dp_shard), else None.
+    Read from the variables `accelerate launch` sets, so a stage can refuse before any model is wrapped."""
+    import os
+
+    environ = os.environ if environ is None else environ
+    if environ.get("ACCELERATE_USE_FSDP", "").lower() == "true":
+        return "FSDP"
+    if environ.get("ACCELERATE_USE_DEEPSPEED", "").lower() == "true" and \
+            environ.get("ACCELERATE_DEEPSPEED_ZERO_STAGE") == "3":
+        return "DeepSpeed ZeRO-3"
+    if section is not None:
+        parts = [f"{key}={getattr(section, key)}" for key in ("tp", "cp") if int(getattr(section, key)) > 1]
+        if parts:
+            return "parallelism " + ", ".join(parts)
+    return None
+
+
 # ----------------------------------------------------------------------------------------------- rank agreement
 
 

@@ -184,6 +184,7 @@ def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, don
     if state.is_main_process:
         manifest = _manifest(recipe, name, config, fp, parents, result, duration)
         manifest["world_size"] = state.num_processes
+        manifest["distributed_type"] = getattr(state.distributed_type, "value", str(state.distributed_type))
         card = _card(recipe, name, config, parents, result)
         (writer.tmp / "README.md").write_text(card)
         writer.commit(manifest)

@@ -160,10 +160,11 @@ def train(trainer, ctx) -> Any:
 
 
 def check_weights_agree(trainer, ctx) -> None:
-    """Under DDP every rank must end with identical weights; FSDP/DeepSpeed shard them, so those are skipped."""
-    if ctx.state.num_processes <= 1 or trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+    """Under DDP every rank must end with identical weights; FSDP, ZeRO-3 and TP shard them, so those are skipped."""
+    from pipeline import models, parallel
+
+    if ctx.state.num_processes <= 1 or models.is_sharded(trainer.accelerator):
         return
-    from pipeline import parallel
 
     parallel.check_ranks_agree(ctx.state, f"the trained weights of stage '{ctx.name}'",
                                parallel.weights_digest(trainer.model), key=f"stages.{ctx.name}")

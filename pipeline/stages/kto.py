@@ -113,6 +113,6 @@ def run(ctx: StageContext) -> StageResult:
     metrics["train_loss"] = output.training_loss
     if loaded.eval is not None:
         metrics.update(held_out_metrics(trainer.model, tokenizer, loaded.eval, "after"))
-    library = models.save_policy(ctx, trainer.model, tokenizer)
+    library = models.save_trained(ctx, trainer, tokenizer)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
                        log_history=training.log_history(trainer), tags=["kto"] + (["lora"] if cfg.lora else []))

@@ -134,6 +134,6 @@ def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_ex
     if evalset is not None:
         metrics.update(evaluate(trainer.model, tokenizer, evalset, cfg, reward_model, reward_tokenizer, "after"))
         metrics["eval_prompts"] = len(evalset)
-    library = models.save_policy(ctx, trainer.model, tokenizer)
+    library = models.save_trained(ctx, trainer, tokenizer)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
                        log_history=training.log_history(trainer), tags=[tag] + (["lora"] if cfg.lora else []))

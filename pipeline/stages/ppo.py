@@ -81,7 +81,21 @@ def eval_rows(loaded, cfg) -> list[dict[str, Any]]:
     return [data[i] for i in range(min(len(data), cfg.eval_prompts))]
 
 
+def refuse_sharding(ctx: StageContext) -> None:
+    """PPO keeps whole models on every rank (DDP, ZeRO-1/2): its rollouts, shared value head and checkpoints are
+    not written for sharded parameters, so a sharded launch stops here, before any model is loaded."""
+    from pipeline import parallel
+    from pipeline.errors import PipelineError
+
+    sharding = parallel.sharding_in_launch(getattr(ctx.recipe.header, "parallelism", None))
+    if sharding is not None and ctx.state.num_processes > 1:
+        raise PipelineError(f"the ppo stage does not run on sharded models ({sharding})", key=f"stages.{ctx.name}",
+                            fix="launch it with DDP (recipes/accelerate/ddp.yaml) or ZeRO-2, with `lora:` to fit a "
+                                "large policy; run the other stages sharded with `--only`")
+
+
 def run(ctx: StageContext) -> StageResult:
+    refuse_sharding(ctx)
     cfg = ctx.config
     policy, tokenizer, base = load_policy(ctx)
     loaded = data_lib.load_data(cfg.data, "prompts", seed=ctx.seed)

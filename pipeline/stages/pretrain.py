@@ -52,7 +52,6 @@ def run(ctx: StageContext) -> StageResult:
         metrics["eval_loss_after"] = scoring.lm_loss(trainer.model, tokenizer, eval_texts,
                                                      max_length=cfg.train.max_length)
         metrics["eval_perplexity_after"] = scoring.perplexity(metrics["eval_loss_after"])
-    if ctx.is_main:
-        models.save_model(trainer.model, tokenizer, ctx.output_dir)
+    models.save_trained(ctx, trainer, tokenizer, merge_lora=False)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources,
                        log_history=training.log_history(trainer), tags=["pretraining"])

@@ -54,7 +54,6 @@ def run(ctx: StageContext) -> StageResult:
     if loaded.eval is not None:
         after = pairwise(trainer.model, tokenizer, loaded.eval)
         metrics.update(eval_accuracy=after["accuracy"], eval_margin=after["margin"], eval_pairs=len(loaded.eval))
-    if ctx.is_main:
-        models.save_model(trainer.model, tokenizer, ctx.output_dir, merge_lora=True)
+    models.save_trained(ctx, trainer, tokenizer, merge_lora=True)
     return StageResult(metrics=metrics, base_model=path, datasets=loaded.sources, pipeline_tag="text-classification",
                        log_history=training.log_history(trainer), tags=["reward-model"])

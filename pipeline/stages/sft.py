@@ -77,6 +77,6 @@ def run(ctx: StageContext) -> StageResult:
         accuracy = held_out_accuracy(trainer.model, tokenizer, loaded.eval)
         if accuracy is not None:
             metrics["eval_exact_match"] = accuracy
-    library = models.save_policy(ctx, trainer.model, tokenizer)
+    library = models.save_trained(ctx, trainer, tokenizer)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
                        log_history=training.log_history(trainer), tags=["sft"] + (["lora"] if cfg.lora else []))

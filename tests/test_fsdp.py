@@ -1,0 +1,173 @@
+"""FSDP2 on two CPU processes (gloo): the same chain as a DDP run must write the same weights, gathered from the
+shards by a collective save (full SFT, LoRA merged into full weights, a LoRA reward model merged), and a `ppo` stage
+refuses a sharded launch with a one-line error. In the default suite (about 60 s on 2 cores):
+
+    pytest tests/test_fsdp.py
+
+Accelerate will not start FSDP on CPU by itself, so the FSDP launch puts `tests/fsdp_on_cpu/` (a sitecustomize
+that does what Accelerate does on GPUs: switch the state to FSDP) first on PYTHONPATH; torch's FSDP2 itself runs
+unchanged over gloo.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from pipeline import parallel
+
+ROOT = Path(__file__).resolve().parents[1]
+HOOK = Path(__file__).resolve().parent / "fsdp_on_cpu"
+ACCELERATE = Path(sys.executable).with_name("accelerate")
+STAGES = ("base", "sft", "sft_lora", "rm")
+
+CHAIN = """
+name: tiny-fsdp
+output_dir: {out}
+seed: 0
+defaults:
+  train: {{max_length: 64, logging_steps: 1, save_steps: 100, batch_size: 4, learning_rate: 1.0e-3, max_steps: 3}}
+stages:
+  tokenizer:
+    kind: tokenizer
+    data: {{path: {data}/corpus.jsonl, max_rows: 300}}
+    vocab_size: 300
+  base:
+    kind: pretrain
+    tokenizer: ${{tokenizer}}
+    model:
+      architecture: llama
+      config: {{hidden_size: 32, intermediate_size: 64, num_hidden_layers: 2, num_attention_heads: 2,
+               num_key_value_heads: 1, max_position_embeddings: 64, tie_word_embeddings: true}}
+    data: {{path: {data}/corpus.jsonl, max_rows: 200}}
+  sft:
+    kind: sft
+    model: ${{base}}
+    data: {{path: {data}/sft.jsonl, max_rows: 64}}
+  sft_lora:
+    kind: sft
+    model: ${{base}}
+    data: {{path: {data}/sft.jsonl, max_rows: 64}}
+    lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj], merge: true}}
+  rm:
+    kind: reward
+    model: ${{base}}
+    data: {{path: {data}/preferences.jsonl, max_rows: 32}}
+    lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}
+"""
+PPO = """
+  ppo:
+    kind: ppo
+    model: ${{sft}}
+    reward_model: ${{rm}}
+    data: {{path: {data}/prompts.jsonl, max_rows: 16}}
+    total_episodes: 8
+    rollout_batch_size: 4
+    mini_batch_size: 4
+    max_new_tokens: 4
+"""
+
+
+def _launch(config: Path, recipe: Path, *, fsdp: bool) -> subprocess.CompletedProcess:
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_XET": "1", "TOKENIZERS_PARALLELISM": "false",
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    if fsdp:
+        env.update(PIPELINE_TEST_FSDP_ON_CPU="1", PYTHONPATH=os.pathsep.join([str(HOOK), str(ROOT)]))
+    command = [str(ACCELERATE), "launch", "--config_file", str(config), "-m", "pipeline", "run", str(recipe)]
+    return subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """The chain under FSDP2 (followed by a ppo stage, which must refuse) and under DDP, from the same data."""
+    folder = tmp_path_factory.mktemp("fsdp")
+    data = folder / "data"  # a private copy: data/ may be regenerated while this runs
+    data.mkdir()
+    for name in ("corpus.jsonl", "sft.jsonl", "preferences.jsonl", "prompts.jsonl"):
+        shutil.copy(ROOT / "data" / name, data / name)
+    fsdp_recipe, ddp_recipe = folder / "fsdp.yaml", folder / "ddp.yaml"
+    fsdp_recipe.write_text(CHAIN.format(out=folder / "fsdp", data=data) + PPO.format(data=data))
+    ddp_recipe.write_text(CHAIN.format(out=folder / "ddp", data=data))
+    fsdp = _launch(HOOK / "accelerate_fsdp2.yaml", fsdp_recipe, fsdp=True)
+    ddp = _launch(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml", ddp_recipe, fsdp=False)
+    assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
+    return SimpleNamespace(fsdp=folder / "fsdp", ddp=folder / "ddp", fsdp_log=fsdp.stdout + fsdp.stderr,
+                           fsdp_code=fsdp.returncode)
+
+
+def _weights(folder: Path) -> dict:
+    from safetensors.torch import load_file
+
+    return load_file(folder / "model.safetensors")
+
+
+@pytest.mark.distributed
+def test_the_chain_trained_under_fsdp(runs):
+    for stage in STAGES:
+        manifest = json.loads((runs.fsdp / stage / "manifest.json").read_text())
+        assert manifest["complete"] and manifest["world_size"] == 2, stage
+        assert manifest["distributed_type"] == "FSDP", stage
+        ddp = json.loads((runs.ddp / stage / "manifest.json").read_text())
+        assert ddp["distributed_type"] == "MULTI_CPU", stage
+
+
+@pytest.mark.distributed
+@pytest.mark.parametrize("stage", STAGES)
+def test_fsdp_gathers_the_same_weights_as_ddp(runs, stage):
+    """Gathered shards equal DDP's whole weights: not one rank's shard, not the starting weights."""
+    sharded, whole = _weights(runs.fsdp / stage), _weights(runs.ddp / stage)
+    extra = set(sharded) - set(whole)
+    assert set(whole) <= set(sharded) and extra <= {"lm_head.weight"}, extra
+    for name, tensor in whole.items():
+        assert sharded[name].shape == tensor.shape, name
+        assert (sharded[name].float() - tensor.float()).abs().max().item() < 1e-5, name
+    if extra:  # FSDP's gathered state dict unties the embedding; the copy must equal its source
+        assert (sharded["lm_head.weight"] - sharded["model.embed_tokens.weight"]).abs().max().item() == 0.0
+
+
+@pytest.mark.distributed
+def test_training_moved_the_weights(runs):
+    base, sft = _weights(runs.fsdp / "base"), _weights(runs.fsdp / "sft")
+    assert max((base[k] - sft[k]).abs().max().item() for k in base) > 1e-4
+
+
+@pytest.mark.distributed
+def test_sharded_artifacts_load_and_hold_no_pickle(runs):
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
+
+    for stage in STAGES:
+        names = {p.name for p in (runs.fsdp / stage).iterdir()}
+        assert "training_args.bin" not in names and not names & {"adapter_config.json", "adapter_model.safetensors"}
+    assert AutoModelForCausalLM.from_pretrained(runs.fsdp / "sft_lora").config.hidden_size == 32
+    reward = AutoModelForSequenceClassification.from_pretrained(runs.fsdp / "rm")
+    assert reward.config.num_labels == 1 and reward.config.pad_token_id is not None
+
+
+@pytest.mark.distributed
+def test_ppo_refuses_a_sharded_launch(runs):
+    assert runs.fsdp_code != 0
+    assert "stages.ppo: the ppo stage does not run on sharded models (FSDP)" in runs.fsdp_log
+    assert "[rank0]: Traceback" not in runs.fsdp_log and "[rank1]: Traceback" not in runs.fsdp_log  # one line each
+    assert runs.fsdp_log.count("does not run on sharded models") == 2  # both ranks stop, neither hangs
+    assert not (runs.fsdp / "ppo").exists()
+
+
+def _section(**sizes):
+    from pipeline.schema import ParallelismSection
+
+    return ParallelismSection(**sizes)
+
+
+def test_sharding_is_read_from_the_launch_environment():
+    assert parallel.sharding_in_launch(None, {"ACCELERATE_USE_FSDP": "true"}) == "FSDP"
+    zero = {"ACCELERATE_USE_DEEPSPEED": "true", "ACCELERATE_DEEPSPEED_ZERO_STAGE": "3"}
+    assert parallel.sharding_in_launch(None, zero) == "DeepSpeed ZeRO-3"
+    assert parallel.sharding_in_launch(None, {**zero, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) is None
+    assert parallel.sharding_in_launch(_section(tp=2), {}) == "parallelism tp=2"
+    assert parallel.sharding_in_launch(_section(dp_replicate=2), {}) is None
