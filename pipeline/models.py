@@ -108,12 +108,15 @@ def build_from_config(section: schema.ModelSection, tokenizer):
     return model.to(torch_dtype(section))
 
 
-def load_causal_lm(path: str, section: schema.ModelSection, *, merge_adapter: bool = True):
-    """A causal LM from a folder or Hub id; an adapter folder is loaded on its base (merged by default)."""
+def load_causal_lm(path: str, section: schema.ModelSection, *, merge_adapter: bool = True, tp_size: int = 1):
+    """A causal LM from a folder or Hub id; an adapter folder is loaded on its base (merged by default). With
+    `tp_size` > 1 the weights are split across that many ranks at load (transformers' `tp_plan="auto"`)."""
     from transformers import AutoModelForCausalLM
 
     check_safe_weights(path)
     kwargs = _load_kwargs(section)
+    if tp_size > 1:
+        kwargs.update(tp_plan="auto", tp_size=tp_size)
     try:
         if is_adapter(path):
             from peft import AutoPeftModelForCausalLM

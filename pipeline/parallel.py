@@ -80,6 +80,30 @@ def sharding_in_launch(section, environ=None) -> str | None:
     return None
 
 
+def check_launch(section, state, recipe_file: str | None = None) -> None:
+    """Before any stage: the `parallelism:` sizes must fit the launched processes, and a section that shards
+    (dp_shard/tp/cp > 1) needs accelerators, since Accelerate starts a ParallelismConfig only there."""
+    if section is None or state.num_processes <= 1:
+        return
+    try:
+        config = parallelism_config(section, state.num_processes)
+    except PipelineError as error:
+        raise PipelineError(error.message, file=recipe_file, key=error.key, fix=error.fix) from None
+    if config is not None and getattr(state.device, "type", "cpu") == "cpu":
+        raise PipelineError("the `parallelism:` section shards the model (dp_shard/tp/cp > 1), which Accelerate runs "
+                            "on GPUs only", file=recipe_file, key="parallelism",
+                            fix="remove the section to train with DDP on CPU, or launch on GPUs")
+
+
+def tensor_parallel_size(ctx) -> int:
+    """The recipe's `parallelism.tp` for this launch (1 with one process or no section)."""
+    section = getattr(getattr(getattr(ctx, "recipe", None), "header", None), "parallelism", None)
+    world_size = getattr(getattr(ctx, "state", None), "num_processes", 1)
+    if section is None or world_size <= 1:
+        return 1
+    return resolve_sizes(section, world_size)["tp"]
+
+
 # ----------------------------------------------------------------------------------------------- rank agreement
 
 

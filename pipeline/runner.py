@@ -104,6 +104,7 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
     output_dir = recipe.output_dir
     if state.num_processes > 1:
         print(f"[rank {state.process_index}/{state.num_processes}] {recipe.name}: {state.distributed_type}", flush=True)
+    parallel.check_launch(recipe.header.parallelism, state, recipe_file=str(recipe.path))
     if state.is_main_process:
         output_dir.mkdir(parents=True, exist_ok=True)
         artifacts.recover_output_dir(output_dir, list(recipe.stages))

@@ -21,6 +21,7 @@ from types import SimpleNamespace
 import pytest
 
 from pipeline import parallel
+from pipeline.errors import PipelineError
 
 ROOT = Path(__file__).resolve().parents[1]
 HOOK = Path(__file__).resolve().parent / "fsdp_on_cpu"
@@ -171,3 +172,57 @@ def test_sharding_is_read_from_the_launch_environment():
     assert parallel.sharding_in_launch(None, {**zero, "ACCELERATE_DEEPSPEED_ZERO_STAGE": "2"}) is None
     assert parallel.sharding_in_launch(_section(tp=2), {}) == "parallelism tp=2"
     assert parallel.sharding_in_launch(_section(dp_replicate=2), {}) is None
+
+
+# ------------------------------------------------------------------------------------------- tensor parallel (load)
+
+
+@pytest.mark.distributed
+def test_tensor_parallel_load_splits_weights_and_keeps_the_loss(tmp_path):
+    """`parallelism: {tp: 2}` loads models through `load_causal_lm(tp_size=2)`: each rank holds half of every
+    attention projection and the loss equals the whole model's. (Training under TP goes through Accelerate, which
+    starts a ParallelismConfig on GPUs only, so this part is tested at the load/forward/backward level.)"""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    LlamaForCausalLM(LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64)
+                     ).save_pretrained(tmp_path)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", "HF_HUB_OFFLINE": "1",
+           "PYTHONPATH": str(ROOT)}
+    command = [str(Path(sys.executable).with_name("torchrun")), "--standalone", "--nproc_per_node", "2",
+               str(Path(__file__).with_name("tp_forward.py")), str(tmp_path)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-2000:]
+    ranks = [json.loads(line[len("RESULT "):]) for line in result.stdout.splitlines() if line.startswith("RESULT ")]
+    assert sorted(r["rank"] for r in ranks) == [0, 1]
+    for rank in ranks:
+        assert rank["tp_size"] == 2 and rank["grad_finite"]
+        assert rank["local_shape"] == [32, 64] and rank["full_shape"] == [64, 64]
+        assert abs(rank["loss"] - rank["whole_loss"]) < 1e-5
+
+
+def test_tensor_parallel_size_comes_from_the_recipe():
+    def ctx(section, world):
+        return SimpleNamespace(recipe=SimpleNamespace(header=SimpleNamespace(parallelism=section)),
+                               state=SimpleNamespace(num_processes=world))
+
+    assert parallel.tensor_parallel_size(ctx(_section(dp_shard=-1, tp=2), 4)) == 2
+    assert parallel.tensor_parallel_size(ctx(_section(tp=2), 1)) == 1  # one process: nothing to split
+    assert parallel.tensor_parallel_size(ctx(None, 4)) == 1
+
+
+def test_a_sharding_parallelism_section_on_cpu_stops_before_any_stage():
+    import torch
+
+    cpu = SimpleNamespace(num_processes=2, device=torch.device("cpu"))
+    with pytest.raises(PipelineError, match="Accelerate runs on GPUs only") as info:
+        parallel.check_launch(_section(tp=2), cpu, recipe_file="r.yaml")
+    assert info.value.key == "parallelism" and info.value.file == "r.yaml"
+    parallel.check_launch(_section(dp_replicate=2), cpu)  # plain DDP needs no accelerator
+    parallel.check_launch(_section(tp=2), SimpleNamespace(num_processes=2, device=torch.device("cuda", 0)))
+    with pytest.raises(PipelineError, match="do not fit 2 process") as info:
+        parallel.check_launch(_section(tp=4), SimpleNamespace(num_processes=2, device=torch.device("cuda", 0)),
+                              recipe_file="r.yaml")
+    assert info.value.file == "r.yaml"

@@ -5,7 +5,7 @@ and exact match on held-out answers when the eval data's last turn holds a check
 from __future__ import annotations
 
 from pipeline import data as data_lib
-from pipeline import models, scoring, training
+from pipeline import models, parallel, scoring, training
 from pipeline.runner import StageContext, StageResult
 
 
@@ -21,7 +21,7 @@ def load_policy(ctx: StageContext, key: str = "model"):
 
         raise PipelineError(f"the tokenizer at {path} has no chat template", key=f"stages.{ctx.name}.{key}",
                             fix="train it with the `tokenizer` stage, or use an instruct model's tokenizer")
-    model = models.load_causal_lm(path, section)
+    model = models.load_causal_lm(path, section, tp_size=parallel.tensor_parallel_size(ctx))
     if getattr(cfg, "lora", None) is not None:
         models.check_lora_targets(model, cfg.lora)
     return model, tokenizer, path
