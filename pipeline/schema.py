@@ -99,7 +99,8 @@ class TrainSection(Strict):
     mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
     gradient_checkpointing: bool = False
     use_liger_kernel: bool = False
-    packing: bool | None = None
+    packing: bool | None = Field(default=None,
+                                 description="null: on for pretrain; for sft only with FlashAttention (padding-free)")
     num_workers: int = Field(0, ge=0)
 
 

@@ -225,3 +225,14 @@ def test_sft_packs_padding_free_only_with_flash_attention():
 
     assert packing_strategy(model("flash_attention_2")) == "bfd"
     assert packing_strategy(model("sdpa")) == "wrapped" and packing_strategy(model("eager")) == "wrapped"
+
+
+def test_sft_packs_by_default_only_where_packing_is_padding_free():
+    from pipeline.stages.sft import use_packing
+
+    def model(attn):
+        return SimpleNamespace(config=SimpleNamespace(_attn_implementation=attn))
+
+    assert use_packing(None, model("flash_attention_2")) is True
+    assert use_packing(None, model("sdpa")) is False
+    assert use_packing(True, model("sdpa")) is True and use_packing(False, model("flash_attention_2")) is False

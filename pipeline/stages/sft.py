@@ -54,6 +54,12 @@ def packing_strategy(model) -> str:
     return "bfd" if "flash" in str(getattr(model.config, "_attn_implementation", "")) else "wrapped"
 
 
+def use_packing(setting: bool | None, model) -> bool:
+    """`train.packing` when the recipe sets it; unset, pack only where packing is padding-free (FlashAttention),
+    since wrapped packing cuts conversations at row boundaries."""
+    return setting if setting is not None else packing_strategy(model) == "bfd"
+
+
 def run(ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
@@ -62,7 +68,7 @@ def run(ctx: StageContext) -> StageResult:
     loaded = data_lib.load_data(cfg.data, "sft", seed=ctx.seed,
                                 too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
     args = SFTConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length,
-                     packing=bool(cfg.train.packing), packing_strategy=packing_strategy(model),
+                     packing=use_packing(cfg.train.packing, model), packing_strategy=packing_strategy(model),
                      completion_only_loss=cfg.completion_only_loss, eos_token=tokenizer.eos_token)
     metrics: dict = {"train_rows": len(loaded.train)}
     if loaded.eval is not None:
