@@ -95,6 +95,7 @@ class PPOTrainer:
         self.cfg, self.m, self.work_dir, self.seed = cfg, models, work_dir, seed
         self.accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.mixed_precision),
                                        gradient_accumulation_steps=1)
+        self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.rows = train_rows
         self.prompt_ids = ro.encode_prompts(models.tokenizer, train_rows)
         self.state = TrainState()
@@ -125,12 +126,26 @@ class PPOTrainer:
         return max(1, self.cfg.total_episodes // self.cfg.rollout_batch_size)
 
     def _next_rows(self) -> list[int]:
-        """Indices of the next prompt batch: a seeded reshuffle each pass over the data."""
+        """This rank's share of the next prompt batch. Every rank draws the same global batch of
+        `rollout_batch_size` (a seeded reshuffle each pass over the data) and keeps every `world`-th prompt, so
+        the ranks sample disjoint prompts and together cover exactly what one process would."""
         needed = self.cfg.rollout_batch_size
         while len(self.order) < needed:
             self.order += torch.randperm(len(self.rows), generator=self.order_gen).tolist()
         picked, self.order = self.order[:needed], self.order[needed:]
-        return picked
+        return picked[self.rank::self.world]
+
+    def _mean_over_ranks(self, stats: dict[str, float]) -> dict[str, float]:
+        """Each statistic averaged over the ranks (one all-reduce), so every rank logs the same numbers."""
+        if self.world == 1:
+            return stats
+        keys = sorted(stats)
+        values = torch.tensor([stats[k] for k in keys], device=self.accelerator.device, dtype=torch.float64)
+        return dict(zip(keys, self.accelerator.reduce(values, "mean").tolist()))
+
+    def _all(self, tensor: torch.Tensor) -> torch.Tensor:
+        """`tensor` from every rank, concatenated along dim 0 (itself with one process)."""
+        return self.accelerator.gather(tensor.contiguous()) if self.world > 1 else tensor
 
     # ------------------------------------------------------------------------------------------ experience
 
@@ -165,8 +180,9 @@ class PPOTrainer:
         cfg, mask = self.cfg, batch.response_mask.float()
         kl = losses.kl_estimate(old_logprobs, ref_logprobs, cfg.kl_estimator) * mask
         scores = batch.scores.float()
-        if cfg.reward_normalization and scores.numel() > 1:
-            scores = (scores - scores.mean()) / (scores.std() + 1e-6)
+        everyone = self._all(scores)  # normalise with the global batch's statistics, as one process would
+        if cfg.reward_normalization and everyone.numel() > 1:
+            scores = (scores - everyone.mean()) / (everyone.std() + 1e-6)
         rewards = adv.kl_penalty_rewards(kl, scores, mask, self.kl_ctl.value)
         if cfg.whiten_rewards:
             rewards = adv.masked_whiten(rewards, mask, shift_mean=False)
@@ -196,7 +212,7 @@ class PPOTrainer:
         self.m.policy.train()
         self.m.critic.train()
         size = len(batch.texts)
-        mini = min(cfg.mini_batch_size, size)
+        mini = min(max(1, cfg.mini_batch_size // self.world), size)  # this rank's share of a global minibatch
         micro = max(1, mini // cfg.train.grad_accum)
         collected: list[dict[str, torch.Tensor]] = []
         for _ in range(cfg.ppo_epochs):
@@ -229,10 +245,12 @@ class PPOTrainer:
         started = time.perf_counter()
         stats = self.update(batch)
         times["time/update"] = time.perf_counter() - started
-        mask = batch.response_mask.float()
-        kl_seq = batch.extra["kl"].sum(1).mean().item()
-        self.kl_ctl.update(kl_seq, len(batch.texts))
-        stats.update(step_stats(batch, mask, kl_seq, self.kl_ctl.value))
+        stats = self._mean_over_ranks(stats)
+        kl_per_episode = self._all(batch.extra["kl"].sum(1))
+        kl_seq = kl_per_episode.mean().item()  # the same on every rank, so the adaptive KL coefficient stays in step
+        self.kl_ctl.update(kl_seq, kl_per_episode.numel())
+        stats.update(step_stats(self._all(batch.scores.float()), self._all(batch.response_mask.float().sum(1)),
+                                self._all(batch.has_eos.float()), kl_seq, self.kl_ctl.value))
         stats.update(times)
         return stats
 
@@ -317,11 +335,12 @@ def select(batch: ro.Rollout, index: list[int]) -> ro.Rollout:
                       {k: v[idx] for k, v in batch.extra.items()})
 
 
-def step_stats(batch: ro.Rollout, mask: torch.Tensor, kl_seq: float, kl_coef: float) -> dict[str, float]:
-    scores = batch.scores.float()
+def step_stats(scores: torch.Tensor, lengths: torch.Tensor, ended: torch.Tensor, kl_seq: float,
+               kl_coef: float) -> dict[str, float]:
+    """Per-step log entries over the global batch (scores, response lengths and EOS flags of every episode)."""
     return {"reward/mean": scores.mean().item(), "reward/std": scores.std().item() if scores.numel() > 1 else 0.0,
-            "kl": kl_seq, "kl_coef": kl_coef, "response_length": mask.sum(1).mean().item(),
-            "eos_fraction": batch.has_eos.float().mean().item()}
+            "kl": kl_seq, "kl_coef": kl_coef, "response_length": lengths.mean().item(),
+            "eos_fraction": ended.mean().item()}
 
 
 def check_finite(loss: torch.Tensor, step: int) -> None:

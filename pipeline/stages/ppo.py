@@ -94,8 +94,21 @@ def refuse_sharding(ctx: StageContext) -> None:
                                 "large policy; run the other stages sharded with `--only`")
 
 
+def check_batches_split(ctx: StageContext) -> None:
+    """Each rank samples its share of every rollout batch and minibatch, so both must divide by the ranks."""
+    from pipeline.errors import PipelineError
+
+    world, cfg = ctx.state.num_processes, ctx.config
+    for key in ("rollout_batch_size", "mini_batch_size"):
+        value = getattr(cfg, key)
+        if value % world:
+            raise PipelineError(f"{key} {value} does not split over {world} processes", key=f"stages.{ctx.name}.{key}",
+                                fix=f"use a multiple of {world} (it is the global batch, shared by all ranks)")
+
+
 def run(ctx: StageContext) -> StageResult:
     refuse_sharding(ctx)
+    check_batches_split(ctx)
     cfg = ctx.config
     policy, tokenizer, base = load_policy(ctx)
     loaded = data_lib.load_data(cfg.data, "prompts", seed=ctx.seed)
@@ -113,6 +126,11 @@ def run(ctx: StageContext) -> StageResult:
     metrics.update({f"eval_{k}_after": v for k, v in after.items() if k != "kl"})
     if "kl" in after:
         metrics["kl"] = after["kl"]
+    if ctx.state.num_processes > 1:  # DDP: every rank must end with the same policy
+        from pipeline import parallel
+
+        parallel.check_ranks_agree(ctx.state, f"the trained weights of stage '{ctx.name}'",
+                                   parallel.weights_digest(policy), key=f"stages.{ctx.name}")
     library = models.save_policy(ctx, policy, tokenizer)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
                        log_history=history, tags=["ppo"] + (["lora"] if cfg.lora else []))
