@@ -253,8 +253,29 @@ def save_trained(ctx, trainer, tokenizer, *, merge_lora: bool | None = None) -> 
         if merge and is_adapter(folder):
             merge_saved_adapter(folder, tokenizer, num_labels=getattr(unwrapped.config, "num_labels", None))
         else:
+            drop_untied_copy(folder, unwrapped)
             tokenizer.save_pretrained(folder)
     return library
+
+
+def drop_untied_copy(folder: Path, model) -> None:
+    """A gathered FSDP state dict unties tied weights, so `save_pretrained` writes the output embedding as well as
+    the input embedding it equals; drop the copy so the checkpoint matches an unsharded save (single-file only)."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    file = Path(folder) / "model.safetensors"
+    if not file.exists() or not getattr(getattr(model, "config", None), "tie_word_embeddings", False):
+        return
+    names = {id(module): name for name, module in model.named_modules()}
+    output, embedding = model.get_output_embeddings(), model.get_input_embeddings()
+    if output is None or id(output) not in names or id(embedding) not in names:
+        return
+    copy, source = f"{names[id(output)]}.weight", f"{names[id(embedding)]}.weight"
+    tensors = load_file(file)
+    if copy in tensors and source in tensors and torch.equal(tensors[copy], tensors[source]):
+        del tensors[copy]
+        save_file(tensors, file, metadata={"format": "pt"})
 
 
 def merge_saved_adapter(folder: Path, tokenizer, num_labels: int | None = None) -> None:
