@@ -212,6 +212,28 @@ def save_policy(ctx, model, tokenizer) -> str:
     return save_model(model, tokenizer, ctx.output_dir, merge_lora=merge)
 
 
+def save_gathered(ctx, accelerator, model, tokenizer) -> str:
+    """Save a model prepared by `accelerator` (our PPO loop); EVERY rank must call it. Sharded (FSDP): the full
+    state dict is gathered collectively and the main process writes it (a LoRA adapter to merge is folded into its
+    base afterwards). Whole on every rank: as `save_policy`. Returns the card's library name."""
+    unwrapped = accelerator.unwrap_model(model)
+    if not is_sharded(accelerator):
+        return save_policy(ctx, unwrapped, tokenizer)
+    merge = merge_requested(ctx)
+    state_dict = accelerator.get_state_dict(model)
+    if ctx.is_main:
+        folder = Path(ctx.output_dir)
+        if getattr(unwrapped, "generation_config", None) is not None:
+            unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
+        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
+        if merge and is_adapter(folder):
+            merge_saved_adapter(folder, tokenizer)
+        else:
+            drop_untied_copy(folder, unwrapped)
+            tokenizer.save_pretrained(folder)
+    return library_of(ctx, merge)
+
+
 def merge_requested(ctx) -> bool:
     lora = getattr(ctx.config, "lora", None)
     return bool(lora and lora.merge)

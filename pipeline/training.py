@@ -134,6 +134,20 @@ def kill_hook(stage: str):
     return KillAt()
 
 
+def kill_after_checkpoint(stage: str):
+    """For loops of our own (PPO): a function(step) that SIGKILLs this process once the checkpoint of step N of
+    `stage` is written, when PIPELINE_TEST_KILL_AT asks (crash tests); None otherwise."""
+    name, _, step = os.environ.get(KILL_HOOK, "").rpartition(":")
+    if name != stage or not step.isdigit():
+        return None
+
+    def kill(saved_step: int) -> None:
+        if saved_step >= int(step):
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return kill
+
+
 def nan_hook(stage: str):
     """A callback that turns the logged loss into NaN from step N of `stage` (PIPELINE_TEST_NAN_AT, tests only)."""
     name, _, step = os.environ.get(NAN_HOOK, "").rpartition(":")
@@ -154,7 +168,10 @@ def train(trainer, ctx) -> Any:
     for hook in (nan_hook(ctx.name), nan_guard(ctx.name), kill_hook(ctx.name)):
         if hook is not None:
             trainer.add_callback(hook)
-    output = trainer.train(resume_from_checkpoint=last_checkpoint(ctx))
+    checkpoint = last_checkpoint(ctx)
+    if checkpoint is not None and ctx.is_main:
+        print(f"{ctx.name}: resuming from {checkpoint}", flush=True)
+    output = trainer.train(resume_from_checkpoint=checkpoint)
     check_weights_agree(trainer, ctx)
     return output
 

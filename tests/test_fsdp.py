@@ -86,12 +86,33 @@ PPO = """
     rollout_batch_size: 4
     mini_batch_size: 4
     max_new_tokens: 4
+    train: {{save_steps: 1}}
+  ppo_lora:
+    kind: ppo
+    model: ${{sft}}
+    reward_model: ${{rm}}
+    lora: {{r: 4, alpha: 8, target_modules: [q_proj, v_proj]}}
+    data: {{path: {data}/prompts.jsonl, max_rows: 16}}
+    total_episodes: 8
+    rollout_batch_size: 4
+    mini_batch_size: 4
+    max_new_tokens: 4
+  ppo_value_head:
+    kind: ppo
+    model: ${{sft}}
+    reward_model: ${{rm}}
+    value_head: true
+    data: {{path: {data}/prompts.jsonl, max_rows: 16}}
+    total_episodes: 4
+    rollout_batch_size: 4
+    mini_batch_size: 4
+    max_new_tokens: 4
 """
 
 
-def _launch(config: Path, recipe: Path, *, fsdp: bool) -> subprocess.CompletedProcess:
+def _launch(config: Path, recipe: Path, *, fsdp: bool, **extra_env: str) -> subprocess.CompletedProcess:
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_XET": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+           "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": "", **extra_env}
     if fsdp:
         env.update(PIPELINE_TEST_FSDP_ON_CPU="1", PYTHONPATH=os.pathsep.join([str(HOOK), str(ROOT)]))
     command = [str(ACCELERATE), "launch", "--config_file", str(config), "-m", "pipeline", "run", str(recipe)]
@@ -100,7 +121,8 @@ def _launch(config: Path, recipe: Path, *, fsdp: bool) -> subprocess.CompletedPr
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """The chain followed by a ppo stage, under FSDP2 (where ppo must refuse) and under DDP (where it trains)."""
+    """The chain followed by three ppo stages, under DDP and under FSDP2. The FSDP launch is killed right after
+    ppo's first checkpoint and launched again (it must resume), then stops at ppo_value_head, which FSDP refuses."""
     folder = tmp_path_factory.mktemp("fsdp")
     data = folder / "data"  # a private copy: data/ may be regenerated while this runs
     data.mkdir()
@@ -109,11 +131,13 @@ def runs(tmp_path_factory):
     fsdp_recipe, ddp_recipe = folder / "fsdp.yaml", folder / "ddp.yaml"
     fsdp_recipe.write_text(CHAIN.format(out=folder / "fsdp", data=data) + PPO.format(data=data))
     ddp_recipe.write_text(CHAIN.format(out=folder / "ddp", data=data) + PPO.format(data=data))
+    killed = _launch(HOOK / "accelerate_fsdp2.yaml", fsdp_recipe, fsdp=True, PIPELINE_TEST_KILL_AT="ppo:1")
+    checkpoints = list((folder / "fsdp" / ".work").glob("ppo-*/ppo-checkpoint.pt"))
     fsdp = _launch(HOOK / "accelerate_fsdp2.yaml", fsdp_recipe, fsdp=True)
     ddp = _launch(ROOT / "recipes" / "accelerate" / "cpu_ddp.yaml", ddp_recipe, fsdp=False)
     assert ddp.returncode == 0, ddp.stdout[-3000:] + ddp.stderr[-3000:]
     return SimpleNamespace(fsdp=folder / "fsdp", ddp=folder / "ddp", fsdp_log=fsdp.stdout + fsdp.stderr,
-                           fsdp_code=fsdp.returncode)
+                           fsdp_code=fsdp.returncode, killed_code=killed.returncode, checkpoints=checkpoints)
 
 
 def _weights(folder: Path) -> dict:
@@ -175,12 +199,41 @@ def test_sharded_artifacts_load_and_hold_no_pickle(runs):
 
 
 @pytest.mark.distributed
-def test_ppo_refuses_a_sharded_launch(runs):
+def test_ppo_under_fsdp_resumes_from_a_gathered_checkpoint(runs):
+    """Killed after step 1's checkpoint (gathered from both ranks' shards), the rerun loads it (broadcast from rank
+    0 into the shards) and finishes: the log history runs 1, 2 with no step repeated."""
+    assert runs.killed_code != 0 and len(runs.checkpoints) == 1
+    assert "ppo: resumed from its checkpoint at step 1" in runs.fsdp_log
+    manifest = json.loads((runs.fsdp / "ppo" / "manifest.json").read_text())
+    assert manifest["complete"] and manifest["distributed_type"] == "FSDP"
+    assert [e["step"] for e in manifest["log_history"] if "reward/mean" in e] == [1, 2]
+    assert manifest["metrics"]["episodes"] == 8
+
+
+@pytest.mark.distributed
+def test_ppo_under_fsdp_saves_whole_weights(runs):
+    from peft import AutoPeftModelForCausalLM
+
+    sft, ppo, ddp = _weights(runs.fsdp / "sft"), _weights(runs.fsdp / "ppo"), _weights(runs.ddp / "ppo")
+    assert set(ppo) == set(ddp) and all(ppo[k].shape == sft[k].shape for k in sft)  # whole, not one rank's shard
+    assert max((ppo[k] - sft[k]).abs().max().item() for k in sft) > 1e-5  # PPO moved the policy
+    # same seeds, prompts and rollouts: FSDP (killed and resumed) ends where uninterrupted DDP does
+    print("ppo fsdp-vs-ddp max diff", max((ppo[k] - ddp[k]).abs().max().item() for k in ddp))
+    assert max((ppo[k] - ddp[k]).abs().max().item() for k in ddp) < 1e-4
+    adapter = runs.fsdp / "ppo_lora"
+    assert (adapter / "adapter_model.safetensors").exists()
+    assert json.loads((adapter / "manifest.json").read_text())["distributed_type"] == "FSDP"
+    assert AutoPeftModelForCausalLM.from_pretrained(adapter) is not None
+
+
+@pytest.mark.distributed
+def test_ppo_value_head_is_refused_under_fsdp_with_one_line(runs):
     assert runs.fsdp_code != 0
-    assert "stages.ppo: the ppo stage does not run on sharded models (FSDP)" in runs.fsdp_log
+    assert "stages.ppo_value_head.value_head: value_head: true shares the policy's trunk" in runs.fsdp_log
     assert "[rank0]: Traceback" not in runs.fsdp_log and "[rank1]: Traceback" not in runs.fsdp_log  # one line each
-    assert runs.fsdp_log.count("does not run on sharded models") == 2  # both ranks stop, neither hangs
-    assert not (runs.fsdp / "ppo").exists()
+    assert runs.fsdp_log.count("shares the policy's trunk") == 2  # both ranks stop, neither hangs
+    assert not (runs.fsdp / "ppo_value_head").exists()
+    assert json.loads((runs.ddp / "ppo_value_head" / "manifest.json").read_text())["complete"]  # fine under DDP
 
 
 def _section(**sizes):

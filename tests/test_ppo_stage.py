@@ -121,6 +121,12 @@ def test_resume_continues_from_checkpoint(tmp_path, tiny):
     second = make(12)
     assert second.load_checkpoint() and second.state.step == 2
     assert second.kl_ctl.value == first.kl_ctl.value
+    for model in ("policy", "critic"):  # weights and optimiser moments come back exactly
+        for a, b in zip(getattr(first.m, model).parameters(), getattr(second.m, model).parameters()):
+            assert torch.equal(a, b), model
+    moments = [(s["exp_avg"], t["exp_avg"]) for s, t in zip(first.policy_opt.state.values(),
+                                                            second.policy_opt.state.values())]
+    assert moments and all(torch.equal(a, b) for a, b in moments)
     history = second.train(progress=False)
     assert [h["step"] for h in history] == [1, 2, 3]
     assert ppo.evaluate is not None

@@ -75,8 +75,10 @@ def truncate(response: torch.Tensor, eos_id: int, pad_id: int, tokenizer=None,
 
 
 def sample(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: int, temperature: float = 1.0,
-           top_k: int = 0, top_p: float = 1.0, do_sample: bool = True) -> tuple[torch.Tensor, ...]:
-    """(query, query_mask, raw response) sampled in one batch with the KV cache."""
+           top_k: int = 0, top_p: float = 1.0, do_sample: bool = True,
+           synced_gpus: bool = False) -> tuple[torch.Tensor, ...]:
+    """(query, query_mask, raw response) sampled in one batch with the KV cache. `synced_gpus` keeps every rank
+    stepping until all are done, which a sharded (FSDP) policy needs: each step's forward gathers weights from all."""
     from transformers import GenerationConfig
 
     device = next(policy.parameters()).device
@@ -85,8 +87,11 @@ def sample(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: in
                               temperature=temperature if do_sample else None, top_k=top_k if do_sample else None,
                               top_p=top_p if do_sample else None, pad_token_id=tokenizer.pad_token_id,
                               eos_token_id=tokenizer.eos_token_id, bos_token_id=None)
-    with torch.inference_mode():
-        out = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config)
+    if synced_gpus:
+        unshard_root(policy)
+    with torch.no_grad():  # not inference_mode: FSDP2 reuses the gathered weights in training
+        out = policy.generate(input_ids=query, attention_mask=query_mask, generation_config=config,
+                              synced_gpus=synced_gpus)
     response = out[:, query.shape[1]:]
     if response.shape[1] < max_new_tokens:
         pad = torch.full((response.shape[0], max_new_tokens - response.shape[1]), tokenizer.pad_token_id,
@@ -95,12 +100,22 @@ def sample(policy, tokenizer, prompt_ids: list[list[int]], *, max_new_tokens: in
     return query, query_mask, response
 
 
+def unshard_root(model) -> None:
+    """Gather an FSDP2 root's own parameters (final norm, and embeddings unless wrapped apart) before generating:
+    a LoRA policy generates through its base model, below the root, so the root's pre-forward never gathers them.
+    The wrapped layers gather themselves. A no-op for other modules."""
+    from torch.distributed.fsdp import FSDPModule
+
+    if isinstance(model, FSDPModule):
+        model.unshard()
+
+
 def rollout(policy, tokenizer, rows: list[dict[str, Any]], prompt_ids: list[list[int]], cfg,
-            do_sample: bool = True) -> Rollout:
+            do_sample: bool = True, synced_gpus: bool = False) -> Rollout:
     """Sample, truncate and decode one batch of episodes (`cfg` is the stage's `PpoStage`)."""
     query, query_mask, response = sample(policy, tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens,
                                          temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                         do_sample=do_sample)
+                                         do_sample=do_sample, synced_gpus=synced_gpus)
     response, mask, ended = truncate(response, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer,
                                      cfg.stop_strings)
     texts = decode(tokenizer, response, mask, cfg.stop_strings)

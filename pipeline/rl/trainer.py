@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from pipeline.errors import TrainingError
+from pipeline.models import is_sharded
 from pipeline.rl import advantages as adv
 from pipeline.rl import losses
 from pipeline.rl import rollout as ro
@@ -32,6 +33,7 @@ class Critic(torch.nn.Module):
     def __init__(self, model):
         super().__init__()
         self.model = model
+        self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP shards the model's layers
 
     def forward(self, batch: ro.Rollout) -> torch.Tensor:
         ids, attention, positions = ro.sequence_inputs(batch)
@@ -77,6 +79,7 @@ class Models:
 class TrainState:
     step: int = 0
     log_history: list[dict[str, Any]] = field(default_factory=list)
+    before: dict[str, float] | None = None  # the stage's held-out metrics of the starting policy (kept on resume)
 
 
 def mixed_precision(setting: str) -> str:
@@ -96,6 +99,7 @@ class PPOTrainer:
         self.accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.mixed_precision),
                                        gradient_accumulation_steps=1)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
+        self.sharded = is_sharded(self.accelerator)  # FSDP: no rank holds whole weights
         self.rows = train_rows
         self.prompt_ids = ro.encode_prompts(models.tokenizer, train_rows)
         self.state = TrainState()
@@ -104,6 +108,7 @@ class PPOTrainer:
         self._build_optimizers()
         self.order_gen = torch.Generator().manual_seed(seed)
         self.order: list[int] = []
+        self.checkpoint_checked = False  # load_checkpoint runs once, before any forward pass (see its docstring)
 
     # ------------------------------------------------------------------------------------------------ setup
 
@@ -115,8 +120,9 @@ class PPOTrainer:
                                             weight_decay=cfg.train.weight_decay)
         self.critic_opt = torch.optim.AdamW(critic_params, lr=cfg.value_learning_rate or cfg.train.learning_rate,
                                             eps=1e-5)
-        self.m.policy, self.m.critic, self.policy_opt, self.critic_opt = acc.prepare(
-            self.m.policy, self.m.critic, self.policy_opt, self.critic_opt)
+        # one model per prepare call: Accelerate's FSDP2 path shards a single model with its optimiser at a time
+        self.m.policy, self.policy_opt = acc.prepare(self.m.policy, self.policy_opt)
+        self.m.critic, self.critic_opt = acc.prepare(self.m.critic, self.critic_opt)
         for frozen in (self.m.reward, self.m.reference):
             if frozen is not None:
                 frozen.requires_grad_(False).eval().to(acc.device)
@@ -164,10 +170,11 @@ class PPOTrainer:
         policy = self.accelerator.unwrap_model(self.m.policy)
         policy.eval()
         started = time.perf_counter()
-        batch = ro.rollout(policy, self.m.tokenizer, rows, [self.prompt_ids[i] for i in idx], cfg)
+        batch = ro.rollout(policy, self.m.tokenizer, rows, [self.prompt_ids[i] for i in idx], cfg,
+                           synced_gpus=self.sharded)
         times["time/generation"] = time.perf_counter() - started
         started = time.perf_counter()
-        with torch.inference_mode(), self.accelerator.autocast():
+        with torch.no_grad(), self.accelerator.autocast():  # no_grad, not inference_mode (FSDP2)
             old_logprobs = ro.policy_forward(policy, batch, cfg.temperature)[0]
             ref_logprobs = self._reference_logprobs(batch)
             values = self.m.critic(batch)
@@ -254,11 +261,13 @@ class PPOTrainer:
         stats.update(times)
         return stats
 
-    def train(self, progress: bool = True) -> list[dict[str, Any]]:
-        """Run (or resume) to `total_steps`; returns the per-step log history."""
+    def train(self, progress: bool = True, after_checkpoint=None) -> list[dict[str, Any]]:
+        """Run (or resume) to `total_steps`; returns the per-step log history. `after_checkpoint(step)` runs once
+        every rank is past a checkpoint (crash tests kill the process there)."""
         from tqdm.auto import tqdm
 
-        self.load_checkpoint()
+        if not self.checkpoint_checked:
+            self.load_checkpoint()
         bar = tqdm(total=self.total_steps, initial=self.state.step, desc="ppo",
                    disable=not (progress and self.accelerator.is_main_process))
         while self.state.step < self.total_steps:
@@ -272,6 +281,9 @@ class PPOTrainer:
             if self.work_dir is not None and self.state.step % self.cfg.train.save_steps == 0 \
                     and self.state.step < self.total_steps:
                 self.save_checkpoint()
+                if after_checkpoint is not None:
+                    self.accelerator.wait_for_everyone()
+                    after_checkpoint(self.state.step)
         bar.close()
         return self.state.log_history
 
@@ -281,14 +293,17 @@ class PPOTrainer:
         return None if self.work_dir is None else Path(self.work_dir) / CHECKPOINT
 
     def save_checkpoint(self) -> None:
-        """Policy (trainable weights), critic, optimisers, RNG, step, KL controller, data order, history."""
+        """Policy (trainable weights), critic, optimisers, RNG, step, KL controller, data order, history. Every rank
+        calls it: under FSDP the whole states are gathered collectively; the main process writes the file."""
         path = self._checkpoint_path()
-        if path is None or not self.accelerator.is_main_process:
+        if path is None:
             return
-        unwrap = self.accelerator.unwrap_model
-        state = {"step": self.state.step, "log_history": self.state.log_history,
-                 "policy": trainable_state(unwrap(self.m.policy)), "critic": unwrap(self.m.critic).state_dict(),
-                 "policy_opt": self.policy_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+        policy, policy_opt = self._full_state(self.m.policy, self.policy_opt, trainable_only=True)
+        critic, critic_opt = self._full_state(self.m.critic, self.critic_opt)
+        if not self.accelerator.is_main_process:
+            return
+        state = {"step": self.state.step, "log_history": self.state.log_history, "before": self.state.before,
+                 "policy": policy, "critic": critic, "policy_opt": policy_opt, "critic_opt": critic_opt,
                  "kl_ctl": self.kl_ctl.state_dict(), "order": self.order, "order_gen": self.order_gen.get_state(),
                  "torch_rng": torch.get_rng_state(), "python_rng": random.getstate()}
         if torch.cuda.is_available():
@@ -298,19 +313,55 @@ class PPOTrainer:
         torch.save(state, tmp)
         tmp.replace(path)
 
+    def _state_options(self, **extra):
+        from torch.distributed.checkpoint.state_dict import StateDictOptions
+
+        return StateDictOptions(full_state_dict=True, cpu_offload=self.sharded, **extra)
+
+    def _full_state(self, model, optimizer, trainable_only: bool = False) -> tuple[dict, dict]:
+        """Whole model and optimiser states keyed by parameter name (the same format with one process, DDP or
+        FSDP, so a run resumes under another launch); a collective under FSDP, empty on ranks other than 0."""
+        from torch.distributed.checkpoint.state_dict import get_state_dict
+
+        weights, moments = get_state_dict(model, optimizer, options=self._state_options())
+        if trainable_only:
+            names = {n for n, p in self.accelerator.unwrap_model(model).named_parameters() if p.requires_grad}
+            weights = {k: v for k, v in weights.items() if k in names}
+        return weights, moments
+
     def load_checkpoint(self) -> bool:
+        """Resume from the work folder's checkpoint if there is one; True if it did. Every rank calls it, before
+        any forward pass: FSDP2 leaves the root's parameters unsharded after a forward without backward
+        (generation, scoring), and the optimiser states can only be matched to sharded parameters."""
+        self.checkpoint_checked = True
+        resumed = self._load_states()
+        self._init_sharded_root()
+        return resumed
+
+    def _init_sharded_root(self) -> None:
+        """Under FSDP2, run one forward through the policy's root first: generation enters a LoRA policy below
+        its root (PeftModel -> base model), and FSDP2 must have found its root before any wrapped module runs."""
+        if self.sharded:
+            with torch.no_grad():
+                self.m.policy(input_ids=torch.tensor([[self.m.tokenizer.pad_token_id]], device=self.accelerator.device))
+
+    def _load_states(self) -> bool:
+        """Each rank reads the whole states from the (shared) file and keeps its own shard of them under FSDP."""
+        from torch.distributed.checkpoint.state_dict import set_state_dict
+
         path = self._checkpoint_path()
         if path is None or not path.exists():
             return False
         state = torch.load(path, map_location="cpu", weights_only=True)
-        unwrap = self.accelerator.unwrap_model
-        unwrap(self.m.policy).load_state_dict(state["policy"], strict=False)
-        unwrap(self.m.critic).load_state_dict(state["critic"])
-        self.policy_opt.load_state_dict(state["policy_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        options = self._state_options(strict=False)
+        for model, optimizer, key in ((self.m.policy, self.policy_opt, "policy"),
+                                      (self.m.critic, self.critic_opt, "critic")):
+            set_state_dict(model, optimizer, model_state_dict=state[key], optim_state_dict=state[f"{key}_opt"],
+                           options=options)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.order, self.state.step = list(state["order"]), int(state["step"])
         self.state.log_history = list(state["log_history"])
+        self.state.before = state.get("before")
         self.order_gen.set_state(state["order_gen"])
         torch.set_rng_state(state["torch_rng"])
         random.setstate(state["python_rng"])
@@ -318,12 +369,6 @@ class PPOTrainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         log.info("ppo: resumed from %s at step %d", path, self.state.step)
         return True
-
-
-def trainable_state(model) -> dict[str, torch.Tensor]:
-    """Only the parameters that train (the adapter under LoRA, everything for a full policy)."""
-    names = {n for n, p in model.named_parameters() if p.requires_grad}
-    return {k: v for k, v in model.state_dict().items() if k in names}
 
 
 def select(batch: ro.Rollout, index: list[int]) -> ro.Rollout:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import data as data_lib
-from pipeline import models, scoring
+from pipeline import models, scoring, training
 from pipeline.rl import rollout as ro
 from pipeline.rl import trainer as tr
 from pipeline.runner import StageContext, StageResult
@@ -43,30 +43,32 @@ def build_models(ctx: StageContext, policy, tokenizer) -> tr.Models:
                      reward_tokenizer=None if same_vocab else reward_tokenizer)
 
 
-def evaluate(policy, reference, m: tr.Models, rows: list[dict[str, Any]], cfg) -> dict[str, float]:
-    """Greedy answers on held-out prompts: mean reward (reward model + rules), exact match, and sampled KL."""
+def evaluate(policy, reference, m: tr.Models, rows: list[dict[str, Any]], cfg,
+             synced: bool = False) -> dict[str, float]:
+    """Greedy answers on held-out prompts: mean reward (reward model + rules), exact match, and sampled KL.
+    Every rank evaluates the same prompts; `synced` when the policy is sharded (FSDP)."""
     if not rows:
         return {}
     prompt_ids = ro.encode_prompts(m.tokenizer, rows)
-    batch = ro.rollout(policy, m.tokenizer, rows, prompt_ids, cfg, do_sample=False)
+    batch = ro.rollout(policy, m.tokenizer, rows, prompt_ids, cfg, do_sample=False, synced_gpus=synced)
     import torch
 
-    with torch.inference_mode():
+    with torch.no_grad():  # not inference_mode: FSDP2 reuses the gathered weights in training
         rewards = ro.score(m.reward, m.tokenizer, batch, cfg, m.reward_tokenizer)
     out = {"reward": rewards.mean().item()}
     if all(row.get("answer") is not None for row in rows):
         out["accuracy"] = scoring.exact_match(batch.texts, [row["answer"] for row in rows])
     if reference is not None:
-        out["kl"] = sampled_kl(policy, reference, m, rows, prompt_ids, cfg)
+        out["kl"] = sampled_kl(policy, reference, m, rows, prompt_ids, cfg, synced)
     return out
 
 
-def sampled_kl(policy, reference, m: tr.Models, rows, prompt_ids, cfg) -> float:
+def sampled_kl(policy, reference, m: tr.Models, rows, prompt_ids, cfg, synced: bool = False) -> float:
     """Mean over prompts of sum over response tokens of log pi(y) - log ref(y), y sampled from the policy."""
     import torch
 
-    batch = ro.rollout(policy, m.tokenizer, rows, prompt_ids, cfg, do_sample=True)
-    with torch.inference_mode():
+    batch = ro.rollout(policy, m.tokenizer, rows, prompt_ids, cfg, do_sample=True, synced_gpus=synced)
+    with torch.no_grad():  # not inference_mode: FSDP2 reuses the gathered weights in training
         logp = ro.policy_forward(policy, batch, cfg.temperature)[0]
         if reference == "adapter-disabled":
             with policy.disable_adapter():
@@ -82,16 +84,24 @@ def eval_rows(loaded, cfg) -> list[dict[str, Any]]:
 
 
 def refuse_sharding(ctx: StageContext) -> None:
-    """PPO keeps whole models on every rank (DDP, ZeRO-1/2): its rollouts, shared value head and checkpoints are
-    not written for sharded parameters, so a sharded launch stops here, before any model is loaded."""
+    """PPO runs with whole models per rank (one process, DDP, ZeRO-1/2) or sharded by FSDP. DeepSpeed ZeRO-3 and
+    tensor/context parallelism would need their own generation and gathering code, so such a launch stops here,
+    before any model is loaded."""
     from pipeline import parallel
     from pipeline.errors import PipelineError
 
     sharding = parallel.sharding_in_launch(getattr(ctx.recipe.header, "parallelism", None))
-    if sharding is not None and ctx.state.num_processes > 1:
-        raise PipelineError(f"the ppo stage does not run on sharded models ({sharding})", key=f"stages.{ctx.name}",
-                            fix="launch it with DDP (recipes/accelerate/ddp.yaml) or ZeRO-2, with `lora:` to fit a "
-                                "large policy; run the other stages sharded with `--only`")
+    if sharding is None or ctx.state.num_processes <= 1:
+        return
+    if sharding != "FSDP":
+        raise PipelineError(f"the ppo stage does not run under {sharding}", key=f"stages.{ctx.name}",
+                            fix="launch it with FSDP2 (recipes/accelerate/fsdp2.yaml) or DDP; run the other "
+                                "stages with this launch and ppo separately with `--only`")
+    if ctx.config.value_head:
+        raise PipelineError("value_head: true shares the policy's trunk, which FSDP shards as a separate model",
+                            key=f"stages.{ctx.name}.value_head",
+                            fix="under FSDP use a separate critic (leave value_head off: the critic starts from "
+                                "the reward model or `value_model`), or launch with DDP")
 
 
 def check_batches_split(ctx: StageContext) -> None:
@@ -117,21 +127,27 @@ def run(ctx: StageContext) -> StageResult:
     trainer = tr.PPOTrainer(cfg, m, [loaded.train[i] for i in range(len(loaded.train))], ctx.work_dir, ctx.seed)
     policy = trainer.accelerator.unwrap_model(trainer.m.policy)
     reference = "adapter-disabled" if m.reference is None else m.reference
-    before = evaluate(policy, None, m, held_out, cfg)  # the starting policy (a resumed run reloads below)
-    history = trainer.train(progress=ctx.is_main)
-    after = evaluate(policy, reference, m, held_out, cfg)
+    resumed = trainer.load_checkpoint()
+    if resumed and ctx.is_main:
+        print(f"{ctx.name}: resumed from its checkpoint at step {trainer.state.step}", flush=True)
+    if resumed and trainer.state.before is not None:  # the starting policy was measured before the interruption
+        before = trainer.state.before
+    else:
+        before = trainer.state.before = evaluate(policy, None, m, held_out, cfg, trainer.sharded)
+    history = trainer.train(progress=ctx.is_main, after_checkpoint=training.kill_after_checkpoint(ctx.name))
+    after = evaluate(policy, reference, m, held_out, cfg, trainer.sharded)
     metrics = {"train_prompts": len(loaded.train), "eval_prompts": len(held_out), "steps": trainer.state.step,
                "episodes": trainer.state.step * cfg.rollout_batch_size}
     metrics.update({f"eval_{k}_before": v for k, v in before.items()})
     metrics.update({f"eval_{k}_after": v for k, v in after.items() if k != "kl"})
     if "kl" in after:
         metrics["kl"] = after["kl"]
-    if ctx.state.num_processes > 1:  # DDP: every rank must end with the same policy
+    if ctx.state.num_processes > 1 and not trainer.sharded:  # DDP: every rank must end with the same policy
         from pipeline import parallel
 
         parallel.check_ranks_agree(ctx.state, f"the trained weights of stage '{ctx.name}'",
                                    parallel.weights_digest(policy), key=f"stages.{ctx.name}")
-    library = models.save_policy(ctx, policy, tokenizer)
+    library = models.save_gathered(ctx, trainer.accelerator, trainer.m.policy, tokenizer)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
                        log_history=history, tags=["ppo"] + (["lora"] if cfg.lora else []))
 
