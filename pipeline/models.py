@@ -220,18 +220,28 @@ def save_gathered(ctx, accelerator, model, tokenizer) -> str:
     if not is_sharded(accelerator):
         return save_policy(ctx, unwrapped, tokenizer)
     merge = merge_requested(ctx)
+    set_generation_padding(unwrapped, tokenizer)
     state_dict = accelerator.get_state_dict(model)
     if ctx.is_main:
-        folder = Path(ctx.output_dir)
-        if getattr(unwrapped, "generation_config", None) is not None:
-            unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
-        unwrapped.save_pretrained(folder, state_dict=state_dict, safe_serialization=True)
-        if merge and is_adapter(folder):
-            merge_saved_adapter(folder, tokenizer)
-        else:
-            drop_untied_copy(folder, unwrapped)
-            tokenizer.save_pretrained(folder)
+        unwrapped.save_pretrained(ctx.output_dir, state_dict=state_dict, safe_serialization=True)
+        finish_gathered_save(Path(ctx.output_dir), unwrapped, tokenizer, merge)
     return library_of(ctx, merge)
+
+
+def set_generation_padding(model, tokenizer) -> None:
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.pad_token_id = tokenizer.pad_token_id
+
+
+def finish_gathered_save(folder: Path, model, tokenizer, merge: bool) -> None:
+    """After gathered weights are written on the main process: merge a LoRA adapter into its base when asked,
+    otherwise drop FSDP's untied embedding copy; then the tokenizer. No pickle stays in the artifact."""
+    (folder / "training_args.bin").unlink(missing_ok=True)  # Trainer.save_model writes one
+    if merge and is_adapter(folder):
+        merge_saved_adapter(folder, tokenizer, num_labels=getattr(model.config, "num_labels", None))
+    else:
+        drop_untied_copy(folder, model)
+        tokenizer.save_pretrained(folder)
 
 
 def merge_requested(ctx) -> bool:
@@ -266,17 +276,10 @@ def save_trained(ctx, trainer, tokenizer, *, merge_lora: bool | None = None) -> 
     if not is_sharded(trainer.accelerator):
         return save_model(trainer.model, tokenizer, ctx.output_dir, merge_lora=merge) if ctx.is_main else library
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
-    if getattr(unwrapped, "generation_config", None) is not None:
-        unwrapped.generation_config.pad_token_id = tokenizer.pad_token_id
+    set_generation_padding(unwrapped, tokenizer)
     trainer.save_model(str(ctx.output_dir))
     if ctx.is_main:
-        folder = Path(ctx.output_dir)
-        (folder / "training_args.bin").unlink(missing_ok=True)  # a pickle; artifacts hold safetensors only
-        if merge and is_adapter(folder):
-            merge_saved_adapter(folder, tokenizer, num_labels=getattr(unwrapped.config, "num_labels", None))
-        else:
-            drop_untied_copy(folder, unwrapped)
-            tokenizer.save_pretrained(folder)
+        finish_gathered_save(Path(ctx.output_dir), unwrapped, tokenizer, merge)
     return library
 
 
