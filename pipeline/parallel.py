@@ -63,7 +63,7 @@ def parallelism_config(section, world_size: int):
 
 
 def sharding_in_launch(section, environ=None) -> str | None:
-    """What shards the model in this launch (FSDP, DeepSpeed ZeRO-3, or the recipe's tp/cp/dp_shard), else None.
+    """What shards the model in this launch (FSDP, DeepSpeed ZeRO-3, or the recipe's tp/cp > 1), else None.
     Read from the variables `accelerate launch` sets, so a stage can refuse before any model is wrapped."""
     import os
 
