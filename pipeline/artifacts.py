@@ -41,6 +41,27 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+def version_drift(manifests: list[dict[str, Any]]) -> dict[str, tuple[str, str]]:
+    """{library: (recorded, installed)} for each library whose installed version differs from the one recorded in
+    any of these manifests (`libraries`), e.g. reused parent artifacts built under another install."""
+    installed = library_versions()
+    drift: dict[str, tuple[str, str]] = {}
+    for manifest in manifests:
+        for name, recorded in (manifest.get("libraries") or {}).items():
+            if name in installed and installed[name] != recorded and name not in drift:
+                drift[name] = (recorded, installed[name])
+    return drift
+
+
+def version_drift_line(drift: dict[str, tuple[str, str]]) -> str | None:
+    """One warning line for `version_drift`, or None when nothing differs."""
+    if not drift:
+        return None
+    changes = ", ".join(f"{name} {old} -> {new}" for name, (old, new) in sorted(drift.items()))
+    return (f"warning: reused artifacts were built with other library versions ({changes}); results may differ "
+            f"from a fresh run (install from requirements/cpu.lock, or rerun with --force all)")
+
+
 # --------------------------------------------------------------------------------------------------- fingerprints
 
 _file_hash_cache: dict[tuple, str] = {}

@@ -111,6 +111,8 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
     _barrier(state)
 
     done: dict[str, Artifact] = {}
+    reused: set[str] = set()  # stages whose existing artifact this run reuses
+    drift_warned = False
     fingerprints: dict[str, str] = {}
     total = len(recipe.stages)
     for index, (name, config) in enumerate(recipe.stages.items(), start=1):
@@ -124,10 +126,16 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
         if existing is not None and (not selected or (existing.fingerprint == fp and not forced)):
             _say(state, f"[{index}/{total}] {name} ({config.kind}): up to date, skipped")
             done[name] = existing
+            reused.add(name)
             continue
         if not selected:
             raise PipelineError(f"stage '{name}' has no complete artifact yet", file=str(recipe.path),
                                 key="--only", fix=f"run it first or add --only {name}")
+        if not drift_warned:  # one line per run, the first time a stage builds on reused artifacts
+            drift = artifacts.version_drift([done[p].manifest for p in recipe.parents[name] if p in reused])
+            if drift:
+                _say(state, artifacts.version_drift_line(drift))
+                drift_warned = True
         _say(state, f"[{index}/{total}] {name} ({config.kind}): running")
         done[name] = _run_stage(recipe, name, config, fp, done, state)
         metrics = done[name].manifest.get("metrics", {})
