@@ -5,6 +5,7 @@ Imported by stage modules at run time; nothing runs at import.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -90,6 +91,27 @@ def last_checkpoint(ctx) -> str | None:
     return found
 
 
+def checkpoint_step(checkpoint: str | None) -> int:
+    """The optimizer step a Trainer checkpoint was saved at; 0 without one (a fresh start)."""
+    if checkpoint is None:
+        return 0
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+
+
+def attempt_progress(attempts):
+    """A callback that records each saved checkpoint in the stage's attempt log (so a killed attempt's time up to
+    its last checkpoint counts); None without a log."""
+    if attempts is None:
+        return None
+    from transformers import TrainerCallback
+
+    class AttemptProgress(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            attempts.progress(state.global_step)
+
+    return AttemptProgress()
+
+
 def nan_guard(stage: str | None = None):
     """A TrainerCallback that stops the stage when the logged loss or gradient norm is NaN/inf."""
     from transformers import TrainerCallback
@@ -164,11 +186,17 @@ def nan_hook(stage: str):
 
 
 def train(trainer, ctx) -> Any:
-    """Run `trainer.train()`, resuming from the stage's last checkpoint if a previous run was killed."""
-    for hook in (nan_hook(ctx.name), nan_guard(ctx.name), kill_hook(ctx.name)):
+    """Run `trainer.train()`, resuming from the stage's last checkpoint if a previous run was killed; the stage's
+    attempt log records where it resumed and each checkpoint saved."""
+    attempts = getattr(ctx, "attempts", None)
+    # the attempt log first: the kill hook (crash tests) dies in on_save, after the checkpoint is recorded
+    for hook in (attempt_progress(attempts), nan_hook(ctx.name), nan_guard(ctx.name), kill_hook(ctx.name)):
         if hook is not None:
             trainer.add_callback(hook)
     checkpoint = last_checkpoint(ctx)
+    resumed = checkpoint_step(checkpoint)
+    if attempts is not None:
+        attempts.resumed_from(resumed)
     if checkpoint is not None and ctx.is_main:
         print(f"{ctx.name}: resuming from {checkpoint}", flush=True)
     output = trainer.train(resume_from_checkpoint=checkpoint)

@@ -7,12 +7,14 @@ the kill-at-every-point sweep is marked slow).
 """
 from __future__ import annotations
 
+import json
 import signal
 from pathlib import Path
 
 import pytest
 import torch
 
+from pipeline.attempts import AttemptLog
 from resilience_common import cli, snapshot, tiny_recipe, weights, write_recipe
 
 ATOL = 1e-5
@@ -98,3 +100,31 @@ def test_rerun_of_complete_run_rewrites_nothing(tmp_path):
     assert result.returncode == 0
     assert result.stdout.count("up to date, skipped") == 2
     assert {stage: snapshot(out / stage) for stage in ("tokenizer", "base")} == before
+
+
+def test_attempt_log_counts_a_killed_attempt_up_to_its_last_checkpoint(tmp_path):
+    now = [100.0]
+    first = AttemptLog(tmp_path, clock=lambda: now[0])
+    first.start()
+    now[0] = 110.0
+    first.progress(2)
+    now[0] = 115.0  # SIGKILL here: the 5 s after the checkpoint are not recorded
+    second = AttemptLog(tmp_path, clock=lambda: now[0])  # the rerun
+    now[0] = 200.0
+    second.start()
+    assert second.records[-1]["resumed_from_step"] == 2, "until the stage says, it resumes from the last checkpoint"
+    second.resumed_from(2)
+    now[0] = 230.0
+    done = second.finish()
+    assert done["duration_s"] == 40.0 and done["last_attempt_duration_s"] == 30.0
+    assert [(a["resumed_from_step"], a["duration_s"], a["last_checkpoint_step"]) for a in done["attempts"]] == \
+        [(0, 10.0, 2), (2, 30.0, None)]
+    assert json.loads((tmp_path / "attempts.json").read_text()) == done["attempts"]
+
+
+def test_attempt_log_of_other_ranks_writes_nothing(tmp_path):
+    log = AttemptLog(tmp_path, write=False)
+    log.start()
+    log.progress(1)
+    assert log.finish()["attempts"][0]["last_checkpoint_step"] == 1
+    assert not (tmp_path / "attempts.json").exists()
