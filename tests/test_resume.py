@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipeline.attempts import AttemptLog
+from pipeline.training import whole_run_loss
 from resilience_common import cli, snapshot, tiny_recipe, weights, write_recipe
 
 ATOL = 1e-5
@@ -128,3 +129,13 @@ def test_attempt_log_of_other_ranks_writes_nothing(tmp_path):
     log.progress(1)
     assert log.finish()["attempts"][0]["last_checkpoint_step"] == 1
     assert not (tmp_path / "attempts.json").exists()
+
+
+def test_whole_run_loss_weights_each_logged_loss_by_its_steps():
+    history = [{"loss": 4.0, "step": 1}, {"loss": 2.0, "step": 2}, {"loss": 1.0, "step": 4},
+               {"loss": 0.25, "step": 6}, {"train_loss": 0.25, "step": 6}]  # the last two: the resumed attempt
+    assert whole_run_loss(history, resumed=4, attempt_loss=0.25, attempt_steps=2) == (4 + 2 + 2 * 1 + 2 * 0.25) / 6
+    assert whole_run_loss(history, resumed=0, attempt_loss=0.7, attempt_steps=6) == 0.7
+    # logged every 3 steps, resumed from a checkpoint at 4: step 4's loss was never logged and is left out
+    gappy = [{"loss": 2.0, "step": 3}, {"loss": 1.0, "step": 6}]
+    assert whole_run_loss(gappy, resumed=4, attempt_loss=1.0, attempt_steps=2) == (3 * 2.0 + 2 * 1.0) / 5
