@@ -223,8 +223,31 @@ def _seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
+TIMING_KEYS = {"train_runtime", "step_time"}  # plus "*_per_second" and "time/*": wall-clock, not results
+
+
+def is_timing_key(key: str) -> bool:
+    """A log entry's wall-clock measurement (the Trainer's train_runtime and throughputs, TRL's step_time, PPO's
+    time/*): it differs between two runs of the same stage, so it is kept out of `log_history`."""
+    return key in TIMING_KEYS or key.endswith("_per_second") or key.startswith("time/")
+
+
+def split_timing(log_history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(entries without their timing keys, the timing keys of each entry that has some, with its step)."""
+    results, timings = [], []
+    for entry in log_history:
+        results.append({k: v for k, v in entry.items() if not is_timing_key(k)})
+        timing = {k: v for k, v in entry.items() if is_timing_key(k)}
+        if timing:
+            timings.append({"step": entry.get("step"), **timing})
+    return results, timings
+
+
 def _manifest(recipe: Recipe, name: str, config: schema.StageBase, fp: str, parents: dict[str, Artifact],
               result: StageResult, durations: dict[str, Any]) -> dict[str, Any]:
+    """The artifact's manifest. Everything but `created_at`, the durations, `attempts` and `timing` is the same
+    whether the stage ran once or was killed and resumed."""
+    log_history, timing = split_timing(result.log_history)
     return {
         "manifest_version": artifacts.MANIFEST_VERSION,
         "recipe": recipe.name,
@@ -241,10 +264,11 @@ def _manifest(recipe: Recipe, name: str, config: schema.StageBase, fp: str, pare
         "metrics": result.metrics,
         "base_model": result.base_model,
         "datasets": result.datasets,
-        "log_history": result.log_history,
+        "log_history": log_history,
         "duration_s": durations["duration_s"],  # every attempt's time
         "last_attempt_duration_s": durations["last_attempt_duration_s"],
         "attempts": durations["attempts"],
+        "timing": {"log_history": timing},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "libraries": artifacts.library_versions(),
         **result.extra,

@@ -15,6 +15,7 @@ import pytest
 import torch
 
 from pipeline.attempts import AttemptLog
+from pipeline.runner import split_timing
 from pipeline.training import whole_run_loss
 from resilience_common import cli, snapshot, tiny_recipe, weights, write_recipe
 
@@ -139,3 +140,13 @@ def test_whole_run_loss_weights_each_logged_loss_by_its_steps():
     # logged every 3 steps, resumed from a checkpoint at 4: step 4's loss was never logged and is left out
     gappy = [{"loss": 2.0, "step": 3}, {"loss": 1.0, "step": 6}]
     assert whole_run_loss(gappy, resumed=4, attempt_loss=1.0, attempt_steps=2) == (3 * 2.0 + 2 * 1.0) / 5
+
+
+def test_timings_leave_the_log_history():
+    history = [{"loss": 1.0, "step": 1, "step_time": 0.2},
+               {"kl": 0.1, "time/update": 0.3, "step": 2},
+               {"train_loss": 1.0, "train_runtime": 3.0, "train_samples_per_second": 2.0, "total_flos": 5.0, "step": 2}]
+    kept, timing = split_timing(history)
+    assert kept == [{"loss": 1.0, "step": 1}, {"kl": 0.1, "step": 2}, {"train_loss": 1.0, "total_flos": 5.0, "step": 2}]
+    assert timing == [{"step": 1, "step_time": 0.2}, {"step": 2, "time/update": 0.3},
+                      {"step": 2, "train_runtime": 3.0, "train_samples_per_second": 2.0}]
