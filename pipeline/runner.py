@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline import artifacts, parallel, registry, schema
 from pipeline.artifacts import Artifact, ArtifactWriter
+from pipeline.attempts import AttemptLog
 from pipeline.errors import PipelineError
 from pipeline.recipe import Recipe, resolve_ref
 
@@ -46,6 +47,7 @@ class StageContext:
     parents: dict[str, Artifact]
     seed: int
     state: Any  # accelerate.PartialState
+    attempts: AttemptLog | None = None  # this stage's attempt records: training stages report resumes and checkpoints
 
     def resolve(self, value: str | None) -> str | None:
         """`${stage}` -> that stage's artifact folder (absolute); other values unchanged."""
@@ -141,8 +143,9 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
         metrics = done[name].manifest.get("metrics", {})
         shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
                           if isinstance(v, (int, float)))
+        attempts = len(done[name].manifest.get("attempts", []))
         _say(state, f"[{index}/{total}] {name}: done in {done[name].manifest.get('duration_s', 0):.1f}s"
-                    + (f" ({shown})" if shown else ""))
+                    + (f" over {attempts} attempts" if attempts > 1 else "") + (f" ({shown})" if shown else ""))
     if state.is_main_process:
         _write_report(recipe)
     return done
@@ -182,16 +185,17 @@ def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, don
 
     parents = {p: done[p] for p in recipe.parents[name]}
     seed = recipe.stage_seed(name)
+    attempts = AttemptLog(work_dir, write=state.is_main_process)
     ctx = StageContext(name=name, config=config, recipe=recipe, output_dir=writer.tmp, work_dir=work_dir,
-                       parents=parents, seed=seed, state=state)
+                       parents=parents, seed=seed, state=state, attempts=attempts)
     _seed_everything(seed)
-    started = time.time()
+    attempts.start()
     result: StageResult = registry.stage_module(config.kind).run(ctx)
-    duration = time.time() - started
+    durations = attempts.finish()
     _barrier(state)
 
     if state.is_main_process:
-        manifest = _manifest(recipe, name, config, fp, parents, result, duration)
+        manifest = _manifest(recipe, name, config, fp, parents, result, durations)
         manifest["world_size"] = state.num_processes
         manifest["distributed_type"] = getattr(state.distributed_type, "value", str(state.distributed_type))
         card = _card(recipe, name, config, parents, result)
@@ -227,8 +231,31 @@ def _seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
+TIMING_KEYS = {"train_runtime", "step_time"}  # plus "*_per_second" and "time/*": wall-clock, not results
+
+
+def is_timing_key(key: str) -> bool:
+    """A log entry's wall-clock measurement (the Trainer's train_runtime and throughputs, TRL's step_time, PPO's
+    time/*): it differs between two runs of the same stage, so it is kept out of `log_history`."""
+    return key in TIMING_KEYS or key.endswith("_per_second") or key.startswith("time/")
+
+
+def split_timing(log_history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(entries without their timing keys, the timing keys of each entry that has some, with its step)."""
+    results, timings = [], []
+    for entry in log_history:
+        results.append({k: v for k, v in entry.items() if not is_timing_key(k)})
+        timing = {k: v for k, v in entry.items() if is_timing_key(k)}
+        if timing:
+            timings.append({"step": entry.get("step"), **timing})
+    return results, timings
+
+
 def _manifest(recipe: Recipe, name: str, config: schema.StageBase, fp: str, parents: dict[str, Artifact],
-              result: StageResult, duration: float) -> dict[str, Any]:
+              result: StageResult, durations: dict[str, Any]) -> dict[str, Any]:
+    """The artifact's manifest. Everything but `created_at`, the durations, `attempts` and `timing` is the same
+    whether the stage ran once or was killed and resumed."""
+    log_history, timing = split_timing(result.log_history)
     return {
         "manifest_version": artifacts.MANIFEST_VERSION,
         "recipe": recipe.name,
@@ -245,8 +272,11 @@ def _manifest(recipe: Recipe, name: str, config: schema.StageBase, fp: str, pare
         "metrics": result.metrics,
         "base_model": result.base_model,
         "datasets": result.datasets,
-        "log_history": result.log_history,
-        "duration_s": round(duration, 3),
+        "log_history": log_history,
+        "duration_s": durations["duration_s"],  # every attempt's time
+        "last_attempt_duration_s": durations["last_attempt_duration_s"],
+        "attempts": durations["attempts"],
+        "timing": {"log_history": timing},
         "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "libraries": artifacts.library_versions(),
         **result.extra,

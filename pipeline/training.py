@@ -5,6 +5,7 @@ Imported by stage modules at run time; nothing runs at import.
 """
 from __future__ import annotations
 
+import json
 import math
 import os
 import signal
@@ -90,6 +91,62 @@ def last_checkpoint(ctx) -> str | None:
     return found
 
 
+def checkpoint_step(checkpoint: str | None) -> int:
+    """The optimizer step a Trainer checkpoint was saved at; 0 without one (a fresh start)."""
+    if checkpoint is None:
+        return 0
+    return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
+
+
+def attempt_progress(attempts):
+    """A callback that records each saved checkpoint in the stage's attempt log (so a killed attempt's time up to
+    its last checkpoint counts); None without a log."""
+    if attempts is None:
+        return None
+    from transformers import TrainerCallback
+
+    class AttemptProgress(TrainerCallback):
+        def on_save(self, args, state, control, **kwargs):
+            attempts.progress(state.global_step)
+
+    return AttemptProgress()
+
+
+def token_count(trainer):
+    """A callback that carries TRL's `num_tokens` counter across a resume. TRL keeps it in the trainer
+    (`_total_train_tokens`), not in the TrainerState a checkpoint holds, so a resumed run would count from 0 again;
+    this saves it in each checkpoint's trainer_state.json and sets it back when training starts from one."""
+    from transformers import TrainerCallback
+    from transformers.trainer_callback import ExportableState
+
+    class TokenCount(TrainerCallback, ExportableState):
+        def state(self) -> dict:
+            return {"args": {}, "attributes": {"total_train_tokens": getattr(trainer, "_total_train_tokens", 0)}}
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            saved = state.stateful_callbacks.setdefault(type(self).__name__, self.state())  # older checkpoints
+            if hasattr(trainer, "_total_train_tokens"):
+                trainer._total_train_tokens = saved["attributes"]["total_train_tokens"]
+
+    return TokenCount()
+
+
+def whole_run_loss(log_history: list[dict[str, Any]], resumed: int, attempt_loss: float, attempt_steps: int) -> float:
+    """Mean training loss over every step of a stage, across attempts: the steps up to `resumed` from the logged
+    losses (each entry averages the steps since the previous one), the `attempt_steps` after it from this attempt's
+    own mean. Steps that no log entry covers (when logging_steps does not divide save_steps) are left out."""
+    if resumed == 0:
+        return attempt_loss
+    total, covered, previous = 0.0, 0, 0
+    for entry in log_history:
+        step = entry.get("step", 0)
+        if "loss" in entry and previous < step <= resumed:
+            total += entry["loss"] * (step - previous)
+            covered, previous = covered + step - previous, step
+    steps = covered + attempt_steps
+    return (total + attempt_loss * attempt_steps) / steps if steps else attempt_loss
+
+
 def nan_guard(stage: str | None = None):
     """A TrainerCallback that stops the stage when the logged loss or gradient norm is NaN/inf."""
     from transformers import TrainerCallback
@@ -164,16 +221,34 @@ def nan_hook(stage: str):
 
 
 def train(trainer, ctx) -> Any:
-    """Run `trainer.train()`, resuming from the stage's last checkpoint if a previous run was killed."""
-    for hook in (nan_hook(ctx.name), nan_guard(ctx.name), kill_hook(ctx.name)):
+    """Run `trainer.train()`, resuming from the stage's last checkpoint if a previous run was killed. The returned
+    TrainOutput's `training_loss`, like the `train_loss` of the trainer's last log entry (rewritten here), is the
+    mean over every step of the stage, those of killed attempts included."""
+    attempts = getattr(ctx, "attempts", None)
+    # the attempt log first: the kill hook (crash tests) dies in on_save, after the checkpoint is recorded
+    for hook in (attempt_progress(attempts), token_count(trainer), nan_hook(ctx.name), nan_guard(ctx.name),
+                 kill_hook(ctx.name)):
         if hook is not None:
             trainer.add_callback(hook)
     checkpoint = last_checkpoint(ctx)
+    resumed = checkpoint_step(checkpoint)
+    if attempts is not None:
+        attempts.resumed_from(resumed)
     if checkpoint is not None and ctx.is_main:
         print(f"{ctx.name}: resuming from {checkpoint}", flush=True)
     output = trainer.train(resume_from_checkpoint=checkpoint)
     check_weights_agree(trainer, ctx)
-    return output
+    return whole_run_output(trainer, output, resumed)
+
+
+def whole_run_output(trainer, output, resumed: int):
+    """`output` with the training loss of the whole stage (see `whole_run_loss`) in place of this attempt's, also
+    written into the trainer's summary log entry (the one holding `train_loss`)."""
+    history = trainer.state.log_history
+    loss = whole_run_loss(history, resumed, output.training_loss, output.global_step - resumed)
+    if history and "train_loss" in history[-1]:
+        history[-1]["train_loss"] = loss
+    return output._replace(training_loss=loss, metrics={**output.metrics, "train_loss": loss})
 
 
 def check_weights_agree(trainer, ctx) -> None:

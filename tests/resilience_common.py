@@ -4,6 +4,8 @@ written into a temporary folder and a way to run the CLI in a subprocess. Import
 from __future__ import annotations
 
 import functools
+import json
+import math
 import os
 import shutil
 import subprocess
@@ -88,3 +90,42 @@ def snapshot(folder: Path) -> dict[str, tuple[int, int]]:
     """(inode, mtime_ns) of every file under an artifact folder, to prove it was never rewritten."""
     return {str(p.relative_to(folder)): (p.stat().st_ino, p.stat().st_mtime_ns)
             for p in sorted(folder.rglob("*")) if p.is_file()} | {".": (folder.stat().st_ino, 0)}
+
+
+# Manifest keys that differ between two runs of the same stage by design: when they ran and for how long.
+RUN_SPECIFIC_KEYS = ("created_at", "duration_s", "last_attempt_duration_s", "attempts", "timing")
+
+
+def manifest_differences(got, want, *, rel: float = 1e-5, roots: tuple[Path, Path] | None = None,
+                         path: str = "") -> list[str]:
+    """Where two manifests differ, ignoring exactly RUN_SPECIFIC_KEYS (top level) and, with `roots` (the two
+    runs' folders), the folder each run wrote into. Floats match within `rel` (relative); all else exactly."""
+    if not path:
+        got = {k: v for k, v in got.items() if k not in RUN_SPECIFIC_KEYS}
+        want = {k: v for k, v in want.items() if k not in RUN_SPECIFIC_KEYS}
+    if isinstance(got, dict) and isinstance(want, dict):
+        if got.keys() != want.keys():
+            return [f"{path or '.'}: keys {sorted(got.keys() ^ want.keys())} in only one"]
+        return [d for k in want for d in manifest_differences(got[k], want[k], rel=rel, roots=roots,
+                                                              path=f"{path}.{k}")]
+    if isinstance(got, list) and isinstance(want, list):
+        if len(got) != len(want):
+            return [f"{path}: {len(got)} items, want {len(want)}"]
+        return [d for i, (g, w) in enumerate(zip(got, want))
+                for d in manifest_differences(g, w, rel=rel, roots=roots, path=f"{path}[{i}]")]
+    if isinstance(got, float) and isinstance(want, float):
+        same = math.isclose(got, want, rel_tol=rel, abs_tol=1e-12) or (math.isnan(got) and math.isnan(want))
+        return [] if same else [f"{path}: {got!r}, want {want!r}"]
+    if isinstance(got, str) and isinstance(want, str) and roots is not None:
+        got, want = got.replace(str(roots[0]), "<run>"), want.replace(str(roots[1]), "<run>")
+    return [] if (got == want and type(got) is type(want)) else [f"{path}: {got!r}, want {want!r}"]
+
+
+def assert_same_manifests(got_dir: Path, want_dir: Path, stages, **options) -> None:
+    """Every stage's manifest under `got_dir` equals the one under `want_dir` (see manifest_differences)."""
+    problems = []
+    for stage in stages:
+        got = json.loads((Path(got_dir) / stage / "manifest.json").read_text())
+        want = json.loads((Path(want_dir) / stage / "manifest.json").read_text())
+        problems += [f"{stage}{d}" for d in manifest_differences(got, want, **options)]
+    assert not problems, "manifests differ from the uninterrupted run's:\n" + "\n".join(problems)

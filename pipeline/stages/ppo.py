@@ -116,6 +116,20 @@ def check_batches_split(ctx: StageContext) -> None:
                                 fix=f"use a multiple of {world} (it is the global batch, shared by all ranks)")
 
 
+def after_checkpoint(ctx: StageContext):
+    """What runs once every rank is past a PPO checkpoint of `step`: the attempt log records it, then the crash
+    tests' kill hook (PIPELINE_TEST_KILL_AT) may end the process."""
+    kill = training.kill_after_checkpoint(ctx.name)
+
+    def after(step: int) -> None:
+        if ctx.attempts is not None:
+            ctx.attempts.progress(step)
+        if kill is not None:
+            kill(step)
+
+    return after
+
+
 def run(ctx: StageContext) -> StageResult:
     refuse_sharding(ctx)
     check_batches_split(ctx)
@@ -128,13 +142,15 @@ def run(ctx: StageContext) -> StageResult:
     policy = trainer.accelerator.unwrap_model(trainer.m.policy)
     reference = "adapter-disabled" if m.reference is None else m.reference
     resumed = trainer.load_checkpoint()
+    if ctx.attempts is not None:
+        ctx.attempts.resumed_from(trainer.state.step)
     if resumed and ctx.is_main:
         print(f"{ctx.name}: resumed from its checkpoint at step {trainer.state.step}", flush=True)
     if resumed and trainer.state.before is not None:  # the starting policy was measured before the interruption
         before = trainer.state.before
     else:
         before = trainer.state.before = evaluate(policy, None, m, held_out, cfg, trainer.sharded)
-    history = trainer.train(progress=ctx.is_main, after_checkpoint=training.kill_after_checkpoint(ctx.name))
+    history = trainer.train(progress=ctx.is_main, after_checkpoint=after_checkpoint(ctx))
     after = evaluate(policy, reference, m, held_out, cfg, trainer.sharded)
     metrics = {"train_prompts": len(loaded.train), "eval_prompts": len(held_out), "steps": trainer.state.step,
                "episodes": trainer.state.step * cfg.rollout_batch_size}
