@@ -205,3 +205,16 @@ def test_hh_rlhf_rows_normalise_to_prompt_chosen_rejected():
         assert item["prompt"] + item["chosen"] == chosen and item["prompt"] + item["rejected"] == rejected
         assert item["prompt"][0]["role"] == "user" and item["prompt"][-1]["role"] == "user"
         assert item["chosen"][0]["role"] == "assistant" and item["chosen"] != item["rejected"]
+
+
+def test_pretrained_base_keeps_the_chat_end_of_sequence(tiny_chain):
+    """Packing separates documents with <|endoftext|>, but the artifact keeps the tokenizer's chat EOS (<|im_end|>):
+    with the separator as EOS, greedy answers ran past the end of their turn and exact match read the next turn."""
+    from transformers import AutoConfig, AutoTokenizer, GenerationConfig
+
+    base, tokenizer = tiny_chain.output / "base", AutoTokenizer.from_pretrained(tiny_chain.output / "tokenizer")
+    assert tokenizer.eos_token == "<|im_end|>"
+    assert AutoTokenizer.from_pretrained(base).eos_token == "<|im_end|>"
+    assert AutoConfig.from_pretrained(base).eos_token_id == tokenizer.eos_token_id
+    eos = GenerationConfig.from_pretrained(base).eos_token_id
+    assert eos == tokenizer.eos_token_id or eos == [tokenizer.eos_token_id]

@@ -31,6 +31,21 @@ def document_separator(tokenizer) -> str:
     return bos if bos and bos != eos and bos == "<|endoftext|>" else eos
 
 
+def end_of_sequence(model, tokenizer) -> tuple[str, object, object]:
+    """The tokenizer's EOS, the model config's and the generation config's EOS ids, before training."""
+    generation = getattr(model, "generation_config", None)
+    return tokenizer.eos_token, model.config.eos_token_id, getattr(generation, "eos_token_id", None)
+
+
+def restore_end_of_sequence(model, tokenizer, saved: tuple[str, object, object]) -> None:
+    """Give the artifact back the EOS it had before training. TRL's SFTTrainer makes the packing separator
+    (`<|endoftext|>`) the tokenizer's and the model's EOS; saved that way, every later stage would generate past a
+    chat turn's `<|im_end|>` (greedy answers read the next turn's numbers, PPO charges a missing-EOS penalty)."""
+    tokenizer.eos_token, model.config.eos_token_id, generation_eos = saved
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.eos_token_id = generation_eos
+
+
 def run(ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
@@ -41,6 +56,7 @@ def run(ctx: StageContext) -> StageResult:
     args = SFTConfig(**training.trainer_kwargs(ctx, cfg.train), dataset_text_field="text",
                      max_length=cfg.train.max_length, packing=packing, packing_strategy="wrapped",
                      eos_token=document_separator(tokenizer), completion_only_loss=False)
+    chat_eos = end_of_sequence(model, tokenizer)
     trainer = SFTTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer)
     eval_texts = loaded.eval["text"] if loaded.eval is not None else None
     metrics: dict = {"parameters": sum(p.numel() for p in model.parameters()), "train_rows": len(loaded.train)}
@@ -52,6 +68,7 @@ def run(ctx: StageContext) -> StageResult:
         metrics["eval_loss_after"] = scoring.lm_loss(trainer.model, tokenizer, eval_texts,
                                                      max_length=cfg.train.max_length)
         metrics["eval_perplexity_after"] = scoring.perplexity(metrics["eval_loss_after"])
+    restore_end_of_sequence(trainer.model, tokenizer, chat_eos)
     models.save_trained(ctx, trainer, tokenizer, merge_lora=False)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources,
                        log_history=training.log_history(trainer), tags=["pretraining"])
