@@ -288,6 +288,8 @@ class PpoStage(TrainedStage):
     entropy_coef: float = Field(0.0, ge=0)
     value_learning_rate: float | None = Field(default=None, gt=0)
     eval_prompts: int = Field(64, gt=0)
+    eval_samples: int = Field(4, gt=0, description="answers sampled per held-out prompt for the sampled reward, "
+                                                   "exact match and KL, before and after training")
 
 
 class OnlineRLStage(TrainedStage):

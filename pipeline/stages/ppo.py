@@ -45,37 +45,64 @@ def build_models(ctx: StageContext, policy, tokenizer) -> tr.Models:
 
 def evaluate(policy, reference, m: tr.Models, rows: list[dict[str, Any]], cfg,
              synced: bool = False) -> dict[str, float]:
-    """Greedy answers on held-out prompts: mean reward (reward model + rules), exact match, and sampled KL.
-    Every rank evaluates the same prompts; `synced` when the policy is sharded (FSDP)."""
+    """The policy on held-out prompts: greedy answers (mean reward, exact match) and answers sampled at the training
+    temperature, `eval_samples` per prompt (`sampled_reward`, `sampled_accuracy`, and the KL to `reference` when
+    given). Rewards are the stage's own (reward model + rules). Every rank evaluates the same prompts; `synced` when
+    the policy is sharded (FSDP)."""
     if not rows:
         return {}
-    prompt_ids = ro.encode_prompts(m.tokenizer, rows)
-    batch = ro.rollout(policy, m.tokenizer, rows, prompt_ids, cfg, do_sample=False, synced_gpus=synced)
     import torch
 
+    prompt_ids = ro.encode_prompts(m.tokenizer, rows)
+    batch = ro.rollout(policy, m.tokenizer, rows, prompt_ids, cfg, do_sample=False, synced_gpus=synced)
     with torch.no_grad():  # not inference_mode: FSDP2 reuses the gathered weights in training
         rewards = ro.score(m.reward, m.tokenizer, batch, cfg, m.reward_tokenizer)
     out = {"reward": rewards.mean().item()}
-    if all(row.get("answer") is not None for row in rows):
+    if has_answers(rows):
         out["accuracy"] = scoring.exact_match(batch.texts, [row["answer"] for row in rows])
-    if reference is not None:
-        out["kl"] = sampled_kl(policy, reference, m, rows, prompt_ids, cfg, synced)
+    out.update(sampled_evaluation(policy, reference, m, rows, cfg, synced))
     return out
 
 
-def sampled_kl(policy, reference, m: tr.Models, rows, prompt_ids, cfg, synced: bool = False) -> float:
-    """Mean over prompts of sum over response tokens of log pi(y) - log ref(y), y sampled from the policy."""
+def has_answers(rows: list[dict[str, Any]]) -> bool:
+    return all(row.get("answer") is not None for row in rows)
+
+
+def sampled_evaluation(policy, reference, m: tr.Models, rows: list[dict[str, Any]], cfg,
+                       synced: bool = False) -> dict[str, float]:
+    """Mean reward, exact match and (with a reference) KL of `eval_samples` sampled answers per prompt, generated in
+    batches of `rollout_batch_size`. KL: mean over answers of the sum over tokens of log pi(y) - log ref(y)."""
     import torch
 
-    batch = ro.rollout(policy, m.tokenizer, rows, prompt_ids, cfg, do_sample=True, synced_gpus=synced)
-    with torch.no_grad():  # not inference_mode: FSDP2 reuses the gathered weights in training
-        logp = ro.policy_forward(policy, batch, cfg.temperature)[0]
-        if reference == "adapter-disabled":
-            with policy.disable_adapter():
-                ref = ro.policy_forward(policy, batch, cfg.temperature)[0]
-        else:
-            ref = ro.policy_forward(reference, batch, cfg.temperature)[0]
-    return ((logp - ref) * batch.response_mask).sum(1).mean().item()
+    repeated = [row for row in rows for _ in range(cfg.eval_samples)]
+    rewards, texts, kls = [], [], []
+    for start in range(0, len(repeated), cfg.rollout_batch_size):
+        chunk = repeated[start:start + cfg.rollout_batch_size]
+        batch = ro.rollout(policy, m.tokenizer, chunk, ro.encode_prompts(m.tokenizer, chunk), cfg, do_sample=True,
+                           synced_gpus=synced)
+        texts += batch.texts
+        with torch.no_grad():  # not inference_mode: FSDP2 reuses the gathered weights in training
+            rewards += ro.score(m.reward, m.tokenizer, batch, cfg, m.reward_tokenizer).tolist()
+            if reference is not None:
+                kls += sequence_kl(policy, reference, batch, cfg).tolist()
+    out = {"sampled_reward": sum(rewards) / len(rewards)}
+    if has_answers(rows):
+        out["sampled_accuracy"] = scoring.exact_match(texts, [row["answer"] for row in repeated])
+    if kls:
+        out["kl"] = sum(kls) / len(kls)
+    return out
+
+
+def sequence_kl(policy, reference, batch, cfg):
+    """Per answer: the sum over its tokens of log pi(y) - log ref(y) (`reference` may be "adapter-disabled": the
+    policy's own base under its LoRA adapter)."""
+    logp = ro.policy_forward(policy, batch, cfg.temperature)[0]
+    if reference == "adapter-disabled":
+        with policy.disable_adapter():
+            ref = ro.policy_forward(policy, batch, cfg.temperature)[0]
+    else:
+        ref = ro.policy_forward(reference, batch, cfg.temperature)[0]
+    return ((logp - ref) * batch.response_mask).sum(1)
 
 
 def eval_rows(loaded, cfg) -> list[dict[str, Any]]:
