@@ -267,6 +267,9 @@ class PpoStage(TrainedStage):
     rollout_batch_size: int = Field(16, gt=0)
     mini_batch_size: int = Field(8, gt=0)
     ppo_epochs: int = Field(2, gt=0)
+    forward_batch_size: int = Field(8, gt=0, description="episodes per no-grad scoring forward (old and reference "
+                                    "log-probs, values, reward scores): bounds scoring memory; larger is faster "
+                                    "on a GPU")
     max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0)

@@ -130,3 +130,44 @@ def test_resume_continues_from_checkpoint(tmp_path, tiny):
     history = second.train(progress=False)
     assert [h["step"] for h in history] == [1, 2, 3]
     assert ppo.evaluate is not None
+
+
+def test_scoring_in_micro_batches_equals_one_full_pass(tiny):
+    """Log-probs and entropy from response-position logits (chunked, in micro-batches trimmed of their padding)
+    equal a full-vocabulary log-softmax over one whole-batch forward; so do the critic's values."""
+    from pipeline.models import load_causal_lm, load_reward_model, load_tokenizer
+    from pipeline.rl import losses
+    from pipeline.rl import rollout as ro
+    from pipeline.rl import trainer as tr
+    from pipeline.schema import ModelSection
+
+    tokenizer = load_tokenizer(str(tiny / "sft"))
+    policy = load_causal_lm(str(tiny / "sft"), ModelSection(path=str(tiny / "sft"))).eval()
+    critic = tr.Critic(load_reward_model(str(tiny / "reward"))).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 200, (n,), generator=generator).tolist() for n in (3, 9, 5, 2, 7)]
+    query, query_mask = ro.left_pad(prompts, tokenizer.pad_token_id)
+    response = torch.randint(5, 200, (5, 6), generator=generator)
+    response_mask = torch.tensor([[1] * 6, [1] * 2 + [0] * 4, [1] * 6, [1] * 4 + [0] * 2, [1] + [0] * 5])
+    response = torch.where(response_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
+    batch = ro.Rollout(query, query_mask, response, response_mask, response_mask[:, -1] == 0, [""] * 5,
+                       [{}] * 5)
+    temperature = 0.7
+    with torch.no_grad():
+        ids, attention, positions = ro.sequence_inputs(batch)
+        logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+        logits = logits[:, query.shape[1] - 1:-1].float() / temperature
+        want = torch.log_softmax(logits, -1).gather(-1, response[..., None]).squeeze(-1)
+        want_entropy = losses.entropy_from_logits(logits)
+        got = ro.per_row(lambda part: ro.policy_forward(policy, part, temperature)[0], batch, 2)
+        got_entropy = ro.per_row(lambda part: ro.policy_forward(policy, part, temperature, True)[1], batch, 3)
+        values, want_values = ro.per_row(critic, batch, 2), critic(batch)
+    mask = response_mask.bool()
+    assert torch.allclose(got[mask], want[mask], atol=1e-5)
+    assert torch.allclose(got_entropy[mask], want_entropy[mask], atol=1e-5)
+    assert torch.allclose(values[mask], want_values[mask], atol=1e-5)
+    assert ro.keep_last(policy, 7) == {"logits_to_keep": 7}
+    trimmed = ro.trim_left_padding(ro.select(batch, [0, 3]))  # prompts of 3 and 2 tokens: 3 columns left
+    assert trimmed.query.shape == (2, 3) and trimmed.texts == ["", ""]
+    groups = [group for group, _ in ro.micro_batches(batch, 2)]
+    assert groups == [[3, 0], [2, 4], [1]]  # by prompt length

@@ -158,12 +158,18 @@ class PPOTrainer:
     def _reference_logprobs(self, batch: ro.Rollout) -> torch.Tensor:
         policy = self.accelerator.unwrap_model(self.m.policy)
         if self.m.reference is not None:
-            return ro.policy_forward(self.m.reference, batch, self.cfg.temperature)[0]
+            return self._per_row(lambda part: ro.policy_forward(self.m.reference, part, self.cfg.temperature)[0],
+                                 batch)
         with policy.disable_adapter():
-            return ro.policy_forward(policy, batch, self.cfg.temperature)[0]
+            return self._per_row(lambda part: ro.policy_forward(policy, part, self.cfg.temperature)[0], batch)
+
+    def _per_row(self, fn, batch: ro.Rollout) -> torch.Tensor:
+        """`fn` over micro-batches of `forward_batch_size` episodes (similar prompt lengths together), in row order."""
+        return ro.per_row(fn, batch, self.cfg.forward_batch_size)
 
     def collect(self) -> tuple[ro.Rollout, dict[str, float]]:
-        """Sample a batch and attach old log-probs, reference log-probs, values, scores, rewards and advantages."""
+        """Sample a batch and attach old log-probs, reference log-probs, values, scores, rewards and advantages.
+        The scoring passes run without autograd in micro-batches of `forward_batch_size` episodes."""
         cfg, times = self.cfg, {}
         idx = self._next_rows()
         rows = [self.rows[i] for i in idx]
@@ -175,9 +181,9 @@ class PPOTrainer:
         times["time/generation"] = time.perf_counter() - started
         started = time.perf_counter()
         with torch.no_grad(), self.accelerator.autocast():  # no_grad, not inference_mode (FSDP2)
-            old_logprobs = ro.policy_forward(policy, batch, cfg.temperature)[0]
+            old_logprobs = self._per_row(lambda part: ro.policy_forward(policy, part, cfg.temperature)[0], batch)
             ref_logprobs = self._reference_logprobs(batch)
-            values = self.m.critic(batch)
+            values = self._per_row(self.m.critic, batch)
             batch.scores = ro.score(self.m.reward, self.m.tokenizer, batch, cfg, self.m.reward_tokenizer)
         times["time/scoring"] = time.perf_counter() - started
         self._attach_advantages(batch, old_logprobs, ref_logprobs, values)
@@ -202,7 +208,8 @@ class PPOTrainer:
 
     def _minibatch_loss(self, mb: ro.Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         cfg, mask, ex = self.cfg, mb.response_mask.float(), mb.extra
-        logprobs, entropy = ro.policy_forward(self.m.policy, mb, cfg.temperature, with_entropy=True)
+        logprobs, entropy = ro.policy_forward(self.m.policy, mb, cfg.temperature, with_entropy=True,
+                                              entropy_grad=cfg.entropy_coef > 0)
         pg_loss, clip_frac, approx_kl = losses.policy_loss(logprobs, ex["old_logprobs"], ex["advantages"], mask,
                                                            cfg.clip_range)
         values = self.m.critic(mb)
@@ -229,7 +236,7 @@ class PPOTrainer:
                 for micro_start in range(0, len(chunk), micro):
                     part = chunk[micro_start:micro_start + micro]
                     with acc.autocast():
-                        loss, stats = self._minibatch_loss(select(batch, part))
+                        loss, stats = self._minibatch_loss(ro.trim_left_padding(ro.select(batch, part)))
                     check_finite(loss, self.state.step)
                     acc.backward(loss * len(part) / len(chunk))
                     collected.append(stats)
@@ -369,15 +376,6 @@ class PPOTrainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         log.info("ppo: resumed from %s at step %d", path, self.state.step)
         return True
-
-
-def select(batch: ro.Rollout, index: list[int]) -> ro.Rollout:
-    """The rows `index` of a rollout (tensors and lists)."""
-    idx = torch.tensor(index, device=batch.query.device)
-    return ro.Rollout(batch.query[idx], batch.query_mask[idx], batch.response[idx], batch.response_mask[idx],
-                      batch.has_eos[idx], [batch.texts[i] for i in index], [batch.rows[i] for i in index],
-                      None if batch.scores is None else batch.scores[idx],
-                      {k: v[idx] for k, v in batch.extra.items()})
 
 
 def step_stats(scores: torch.Tensor, lengths: torch.Tensor, ended: torch.Tensor, kl_seq: float,

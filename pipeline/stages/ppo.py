@@ -68,13 +68,19 @@ def sampled_kl(policy, reference, m: tr.Models, rows, prompt_ids, cfg, synced: b
     import torch
 
     batch = ro.rollout(policy, m.tokenizer, rows, prompt_ids, cfg, do_sample=True, synced_gpus=synced)
+
+    def logprobs(model):
+        """Per-token log-probs of the sampled responses, in micro-batches of `forward_batch_size`."""
+        return ro.per_row(lambda part: ro.policy_forward(model, part, cfg.temperature)[0], batch,
+                          cfg.forward_batch_size)
+
     with torch.no_grad():  # not inference_mode: FSDP2 reuses the gathered weights in training
-        logp = ro.policy_forward(policy, batch, cfg.temperature)[0]
+        logp = logprobs(policy)
         if reference == "adapter-disabled":
             with policy.disable_adapter():
-                ref = ro.policy_forward(policy, batch, cfg.temperature)[0]
+                ref = logprobs(policy)
         else:
-            ref = ro.policy_forward(reference, batch, cfg.temperature)[0]
+            ref = logprobs(reference)
     return ((logp - ref) * batch.response_mask).sum(1).mean().item()
 
 
