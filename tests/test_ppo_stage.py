@@ -171,3 +171,42 @@ def test_scoring_in_micro_batches_equals_one_full_pass(tiny):
     assert trimmed.query.shape == (2, 3) and trimmed.texts == ["", ""]
     groups = [group for group, _ in ro.micro_batches(batch, 2)]
     assert groups == [[3, 0], [2, 4], [1]]  # by prompt length
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_update_in_micro_batches_equals_one_forward(tmp_path, tiny, lora):
+    """The update's forwards in length-grouped micro-batches of one episode (outputs joined before the loss, policy
+    and critic backpropagated one after the other) train the same weights as whole-minibatch forwards."""
+    from pipeline import models, schema
+    from pipeline.models import load_causal_lm, load_reward_model, load_tokenizer
+    from pipeline.rl import trainer as tr
+
+    tokenizer = load_tokenizer(str(tiny / "sft"))
+    rows = [{"prompt": [{"role": "user", "content": "Add " + " and ".join(["2"] * (i % 4 + 1)) + "."}],
+             "answer": str(2 * (i % 4 + 1))} for i in range(8)]  # prompts of different lengths
+
+    def train(forward_batch_size: int):
+        torch.manual_seed(0)
+        policy = load_causal_lm(str(tiny / "sft"), schema.ModelSection(path=str(tiny / "sft")))
+        reference = None
+        if lora:
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, models.lora_config(schema.LoraSection(dropout=0.0)))
+        else:
+            reference = tr.reference_copy(policy)
+        m = tr.Models(policy=policy, critic=tr.Critic(load_reward_model(str(tiny / "reward"))),
+                      reward=load_reward_model(str(tiny / "reward")), tokenizer=tokenizer, reference=reference)
+        cfg = schema.PpoStage(kind="ppo", model="unused", reward_model="unused", data={"path": "unused"},
+                              train={"learning_rate": 1e-3, "save_steps": 10 ** 6}, total_episodes=16,
+                              rollout_batch_size=8, mini_batch_size=4, max_new_tokens=5,
+                              forward_batch_size=forward_batch_size, rewards=[{"type": "exact_match"}])
+        trainer = tr.PPOTrainer(cfg, m, rows, None)
+        history = trainer.train(progress=False)
+        return history, [p.detach().clone() for p in list(policy.parameters()) + list(m.critic.parameters())]
+
+    (whole, whole_weights), (micro, micro_weights) = train(8), train(1)
+    for a, b in zip(whole, micro):
+        for key in ("reward/mean", "kl", "loss/policy", "loss/value", "policy/entropy"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert max((a - b).abs().max().item() for a, b in zip(whole_weights, micro_weights)) < 1e-5

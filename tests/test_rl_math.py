@@ -26,6 +26,30 @@ def test_masked_mean_and_var():
     assert adv.masked_mean(rows, torch.tensor([[1, 0], [1, 1]]), dim=1).tolist() == pytest.approx([1.0, 6.0])
 
 
+def test_masked_mean_pieces_over_the_whole_count_sum_to_the_mean():
+    x, mask = torch.tensor([[1.0, 3.0, 100.0], [5.0, 7.0, 9.0]]), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    count = mask.sum()  # 5 valid entries: mean (1 + 3 + 5 + 7 + 9) / 5 = 5
+    pieces = [adv.masked_mean(x[i:i + 1], mask[i:i + 1], count=count) for i in range(2)]
+    assert [p.item() for p in pieces] == pytest.approx([4 / 5, 21 / 5])
+    assert sum(pieces).item() == pytest.approx(adv.masked_mean(x, mask).item()) == pytest.approx(5.0)
+
+
+def test_loss_pieces_sum_to_the_minibatch_loss():
+    generator = torch.Generator().manual_seed(0)
+    new, old, advantages, values, returns = (torch.randn(4, 5, generator=generator) for _ in range(5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
+    whole_pg = losses.policy_loss(new, old, advantages, mask, 0.2)
+    whole_vf = losses.value_loss(values, old, returns, mask, 0.2)
+    count = mask.sum()
+    rows = ([0, 3], [1], [2])
+    pg = [losses.policy_loss(new[r], old[r], advantages[r], mask[r], 0.2, count) for r in rows]
+    vf = [losses.value_loss(values[r], old[r], returns[r], mask[r], 0.2, count) for r in rows]
+    for k in range(3):
+        assert sum(p[k] for p in pg).item() == pytest.approx(whole_pg[k].item())
+    for k in range(2):
+        assert sum(v[k] for v in vf).item() == pytest.approx(whole_vf[k].item())
+
+
 def test_masked_whiten():
     x = torch.tensor([[1.0, 3.0, 100.0]])
     out = adv.masked_whiten(x, MASK, eps=0.0)

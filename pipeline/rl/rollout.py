@@ -187,22 +187,34 @@ def select(batch: Rollout, index: list[int]) -> Rollout:
 
 def micro_batches(batch: Rollout, size: int) -> list[tuple[list[int], Rollout]]:
     """Rows grouped by prompt length into micro-batches of at most `size` (similar lengths share padding), each
-    trimmed of its all-padding columns: (row indices, micro-batch) pairs covering every row once."""
+    trimmed of its all-padding columns: (row indices, micro-batch) pairs covering every row once (a single
+    micro-batch keeps the rows in their order)."""
+    if size >= len(batch.texts):  # one micro-batch: the rows as they are
+        return [(list(range(len(batch.texts))), trim_left_padding(batch))]
     lengths = batch.query_mask.sum(1).tolist()
     order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
     groups = [order[start:start + size] for start in range(0, len(order), max(1, size))]
     return [(group, trim_left_padding(select(batch, group))) for group in groups]
 
 
-def per_row(fn, batch: Rollout, size: int) -> torch.Tensor:
-    """`fn(micro_batch)` (a tensor with one row per episode) over micro-batches of at most `size` episodes,
-    reassembled in the batch's row order."""
+def per_row(fn, batch: Rollout, size: int):
+    """`fn(micro_batch)` over micro-batches of at most `size` episodes (see `micro_batches`), its per-episode
+    outputs (a tensor, or a tuple of tensors / None, with one row per episode) reassembled in the batch's row order.
+    The reassembly is a gather, so gradients flow back to each micro-batch's forward."""
     parts = micro_batches(batch, size)
     outputs = [fn(part) for _, part in parts]
-    rows = torch.tensor([i for group, _ in parts for i in group], device=outputs[0].device)
-    result = torch.empty((len(batch.texts), *outputs[0].shape[1:]), dtype=outputs[0].dtype, device=outputs[0].device)
-    result[rows] = torch.cat(outputs)
-    return result
+    order = [i for group, _ in parts for i in group]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+
+    def join(pieces):
+        if pieces[0] is None:
+            return None
+        return torch.cat(pieces)[inverse.to(pieces[0].device)]
+
+    if isinstance(outputs[0], tuple):
+        return tuple(join([out[k] for out in outputs]) for k in range(len(outputs[0])))
+    return join(outputs)
 
 
 def score(reward_model, tokenizer, batch: Rollout, cfg, reward_tokenizer=None) -> torch.Tensor:
