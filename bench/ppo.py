@@ -289,6 +289,10 @@ datasets.Dataset.from_dict = lambda mapping, *a, **kw: from_dict(
 sys.argv = [anchor, str(settings["model"]["hidden_size"]), str(settings["model"]["num_hidden_layers"])]
 scope = runpy.run_path(anchor, run_name="__main__")
 history = scope["tr"].state.log_history
+lengths = [len(ids) for ids in scope["ds"]["input_ids"]]
+print("SHAPE", json.dumps({"prompt_tokens_mean": sum(lengths) / len(lengths), "prompts": len(lengths),
+                           "policy_params": sum(p.numel() for p in scope["policy"].parameters()),
+                           "vocab_size": scope["policy"].config.vocab_size}))
 print("CURVES", json.dumps({"reward": [h["objective/scores"] for h in history if "objective/scores" in h],
                             "kl": [h["objective/kl"] for h in history if "objective/kl" in h]}))
 print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
@@ -323,7 +327,8 @@ def run_anchor_smollm2(work: Path, settings: dict, model: dict, prompt_ids: list
     steps = settings["steps"]
     return {"seconds": seconds, "episodes_per_s": episodes / seconds, "steps": steps,
             "seconds_per_step": seconds / steps, "reward_per_step": curves["reward"], "kl_per_step": curves["kl"],
-            "peak_rss_mib": int(re.search(r"MAXRSS (\d+)", out.stdout).group(1)) / 1024}
+            "peak_rss_mib": int(re.search(r"MAXRSS (\d+)", out.stdout).group(1)) / 1024,
+            **json.loads(re.search(r"SHAPE (.*)", out.stdout).group(1))}
 
 
 def smollm2_gguf() -> tuple[str, str] | None:
