@@ -44,7 +44,8 @@ ANCHOR_PY = Path(os.environ.get("OLDTRL_PYTHON", "/work/oldtrl-venv/bin/python")
 SIZES = [(128, 2), (512, 4)]
 EPISODES, BATCH, RESPONSE = 128, 8, 32
 BASELINE = "d2e1874"  # the PPO code before response-only chunked log-probs and micro-batched scoring
-HH_FILE = Path(os.environ.get("PIPELINE_SHARED", ROOT.parent / "shared")) / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
+SHARED = Path(os.environ.get("PIPELINE_SHARED", ROOT.parent / "shared"))
+HH_FILE = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
                rms_norm_eps=1e-5)
@@ -399,7 +400,8 @@ def bench_smollm2(settings: dict, config: dict, baseline: str | None) -> dict:
 def summary(run: dict) -> str:
     if "episodes_per_s" not in run:
         return run.get("error") or run.get("skipped", "n/a")
-    return f"{run['episodes_per_s']:.3f} ep/s, {run['seconds_per_step']:.1f} s/step, peak RSS {run['peak_rss_mib']:.0f} MiB"
+    return (f"{run['episodes_per_s']:.3f} ep/s, {run['seconds_per_step']:.1f} s/step, "
+            f"peak RSS {run['peak_rss_mib']:.0f} MiB")
 
 
 def run_smol_child(spec: dict, work: Path) -> dict:
@@ -543,7 +545,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=SMOL_SETTINGS["steps"], help="PPO steps of each SmolLM2 side")
     parser.add_argument("--baseline", default=BASELINE, help="commit whose PPO code is the 'before' side ('' skips)")
     parser.add_argument("--quick", action="store_true",
-                        help="smoke run: SmolLM2 vocabulary and widths but 2 layers, 8 new tokens, 1 step; writes nothing")
+                        help="smoke run: SmolLM2 vocabulary and widths, 2 layers, 8 new tokens, 1 step; writes nothing")
     args = parser.parse_args(argv)
     out = ROOT / "bench" / "results"
     stored = json.loads((out / "ppo.json").read_text()) if (out / "ppo.json").exists() and args.only else {}

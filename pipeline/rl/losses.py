@@ -30,7 +30,8 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float, count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                clip_range: float,
+                count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate: (loss, clip fraction, approx-KL = mean((logp - old)^2) / 2), all masked means.
 
     Every term is per token, so with `count` = the whole minibatch's valid tokens the results of its pieces (rows
