@@ -1,6 +1,7 @@
 """PPO rollouts: tokenise prompts once, sample responses with the KV cache from left-padded batches, cut them at
-the first EOS or stop string, compute per-token log-probs / values in single forward passes, and score responses
-with the reward model plus rule rewards (and a penalty for a missing EOS).
+the first EOS or stop string, compute per-token log-probs (LM head on response positions only, chunked float32
+maths in `pipeline.rl.logprobs`) and values over length-grouped micro-batches (`per_row`), and score responses with
+the reward model plus rule rewards (and a penalty for a missing EOS).
 
 Called by `pipeline.rl.trainer` and `pipeline.stages.ppo` at run time; nothing runs at import.
 """
