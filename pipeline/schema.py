@@ -267,6 +267,11 @@ class PpoStage(TrainedStage):
     rollout_batch_size: int = Field(16, gt=0)
     mini_batch_size: int = Field(8, gt=0)
     ppo_epochs: int = Field(2, gt=0)
+    forward_batch_size: int = Field(8, gt=0, description="episodes per forward pass, grouped by prompt length: "
+                                    "the no-grad scoring passes (old and reference log-probs, values, reward "
+                                    "scores) and, in one process, the update's forward/backward pieces (gradients "
+                                    "accumulate to the minibatch's); smaller: less memory and padding (1-2 is "
+                                    "fastest on CPU at a real vocabulary), larger: fewer calls (tiny models, GPUs)")
     max_new_tokens: int = Field(32, gt=0)
     temperature: float = Field(1.0, gt=0)
     top_k: int = Field(0, ge=0)

@@ -134,3 +134,83 @@ def test_resume_continues_from_checkpoint(tmp_path, tiny):
     history = second.train(progress=False)
     assert [h["step"] for h in history] == [1, 2, 3]
     assert ppo.evaluate is not None
+
+
+def test_scoring_in_micro_batches_equals_one_full_pass(tiny):
+    """Log-probs and entropy from response-position logits (chunked, in micro-batches trimmed of their padding)
+    equal a full-vocabulary log-softmax over one whole-batch forward; so do the critic's values."""
+    from pipeline.models import load_causal_lm, load_reward_model, load_tokenizer
+    from pipeline.rl import losses
+    from pipeline.rl import rollout as ro
+    from pipeline.rl import trainer as tr
+    from pipeline.schema import ModelSection
+
+    tokenizer = load_tokenizer(str(tiny / "sft"))
+    policy = load_causal_lm(str(tiny / "sft"), ModelSection(path=str(tiny / "sft"))).eval()
+    critic = tr.Critic(load_reward_model(str(tiny / "reward"))).eval()
+    generator = torch.Generator().manual_seed(0)
+    prompts = [torch.randint(5, 200, (n,), generator=generator).tolist() for n in (3, 9, 5, 2, 7)]
+    query, query_mask = ro.left_pad(prompts, tokenizer.pad_token_id)
+    response = torch.randint(5, 200, (5, 6), generator=generator)
+    response_mask = torch.tensor([[1] * 6, [1] * 2 + [0] * 4, [1] * 6, [1] * 4 + [0] * 2, [1] + [0] * 5])
+    response = torch.where(response_mask.bool(), response, torch.full_like(response, tokenizer.pad_token_id))
+    batch = ro.Rollout(query, query_mask, response, response_mask, response_mask[:, -1] == 0, [""] * 5,
+                       [{}] * 5)
+    temperature = 0.7
+    with torch.no_grad():
+        ids, attention, positions = ro.sequence_inputs(batch)
+        logits = policy(input_ids=ids, attention_mask=attention, position_ids=positions).logits
+        logits = logits[:, query.shape[1] - 1:-1].float() / temperature
+        want = torch.log_softmax(logits, -1).gather(-1, response[..., None]).squeeze(-1)
+        want_entropy = losses.entropy_from_logits(logits)
+        got = ro.per_row(lambda part: ro.policy_forward(policy, part, temperature)[0], batch, 2)
+        got_entropy = ro.per_row(lambda part: ro.policy_forward(policy, part, temperature, True)[1], batch, 3)
+        values, want_values = ro.per_row(critic, batch, 2), critic(batch)
+    mask = response_mask.bool()
+    assert torch.allclose(got[mask], want[mask], atol=1e-5)
+    assert torch.allclose(got_entropy[mask], want_entropy[mask], atol=1e-5)
+    assert torch.allclose(values[mask], want_values[mask], atol=1e-5)
+    assert ro.keep_last(policy, 7) == {"logits_to_keep": 7}
+    trimmed = ro.trim_left_padding(ro.select(batch, [0, 3]))  # prompts of 3 and 2 tokens: 3 columns left
+    assert trimmed.query.shape == (2, 3) and trimmed.texts == ["", ""]
+    groups = [group for group, _ in ro.micro_batches(batch, 2)]
+    assert groups == [[3, 0], [2, 4], [1]]  # by prompt length
+
+
+@pytest.mark.parametrize("lora", [False, True])
+def test_update_in_micro_batches_equals_one_forward(tmp_path, tiny, lora):
+    """The update's forwards in length-grouped micro-batches of one episode (outputs joined before the loss, policy
+    and critic backpropagated one after the other) train the same weights as whole-minibatch forwards."""
+    from pipeline import models, schema
+    from pipeline.models import load_causal_lm, load_reward_model, load_tokenizer
+    from pipeline.rl import trainer as tr
+
+    tokenizer = load_tokenizer(str(tiny / "sft"))
+    rows = [{"prompt": [{"role": "user", "content": "Add " + " and ".join(["2"] * (i % 4 + 1)) + "."}],
+             "answer": str(2 * (i % 4 + 1))} for i in range(8)]  # prompts of different lengths
+
+    def train(forward_batch_size: int):
+        torch.manual_seed(0)
+        policy = load_causal_lm(str(tiny / "sft"), schema.ModelSection(path=str(tiny / "sft")))
+        reference = None
+        if lora:
+            from peft import get_peft_model
+
+            policy = get_peft_model(policy, models.lora_config(schema.LoraSection(dropout=0.0)))
+        else:
+            reference = tr.reference_copy(policy)
+        m = tr.Models(policy=policy, critic=tr.Critic(load_reward_model(str(tiny / "reward"))),
+                      reward=load_reward_model(str(tiny / "reward")), tokenizer=tokenizer, reference=reference)
+        cfg = schema.PpoStage(kind="ppo", model="unused", reward_model="unused", data={"path": "unused"},
+                              train={"learning_rate": 1e-3, "save_steps": 10 ** 6}, total_episodes=16,
+                              rollout_batch_size=8, mini_batch_size=4, max_new_tokens=5,
+                              forward_batch_size=forward_batch_size, rewards=[{"type": "exact_match"}])
+        trainer = tr.PPOTrainer(cfg, m, rows, None)
+        history = trainer.train(progress=False)
+        return history, [p.detach().clone() for p in list(policy.parameters()) + list(m.critic.parameters())]
+
+    (whole, whole_weights), (micro, micro_weights) = train(8), train(1)
+    for a, b in zip(whole, micro):
+        for key in ("reward/mean", "kl", "loss/policy", "loss/value", "policy/entropy"):
+            assert a[key] == pytest.approx(b[key], abs=1e-5), key
+    assert max((a - b).abs().max().item() for a, b in zip(whole_weights, micro_weights)) < 1e-5

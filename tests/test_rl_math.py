@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from pipeline.rl import advantages as adv
+from pipeline.rl import logprobs as lp
 from pipeline.rl import losses
 
 MASK = torch.tensor([[1.0, 1.0, 0.0]])
@@ -23,6 +24,30 @@ def test_masked_mean_and_var():
     assert adv.masked_var(x, MASK).item() == pytest.approx(2.0)
     rows = torch.tensor([[1.0, 3.0], [5.0, 7.0]])
     assert adv.masked_mean(rows, torch.tensor([[1, 0], [1, 1]]), dim=1).tolist() == pytest.approx([1.0, 6.0])
+
+
+def test_masked_mean_pieces_over_the_whole_count_sum_to_the_mean():
+    x, mask = torch.tensor([[1.0, 3.0, 100.0], [5.0, 7.0, 9.0]]), torch.tensor([[1, 1, 0], [1, 1, 1]])
+    count = mask.sum()  # 5 valid entries: mean (1 + 3 + 5 + 7 + 9) / 5 = 5
+    pieces = [adv.masked_mean(x[i:i + 1], mask[i:i + 1], count=count) for i in range(2)]
+    assert [p.item() for p in pieces] == pytest.approx([4 / 5, 21 / 5])
+    assert sum(pieces).item() == pytest.approx(adv.masked_mean(x, mask).item()) == pytest.approx(5.0)
+
+
+def test_loss_pieces_sum_to_the_minibatch_loss():
+    generator = torch.Generator().manual_seed(0)
+    new, old, advantages, values, returns = (torch.randn(4, 5, generator=generator) for _ in range(5))
+    mask = torch.tensor([[1, 1, 1, 0, 0], [1, 1, 1, 1, 1], [1, 0, 0, 0, 0], [1, 1, 0, 0, 0]])
+    whole_pg = losses.policy_loss(new, old, advantages, mask, 0.2)
+    whole_vf = losses.value_loss(values, old, returns, mask, 0.2)
+    count = mask.sum()
+    rows = ([0, 3], [1], [2])
+    pg = [losses.policy_loss(new[r], old[r], advantages[r], mask[r], 0.2, count) for r in rows]
+    vf = [losses.value_loss(values[r], old[r], returns[r], mask[r], 0.2, count) for r in rows]
+    for k in range(3):
+        assert sum(p[k] for p in pg).item() == pytest.approx(whole_pg[k].item())
+    for k in range(2):
+        assert sum(v[k] for v in vf).item() == pytest.approx(whole_vf[k].item())
 
 
 def test_masked_whiten():
@@ -110,6 +135,81 @@ def test_entropy_from_logits():
     two = torch.tensor([[math.log(3.0), 0.0]])  # probs 3/4, 1/4
     expected = -(0.75 * math.log(0.75) + 0.25 * math.log(0.25))
     assert losses.entropy_from_logits(two).item() == pytest.approx(expected)
+
+
+def test_logprobs_and_entropy_by_hand():
+    logits = torch.tensor([[math.log(3.0), 0.0]])  # probs 3/4, 1/4
+    logp, entropy = lp.logprobs_and_entropy(logits, torch.tensor([1]))
+    assert logp.item() == pytest.approx(math.log(0.25))
+    assert entropy.item() == pytest.approx(-(0.75 * math.log(0.75) + 0.25 * math.log(0.25)))
+    # temperature 2 halves the logits: z = (log(3)/2, 0) -> probs sqrt(3)/(1+sqrt(3)), 1/(1+sqrt(3))
+    logp, entropy = lp.logprobs_and_entropy(logits, torch.tensor([0]), temperature=2.0)
+    p = math.sqrt(3) / (1 + math.sqrt(3))
+    assert logp.item() == pytest.approx(math.log(p))
+    assert entropy.item() == pytest.approx(-(p * math.log(p) + (1 - p) * math.log(1 - p)))
+    uniform = lp.selected_logprobs(torch.zeros(2, 4), torch.tensor([0, 3]))
+    assert uniform.tolist() == pytest.approx([-math.log(4)] * 2)
+
+
+def test_chunk_positions():
+    assert lp.chunk_positions(49152, 1 << 23) == 170  # 8,388,608 // 49,152
+    assert lp.chunk_positions(512, 1 << 23) == 16384
+    assert lp.chunk_positions(10, 5) == 1  # at least one position
+
+
+def naive_logprobs(logits, tokens, temperature):
+    """The unchunked reference: full-vocabulary float32 log-softmax, gather, entropy from the logits."""
+    z = logits.float() / temperature
+    return torch.log_softmax(z, -1).gather(-1, tokens[..., None]).squeeze(-1), losses.entropy_from_logits(z)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("chunk_elements", [1, 3 * 50, 10 ** 9])  # one position, 3 positions, everything at once
+def test_chunked_logprobs_equal_naive(temperature, chunk_elements):
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn(3, 5, 50, generator=generator) * 4
+    tokens = torch.randint(0, 50, (3, 5), generator=generator)
+    mask = torch.tensor([[1, 1, 1, 1, 1], [1, 1, 0, 0, 0], [0, 0, 0, 0, 0]])  # padded and empty responses
+    tokens = torch.where(mask.bool(), tokens, torch.full_like(tokens, 7))  # pad id after the end
+    logp, entropy = lp.token_logprobs(logits, tokens, temperature, with_entropy=True, chunk_elements=chunk_elements)
+    want_logp, want_entropy = naive_logprobs(logits, tokens, temperature)
+    assert torch.allclose(logp * mask, want_logp * mask, atol=1e-5)
+    assert torch.allclose(entropy * mask, want_entropy * mask, atol=1e-5)
+    assert torch.allclose(logp, want_logp, atol=1e-5) and torch.allclose(entropy, want_entropy, atol=1e-5)
+    assert adv.masked_mean(entropy, mask).item() == pytest.approx(adv.masked_mean(want_entropy, mask).item(), abs=1e-5)
+    only_logp, none = lp.token_logprobs(logits, tokens, temperature, chunk_elements=chunk_elements)
+    assert none is None and torch.allclose(only_logp, want_logp, atol=1e-5)
+
+
+def test_chunked_logprobs_in_bfloat16_match_float32_maths():
+    logits = (torch.randn(2, 4, 30, generator=torch.Generator().manual_seed(1)) * 3).bfloat16()
+    tokens = torch.randint(0, 30, (2, 4), generator=torch.Generator().manual_seed(2))
+    logp, entropy = lp.token_logprobs(logits, tokens, with_entropy=True, chunk_elements=60)
+    want_logp, want_entropy = naive_logprobs(logits, tokens, 1.0)  # the bf16 values, upcast
+    assert logp.dtype == torch.float32 and torch.allclose(logp, want_logp, atol=1e-5)
+    assert torch.allclose(entropy, want_entropy, atol=1e-5)
+
+
+def test_chunked_logprobs_gradients_equal_naive():
+    base = torch.randn(2, 6, 40, generator=torch.Generator().manual_seed(3))
+    tokens = torch.randint(0, 40, (2, 6), generator=torch.Generator().manual_seed(4))
+    weights = torch.rand(2, 6, generator=torch.Generator().manual_seed(5))
+    chunked = base.clone().requires_grad_(True)
+    logp, entropy = lp.token_logprobs(chunked, tokens, 0.8, with_entropy=True, chunk_elements=5 * 40)
+    ((logp * weights).sum() - 0.1 * entropy.sum()).backward()
+    naive = base.clone().requires_grad_(True)
+    want_logp, want_entropy = naive_logprobs(naive, tokens, 0.8)
+    ((want_logp * weights).sum() - 0.1 * want_entropy.sum()).backward()
+    assert torch.allclose(chunked.grad, naive.grad, atol=1e-5)
+    detached = base.clone().requires_grad_(True)
+    logp, entropy = lp.token_logprobs(detached, tokens, 0.8, with_entropy=True, entropy_grad=False,
+                                      chunk_elements=5 * 40)
+    assert not entropy.requires_grad and logp.requires_grad
+
+
+def test_chunked_logprobs_of_no_positions():
+    logp, entropy = lp.token_logprobs(torch.zeros(2, 0, 8), torch.zeros(2, 0, dtype=torch.long), with_entropy=True)
+    assert logp.shape == entropy.shape == (2, 0)
 
 
 def test_kl_controllers():

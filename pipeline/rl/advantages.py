@@ -9,11 +9,13 @@ from __future__ import annotations
 import torch
 
 
-def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
-    """Mean of `values` where `mask` is 1 (over all entries, or along `dim`)."""
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None,
+                count: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of `values` where `mask` is 1 (over all entries, or along `dim`). `count` replaces the divisor (the
+    mask's sum) over all entries: pieces of a batch divided by the whole batch's count sum to the batch's mean."""
     mask = mask.to(values.dtype)
     if dim is None:
-        return (values * mask).sum() / mask.sum().clamp(min=1)
+        return (values * mask).sum() / (mask.sum().clamp(min=1) if count is None else count)
     return (values * mask).sum(dim) / mask.sum(dim).clamp(min=1)
 
 

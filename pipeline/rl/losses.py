@@ -30,26 +30,31 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """PPO clipped surrogate: (loss, clip fraction, approx-KL = mean((logp - old)^2) / 2), all masked means."""
+                clip_range: float,
+                count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """PPO clipped surrogate: (loss, clip fraction, approx-KL = mean((logp - old)^2) / 2), all masked means.
+
+    Every term is per token, so with `count` = the whole minibatch's valid tokens the results of its pieces (rows
+    split into micro-batches) sum to the minibatch's."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    clip_fraction = masked_mean((clipped > unclipped).float(), mask)
-    approx_kl = 0.5 * masked_mean(log_ratio ** 2, mask)
+    loss = masked_mean(torch.maximum(unclipped, clipped), mask, count=count)
+    clip_fraction = masked_mean((clipped > unclipped).float(), mask, count=count)
+    approx_kl = 0.5 * masked_mean(log_ratio ** 2, mask, count=count)
     return loss, clip_fraction.detach(), approx_kl.detach()
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,
-               clip_range: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Clipped value loss 0.5 * mean(max((V - R)^2, (clip(V, V_old +- c) - R)^2)) and its clip fraction."""
+               clip_range: float, count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clipped value loss 0.5 * mean(max((V - R)^2, (clip(V, V_old +- c) - R)^2)) and its clip fraction (`count`
+    as in `policy_loss`)."""
     clipped_values = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
     unclipped_error = (values - returns) ** 2
     clipped_error = (clipped_values - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask)
-    clip_fraction = masked_mean((clipped_error > unclipped_error).float(), mask)
+    loss = 0.5 * masked_mean(torch.maximum(unclipped_error, clipped_error), mask, count=count)
+    clip_fraction = masked_mean((clipped_error > unclipped_error).float(), mask, count=count)
     return loss, clip_fraction.detach()
 
 

@@ -1,19 +1,20 @@
 """PPO rollouts: tokenise prompts once, sample responses with the KV cache from left-padded batches, cut them at
-the first EOS or stop string, compute per-token log-probs / values in single forward passes, and score responses
-with the reward model plus rule rewards (and a penalty for a missing EOS).
+the first EOS or stop string, compute per-token log-probs (LM head on response positions only, chunked float32
+maths in `pipeline.rl.logprobs`) and values over length-grouped micro-batches (`per_row`), and score responses with
+the reward model plus rule rewards (and a penalty for a missing EOS).
 
 Called by `pipeline.rl.trainer` and `pipeline.stages.ppo` at run time; nothing runs at import.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import torch
 
 from pipeline import scoring
 from pipeline.rl import rewards as rule_lib
-from pipeline.rl.losses import entropy_from_logits
+from pipeline.rl.logprobs import token_logprobs
 
 
 @dataclass
@@ -138,16 +139,83 @@ def sequence_inputs(batch: Rollout) -> tuple[torch.Tensor, torch.Tensor, torch.T
     return ids, attention, positions
 
 
-def policy_forward(model, batch: Rollout, temperature: float,
-                   with_entropy: bool = False) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Per-token log-probs of the response tokens (and the entropy of each next-token distribution)."""
+def policy_forward(model, batch: Rollout, temperature: float, with_entropy: bool = False,
+                   entropy_grad: bool = True) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Per-token log-probs of the response tokens (and the entropy of each next-token distribution).
+
+    Logits are computed for the response positions only (`logits_to_keep`), kept in the model's dtype, and reduced
+    in float32 chunks by `pipeline.rl.logprobs.token_logprobs`: no full-vocabulary log-softmax is materialised.
+    `entropy_grad=False` returns the entropy detached (when it is only logged)."""
     ids, attention, positions = sequence_inputs(batch)
-    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False).logits
-    start = batch.query.shape[1] - 1
-    logits = logits[:, start:start + batch.response.shape[1]].float() / temperature
-    logprobs = torch.log_softmax(logits, -1).gather(-1, batch.response[..., None]).squeeze(-1)
-    entropy = entropy_from_logits(logits) if with_entropy else None
-    return logprobs, entropy
+    length = batch.response.shape[1]
+    logits = model(input_ids=ids, attention_mask=attention, position_ids=positions, use_cache=False,
+                   **keep_last(model, length + 1)).logits
+    logits = logits[:, -(length + 1):-1]  # the position before each response token predicts it
+    return token_logprobs(logits, batch.response, temperature, with_entropy=with_entropy, entropy_grad=entropy_grad)
+
+
+def keep_last(model, count: int) -> dict[str, int]:
+    """`{"logits_to_keep": count}` when the model's forward takes it (every transformers causal LM does), so only
+    the last `count` positions go through the LM head; `{}` for a model without it (all positions computed).
+    Looks through DDP (`.module`) and PEFT (`get_base_model`) wrappers to the model class."""
+    import inspect
+
+    inner = model
+    while isinstance(getattr(inner, "module", None), torch.nn.Module):
+        inner = inner.module
+    if hasattr(inner, "get_base_model"):
+        inner = inner.get_base_model()
+    return {"logits_to_keep": count} if "logits_to_keep" in inspect.signature(type(inner).forward).parameters else {}
+
+
+def trim_left_padding(batch: Rollout) -> Rollout:
+    """The same episodes without the query columns that are padding in every row (a micro-batch of short prompts
+    need not attend over the longest prompt's padding); results are unchanged, positions come from the mask."""
+    used = batch.query_mask.any(0).nonzero()
+    first = int(used[0]) if used.numel() else batch.query.shape[1] - 1
+    if first == 0:
+        return batch
+    return replace(batch, query=batch.query[:, first:], query_mask=batch.query_mask[:, first:])
+
+
+def select(batch: Rollout, index: list[int]) -> Rollout:
+    """The rows `index` of a rollout (tensors and lists)."""
+    idx = torch.tensor(index, device=batch.query.device)
+    return Rollout(batch.query[idx], batch.query_mask[idx], batch.response[idx], batch.response_mask[idx],
+                   batch.has_eos[idx], [batch.texts[i] for i in index], [batch.rows[i] for i in index],
+                   None if batch.scores is None else batch.scores[idx], {k: v[idx] for k, v in batch.extra.items()})
+
+
+def micro_batches(batch: Rollout, size: int) -> list[tuple[list[int], Rollout]]:
+    """Rows grouped by prompt length into micro-batches of at most `size` (similar lengths share padding), each
+    trimmed of its all-padding columns: (row indices, micro-batch) pairs covering every row once (a single
+    micro-batch keeps the rows in their order)."""
+    if size >= len(batch.texts):  # one micro-batch: the rows as they are
+        return [(list(range(len(batch.texts))), trim_left_padding(batch))]
+    lengths = batch.query_mask.sum(1).tolist()
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    groups = [order[start:start + size] for start in range(0, len(order), max(1, size))]
+    return [(group, trim_left_padding(select(batch, group))) for group in groups]
+
+
+def per_row(fn, batch: Rollout, size: int):
+    """`fn(micro_batch)` over micro-batches of at most `size` episodes (see `micro_batches`), its per-episode
+    outputs (a tensor, or a tuple of tensors / None, with one row per episode) reassembled in the batch's row order.
+    The reassembly is a gather, so gradients flow back to each micro-batch's forward."""
+    parts = micro_batches(batch, size)
+    outputs = [fn(part) for _, part in parts]
+    order = [i for group, _ in parts for i in group]
+    inverse = torch.empty(len(order), dtype=torch.long)
+    inverse[torch.tensor(order)] = torch.arange(len(order))
+
+    def join(pieces):
+        if pieces[0] is None:
+            return None
+        return torch.cat(pieces)[inverse.to(pieces[0].device)]
+
+    if isinstance(outputs[0], tuple):
+        return tuple(join([out[k] for out in outputs]) for k in range(len(outputs[0])))
+    return join(outputs)
 
 
 def score(reward_model, tokenizer, batch: Rollout, cfg, reward_tokenizer=None) -> torch.Tensor:
@@ -161,7 +229,7 @@ def score(reward_model, tokenizer, batch: Rollout, cfg, reward_tokenizer=None) -
         completions = [[{"role": "assistant", "content": t}] for t in batch.texts]
         prompts = [row["prompt"] for row in batch.rows]
         values = scoring.reward_scores(reward_model, reward_tokenizer or tokenizer, prompts, completions,
-                                       batch_size=len(prompts))
+                                       batch_size=cfg.forward_batch_size)
         total += torch.tensor(values, device=device)
     if cfg.rewards:
         total += torch.tensor(rule_lib.rule_rewards(cfg.rewards, batch.texts, batch.rows), device=device)

@@ -158,12 +158,18 @@ class PPOTrainer:
     def _reference_logprobs(self, batch: ro.Rollout) -> torch.Tensor:
         policy = self.accelerator.unwrap_model(self.m.policy)
         if self.m.reference is not None:
-            return ro.policy_forward(self.m.reference, batch, self.cfg.temperature)[0]
+            return self._per_row(lambda part: ro.policy_forward(self.m.reference, part, self.cfg.temperature)[0],
+                                 batch)
         with policy.disable_adapter():
-            return ro.policy_forward(policy, batch, self.cfg.temperature)[0]
+            return self._per_row(lambda part: ro.policy_forward(policy, part, self.cfg.temperature)[0], batch)
+
+    def _per_row(self, fn, batch: ro.Rollout) -> torch.Tensor:
+        """`fn` over micro-batches of `forward_batch_size` episodes (similar prompt lengths together), in row order."""
+        return ro.per_row(fn, batch, self.cfg.forward_batch_size)
 
     def collect(self) -> tuple[ro.Rollout, dict[str, float]]:
-        """Sample a batch and attach old log-probs, reference log-probs, values, scores, rewards and advantages."""
+        """Sample a batch and attach old log-probs, reference log-probs, values, scores, rewards and advantages.
+        The scoring passes run without autograd in micro-batches of `forward_batch_size` episodes."""
         cfg, times = self.cfg, {}
         idx = self._next_rows()
         rows = [self.rows[i] for i in idx]
@@ -175,9 +181,9 @@ class PPOTrainer:
         times["time/generation"] = time.perf_counter() - started
         started = time.perf_counter()
         with torch.no_grad(), self.accelerator.autocast():  # no_grad, not inference_mode (FSDP2)
-            old_logprobs = ro.policy_forward(policy, batch, cfg.temperature)[0]
+            old_logprobs = self._per_row(lambda part: ro.policy_forward(policy, part, cfg.temperature)[0], batch)
             ref_logprobs = self._reference_logprobs(batch)
-            values = self.m.critic(batch)
+            values = self._per_row(self.m.critic, batch)
             batch.scores = ro.score(self.m.reward, self.m.tokenizer, batch, cfg, self.m.reward_tokenizer)
         times["time/scoring"] = time.perf_counter() - started
         self._attach_advantages(batch, old_logprobs, ref_logprobs, values)
@@ -200,22 +206,64 @@ class PPOTrainer:
 
     # ---------------------------------------------------------------------------------------------- update
 
-    def _minibatch_loss(self, mb: ro.Rollout) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        cfg, mask, ex = self.cfg, mb.response_mask.float(), mb.extra
-        logprobs, entropy = ro.policy_forward(self.m.policy, mb, cfg.temperature, with_entropy=True)
+    def _policy_loss(self, part: ro.Rollout, count: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This piece's share of the clipped surrogate minus the entropy bonus (means over `count` tokens). The
+        entropy is only logged, without its graph, at `entropy_coef` 0."""
+        cfg, mask, ex = self.cfg, part.response_mask.float(), part.extra
+        logprobs, entropy = ro.policy_forward(self.m.policy, part, cfg.temperature, with_entropy=True,
+                                              entropy_grad=cfg.entropy_coef > 0)
         pg_loss, clip_frac, approx_kl = losses.policy_loss(logprobs, ex["old_logprobs"], ex["advantages"], mask,
-                                                           cfg.clip_range)
-        values = self.m.critic(mb)
-        vf_loss, vf_clip = losses.value_loss(values, ex["values"], ex["returns"], mask, cfg.clip_range_value)
-        mean_entropy = adv.masked_mean(entropy, mask)
-        loss = pg_loss + cfg.vf_coef * vf_loss - cfg.entropy_coef * mean_entropy
-        stats = {"loss/policy": pg_loss.detach(), "loss/value": vf_loss.detach(), "policy/clipfrac": clip_frac,
-                 "policy/approx_kl": approx_kl, "policy/entropy": mean_entropy.detach(), "value/clipfrac": vf_clip}
-        return loss, stats
+                                                           cfg.clip_range, count)
+        mean_entropy = adv.masked_mean(entropy, mask, count=count)
+        stats = {"loss/policy": pg_loss.detach(), "policy/clipfrac": clip_frac, "policy/approx_kl": approx_kl,
+                 "policy/entropy": mean_entropy.detach()}
+        return pg_loss - cfg.entropy_coef * mean_entropy, stats
+
+    def _value_loss(self, part: ro.Rollout, count: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """This piece's share of `vf_coef` times the clipped value loss (means over `count` tokens)."""
+        cfg, mask, ex = self.cfg, part.response_mask.float(), part.extra
+        vf_loss, vf_clip = losses.value_loss(self.m.critic(part), ex["values"], ex["returns"], mask,
+                                             cfg.clip_range_value, count)
+        return cfg.vf_coef * vf_loss, {"loss/value": vf_loss.detach(), "value/clipfrac": vf_clip}
+
+    def _pieces(self, mb: ro.Rollout) -> list[ro.Rollout]:
+        """Forward/backward pieces of a (micro-)minibatch: in one process, length-grouped micro-batches of
+        `forward_batch_size` episodes trimmed of their padding; under DDP or FSDP the whole of it (one forward and
+        backward per optimiser micro-step, as their gradient hooks expect)."""
+        if self.world > 1:
+            return [ro.trim_left_padding(mb)]
+        return [part for _, part in ro.micro_batches(mb, self.cfg.forward_batch_size)]
+
+    def _backward(self, mb: ro.Rollout, scale: float) -> dict[str, torch.Tensor]:
+        """Gradients of (policy loss + value loss) of one (micro-)minibatch, times `scale` (its share of the
+        minibatch), accumulated piece by piece.
+
+        Every loss term is a per-token mean, so each piece contributes its tokens' sum over the whole count and the
+        accumulated gradient and statistics are the minibatch's; only one piece's activations are alive at a time.
+        A separate critic shares no weights with the policy, so the policy's backward runs before the critic's
+        forward; a value head shares the policy's trunk: one backward of the sum."""
+        acc = self.accelerator
+        count = mb.response_mask.float().sum().clamp(min=1)
+        joint = isinstance(acc.unwrap_model(self.m.critic), ValueHead)
+        totals: dict[str, torch.Tensor] = {}
+        for part in self._pieces(mb):
+            with acc.autocast():
+                policy_loss, stats = self._policy_loss(part, count)
+            if not joint:
+                check_finite(policy_loss, self.state.step)
+                acc.backward(policy_loss * scale)
+            with acc.autocast():
+                value_loss, value_stats = self._value_loss(part, count)
+            loss = policy_loss + value_loss if joint else value_loss
+            check_finite(loss, self.state.step)
+            acc.backward(loss * scale)
+            for key, value in {**stats, **value_stats}.items():
+                totals[key] = totals[key] + value if key in totals else value
+        return totals
 
     def update(self, batch: ro.Rollout) -> dict[str, float]:
         """`ppo_epochs` passes of shuffled minibatches; each minibatch is split into `grad_accum` micro-batches."""
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         self.m.policy.train()
         self.m.critic.train()
         size = len(batch.texts)
@@ -228,11 +276,7 @@ class PPOTrainer:
                 chunk = order[start:start + mini]
                 for micro_start in range(0, len(chunk), micro):
                     part = chunk[micro_start:micro_start + micro]
-                    with acc.autocast():
-                        loss, stats = self._minibatch_loss(select(batch, part))
-                    check_finite(loss, self.state.step)
-                    acc.backward(loss * len(part) / len(chunk))
-                    collected.append(stats)
+                    collected.append(self._backward(ro.select(batch, part), len(part) / len(chunk)))
                 self._step_optimizers()
         return {k: torch.stack([s[k] for s in collected]).mean().item() for k in collected[0]}
 
@@ -369,15 +413,6 @@ class PPOTrainer:
             torch.cuda.set_rng_state_all(state["cuda_rng"])
         log.info("ppo: resumed from %s at step %d", path, self.state.step)
         return True
-
-
-def select(batch: ro.Rollout, index: list[int]) -> ro.Rollout:
-    """The rows `index` of a rollout (tensors and lists)."""
-    idx = torch.tensor(index, device=batch.query.device)
-    return ro.Rollout(batch.query[idx], batch.query_mask[idx], batch.response[idx], batch.response_mask[idx],
-                      batch.has_eos[idx], [batch.texts[i] for i in index], [batch.rows[i] for i in index],
-                      None if batch.scores is None else batch.scores[idx],
-                      {k: v[idx] for k, v in batch.extra.items()})
 
 
 def step_stats(scores: torch.Tensor, lengths: torch.Tensor, ended: torch.Tensor, kl_seq: float,

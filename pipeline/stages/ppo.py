@@ -96,12 +96,17 @@ def sampled_evaluation(policy, reference, m: tr.Models, rows: list[dict[str, Any
 def sequence_kl(policy, reference, batch, cfg):
     """Per answer: the sum over its tokens of log pi(y) - log ref(y) (`reference` may be "adapter-disabled": the
     policy's own base under its LoRA adapter)."""
-    logp = ro.policy_forward(policy, batch, cfg.temperature)[0]
+    def logprobs(model):
+        """Per-token log-probs of the sampled responses, in micro-batches of `forward_batch_size`."""
+        return ro.per_row(lambda part: ro.policy_forward(model, part, cfg.temperature)[0], batch,
+                          cfg.forward_batch_size)
+
+    logp = logprobs(policy)
     if reference == "adapter-disabled":
         with policy.disable_adapter():
-            ref = ro.policy_forward(policy, batch, cfg.temperature)[0]
+            ref = logprobs(policy)
     else:
-        ref = ro.policy_forward(reference, batch, cfg.temperature)[0]
+        ref = logprobs(reference)
     return ((logp - ref) * batch.response_mask).sum(1)
 
 
