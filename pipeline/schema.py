@@ -308,6 +308,8 @@ class OnlineRLStage(TrainedStage):
     temperature: float = Field(1.0, gt=0)
     beta: float = Field(0.04, ge=0)
     eval_prompts: int = Field(64, gt=0)
+    eval_samples: int = Field(4, gt=0, description="answers sampled per held-out prompt for the sampled reward and "
+                                                   "exact match, before and after training")
 
     @model_validator(mode="after")
     def _some_reward(self):

@@ -127,8 +127,8 @@ def perplexity(loss: float) -> float:
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 16,
-             do_sample: bool = False) -> list[str]:
-    """Greedy (or sampled) completions for chat prompts, decoded without special tokens."""
+             do_sample: bool = False, temperature: float = 1.0) -> list[str]:
+    """Greedy (or sampled, at `temperature`) completions for chat prompts, decoded without special tokens."""
     import torch
 
     device, outputs = _device(model), []
@@ -140,8 +140,10 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
             for batch in _batches(prompts, batch_size):
                 texts = [render(tokenizer, p)[0] for p in batch]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=do_sample,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample \
+                    else {"do_sample": False}
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id,
+                                     eos_token_id=tokenizer.eos_token_id, **sampling)
                 outputs += tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side = padding_side

@@ -94,19 +94,34 @@ def held_out(loaded, limit: int):
 
 
 def evaluate(model, tokenizer, dataset, cfg, reward_model, reward_tokenizer, suffix: str) -> dict[str, float]:
-    """Greedy completions on held-out prompts: mean reward-model score, mean rule reward, exact match."""
-    predictions = scoring.generate(model, tokenizer, dataset["prompt"], max_new_tokens=cfg.max_new_tokens)
+    """Held-out prompts answered greedily (`eval_reward_*`, `eval_rule_reward_*`, `eval_exact_match_*`) and sampled
+    at the training temperature, `eval_samples` answers per prompt (`eval_sampled_reward_*`, ...): the distribution
+    the trainer optimises."""
+    prompts, rows = dataset["prompt"], list(dataset)
+    greedy = scoring.generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
+    metrics = answer_measures(greedy, prompts, rows, cfg, reward_model, reward_tokenizer, suffix, "")
+    repeated = [i for i in range(len(rows)) for _ in range(cfg.eval_samples)]
+    sampled = scoring.generate(model, tokenizer, [prompts[i] for i in repeated], max_new_tokens=cfg.max_new_tokens,
+                               do_sample=True, temperature=cfg.temperature)
+    metrics.update(answer_measures(sampled, [prompts[i] for i in repeated], [rows[i] for i in repeated], cfg,
+                                   reward_model, reward_tokenizer, suffix, "sampled_"))
+    return metrics
+
+
+def answer_measures(predictions: list[str], prompts: list, rows: list[dict], cfg, reward_model, reward_tokenizer,
+                    suffix: str, prefix: str) -> dict[str, float]:
+    """Mean reward-model score, mean rule reward and exact match of answers to held-out prompts."""
     metrics: dict[str, float] = {}
     if reward_model is not None:
         completions = [[{"role": "assistant", "content": p}] for p in predictions]
-        scores = scoring.reward_scores(reward_model, reward_tokenizer, dataset["prompt"], completions)
-        metrics[f"eval_reward_{suffix}"] = sum(scores) / len(scores)
+        scores = scoring.reward_scores(reward_model, reward_tokenizer, prompts, completions)
+        metrics[f"eval_{prefix}reward_{suffix}"] = sum(scores) / len(scores)
     if cfg.rewards:
-        rules = rule_rewards(cfg.rewards, predictions, list(dataset))
-        metrics[f"eval_rule_reward_{suffix}"] = sum(rules) / len(rules)
-    answered = [(p, a) for p, a in zip(predictions, dataset["answer"]) if a is not None]
+        rules = rule_rewards(cfg.rewards, predictions, rows)
+        metrics[f"eval_{prefix}rule_reward_{suffix}"] = sum(rules) / len(rules)
+    answered = [(p, row["answer"]) for p, row in zip(predictions, rows) if row.get("answer") is not None]
     if answered:
-        metrics[f"eval_exact_match_{suffix}"] = scoring.exact_match(*map(list, zip(*answered)))
+        metrics[f"eval_{prefix}exact_match_{suffix}"] = scoring.exact_match(*map(list, zip(*answered)))
     return metrics
 
 
