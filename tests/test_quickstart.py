@@ -1,30 +1,38 @@
-"""The shipped quickstart recipe end to end, into a temporary output folder.
+"""The shipped quickstart recipe end to end, and the effect each stage claims, on several seeds.
 
-    pytest tests/test_quickstart.py              # fast variant: few steps, artifacts load (about a minute)
-    pytest -m slow tests/test_quickstart.py      # the real recipe: asserts the measured effect of each stage
+    pytest tests/test_quickstart.py              # seed 0: every artifact loads, every goal holds (about 2 minutes)
+    pytest -m slow tests/test_quickstart.py      # seeds 1 and 2 as well
 
-The slow test reads the effects from the manifests (held-out data: see data/make_data.py): pretraining lowers
-held-out loss, SFT answers some held-out prompts, the reward model ranks held-out pairs (accuracy >= 0.7), DPO widens
-the chosen-over-rejected margin, PPO raises both reward-model score and exact match over the SFT policy.
+The goals are `bench/quickstart.py`'s GOALS (the same list writes the README's table): each is read from the
+manifests of a full `recipes/quickstart.yaml` run with `seed=N` (held-out data: see data/make_data.py).
 """
 from __future__ import annotations
 
+import importlib.util
 import json
+import os
+import sys
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
-EARLY = ("tokenizer", "base", "sft", "reward", "dpo")
-FEW_STEPS = ["stages.base.train.max_steps=20", "stages.sft.train.max_steps=4", "stages.reward.train.max_steps=4",
-             "stages.dpo.train.max_steps=4"]
 
 
-def run_quickstart(output: Path, overrides: list[str], only: set[str] | None = None) -> dict[str, dict]:
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_quickstart", ROOT / "bench" / "quickstart.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
+
+
+GOALS = _bench().GOALS
+
+
+def run_quickstart(output: Path, overrides: list[str]) -> dict[str, dict]:
     """Run the quickstart from the repo root; return each stage's manifest."""
-    import os
-
     from pipeline import runner
     from pipeline.recipe import load_recipe
 
@@ -32,80 +40,50 @@ def run_quickstart(output: Path, overrides: list[str], only: set[str] | None = N
     os.chdir(ROOT)
     try:
         recipe = load_recipe(RECIPE, [f"output_dir={output}", *overrides])
-        for name in [n for n in recipe.stages if only is not None and n not in only]:
-            del recipe.stages[name]  # later stages (e.g. ppo) have their own tests
         runner.run_recipe(recipe)
     finally:
         os.chdir(cwd)
-    return {name: json.loads((output / name / "manifest.json").read_text())
-            for name in recipe.stages if (output / name / "manifest.json").exists()}
+    return {name: json.loads((output / name / "manifest.json").read_text()) for name in recipe.stages}
 
 
-@pytest.fixture(scope="session")
-def quickstart_fast(tmp_path_factory):
-    output = tmp_path_factory.mktemp("quickstart_fast") / "out"
-    return output, run_quickstart(output, FEW_STEPS, only=set(EARLY))
+@pytest.fixture(scope="session", params=[0, pytest.param(1, marks=pytest.mark.slow),
+                                         pytest.param(2, marks=pytest.mark.slow)], ids=lambda s: f"seed{s}")
+def quickstart(request, tmp_path_factory):
+    output = tmp_path_factory.mktemp(f"quickstart_seed{request.param}") / "out"
+    return output, run_quickstart(output, [f"seed={request.param}"])
 
 
-@pytest.fixture(scope="session")
-def quickstart_full(tmp_path_factory):
-    output = tmp_path_factory.mktemp("quickstart_full") / "out"
-    return output, run_quickstart(output, [])
+def goal_params():
+    """Each goal, those known not to hold yet marked as expected failures with the reason (shown by pytest)."""
+    return [pytest.param(goal, id=f"{goal.stage}: {goal.text}",
+                         marks=[pytest.mark.xfail(reason=goal.unmet, strict=False)] if goal.unmet else [])
+            for goal in GOALS]
 
 
-def test_fast_quickstart_artifacts_load(quickstart_fast):
+@pytest.mark.parametrize("goal", goal_params())
+def test_stage_effect_holds(quickstart, goal):
+    metrics = quickstart[1][goal.stage]["metrics"]
+    assert goal.holds(metrics), f"{goal.stage}: {goal.text} does not hold: {metrics}"
+
+
+def test_quickstart_artifacts_load(quickstart):
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
-    output, manifests = quickstart_fast
-    assert set(EARLY) <= set(manifests)
+    output, manifests = quickstart
+    assert set(manifests) == {"tokenizer", "base", "sft", "reward", "dpo", "ppo", "grpo"}
     AutoTokenizer.from_pretrained(output / "tokenizer")
     AutoModelForCausalLM.from_pretrained(output / "base")
-    AutoPeftModelForCausalLM.from_pretrained(output / "sft")  # the recipe trains SFT with LoRA
     AutoModelForSequenceClassification.from_pretrained(output / "reward")
-    AutoPeftModelForCausalLM.from_pretrained(output / "dpo")
+    for name in ("sft", "dpo", "ppo", "grpo"):  # LoRA stages
+        AutoPeftModelForCausalLM.from_pretrained(output / name)
     assert manifests["sft"]["parents"][0]["stage"] == "base"
     assert manifests["dpo"]["parents"][0]["fingerprint"] == manifests["sft"]["fingerprint"]
+    assert {p["stage"] for p in manifests["ppo"]["parents"]} == {"sft", "reward"}
 
 
-def test_fast_quickstart_reports_metrics(quickstart_fast):
-    _, manifests = quickstart_fast
-    assert {"eval_loss_before", "eval_loss_after"} <= set(manifests["base"]["metrics"])
-    assert "eval_exact_match" in manifests["sft"]["metrics"]
-    assert {"eval_accuracy_before", "eval_accuracy"} <= set(manifests["reward"]["metrics"])
-    assert {"eval_margin_before", "eval_margin_after"} <= set(manifests["dpo"]["metrics"])
-
-
-@pytest.mark.slow
-def test_pretraining_lowers_held_out_loss(quickstart_full):
-    metrics = quickstart_full[1]["base"]["metrics"]
-    assert metrics["eval_loss_after"] < 0.5 * metrics["eval_loss_before"]
-
-
-@pytest.mark.slow
-def test_sft_answers_some_held_out_facts(quickstart_full):
-    metrics = quickstart_full[1]["sft"]["metrics"]
-    assert metrics["eval_loss_after"] < metrics["eval_loss_before"]
-    assert metrics["eval_exact_match"] > 0.0
-
-
-@pytest.mark.slow
-def test_reward_model_ranks_held_out_pairs(quickstart_full):
-    metrics = quickstart_full[1]["reward"]["metrics"]
-    assert metrics["eval_accuracy"] >= 0.7  # 50 held-out pairs: chance is 0.5 +- 0.07
-    assert metrics["eval_margin"] > metrics["eval_margin_before"]
-
-
-@pytest.mark.slow
-def test_dpo_widens_the_margin(quickstart_full):
-    metrics = quickstart_full[1]["dpo"]["metrics"]
-    assert metrics["eval_margin_after"] > metrics["eval_margin_before"]
-    assert metrics["eval_preference_accuracy_after"] >= metrics["eval_preference_accuracy_before"]
-
-
-@pytest.mark.slow
-def test_ppo_beats_the_sft_policy(quickstart_full):
-    metrics = quickstart_full[1]["ppo"]["metrics"]
-    assert metrics["eval_reward_after"] > metrics["eval_reward_before"]
-    assert metrics["eval_accuracy_after"] > metrics["eval_accuracy_before"]
-    assert metrics["kl"] < 1.0
+def test_quickstart_ppo_uses_the_learned_reward_alone(quickstart):
+    """The PPO gain must be RLHF's: no rule reward in the quickstart's PPO stage."""
+    config = quickstart[1]["ppo"]["config"]
+    assert not config.get("rewards")
+    assert config["reward_model"]
