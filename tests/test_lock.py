@@ -54,36 +54,36 @@ def run_chain(path: Path, capsys) -> str:
     return capsys.readouterr().out
 
 
-def test_run_warns_once_when_reused_parents_were_built_with_other_versions(tmp_path, capsys):
+def base_then_sft(tmp_path, capsys, before_sft=lambda out: None) -> str:
+    """Build tokenizer and base, call `before_sft(output folder)`, then add the sft stage and run again: its output."""
     out = tmp_path / "out"
     spec = tiny_lora_chain_recipe(out, "drift")
     sft = spec["stages"].pop("sft")
     path = tmp_path / "recipe.yaml"
     path.write_text(yaml.safe_dump(spec, sort_keys=False))
     run_chain(path, capsys)
+    before_sft(out)
+    spec["stages"]["sft"] = sft
+    path.write_text(yaml.safe_dump(spec, sort_keys=False))
+    return run_chain(path, capsys)
 
+
+def record_old_transformers(out: Path) -> None:
     manifest_path = out / "base" / "manifest.json"
     manifest = json.loads(manifest_path.read_text())
     manifest["libraries"]["transformers"] = "0.0.1"
     manifest_path.write_text(json.dumps(manifest))
-    spec["stages"]["sft"] = sft
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    printed = run_chain(path, capsys)
+
+
+def test_run_warns_once_when_reused_parents_were_built_with_other_versions(tmp_path, capsys):
+    printed = base_then_sft(tmp_path, capsys, record_old_transformers)
     warnings = [line for line in printed.splitlines() if line.startswith("warning: reused artifacts")]
     assert len(warnings) == 1, printed
     assert f"transformers 0.0.1 -> {metadata.version('transformers')}" in warnings[0]
 
-    printed = run_chain(path, capsys)  # everything up to date: nothing builds on the old artifacts, no warning
+    printed = run_chain(tmp_path / "recipe.yaml", capsys)  # all up to date: nothing builds on them, no warning
     assert "warning: reused artifacts" not in printed
 
 
 def test_no_warning_when_versions_match(tmp_path, capsys):
-    out = tmp_path / "out"
-    spec = tiny_lora_chain_recipe(out, "same")
-    sft = spec["stages"].pop("sft")
-    path = tmp_path / "recipe.yaml"
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    run_chain(path, capsys)
-    spec["stages"]["sft"] = sft
-    path.write_text(yaml.safe_dump(spec, sort_keys=False))
-    assert "warning: reused artifacts" not in run_chain(path, capsys)
+    assert "warning: reused artifacts" not in base_then_sft(tmp_path, capsys)
