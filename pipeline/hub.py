@@ -126,7 +126,12 @@ def _merge_into(adapter: Path, folder: Path) -> None:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).merge_and_unload()
+    from pipeline import models
+
+    if models.adapter_base_gguf(adapter):  # a base held as a .gguf file: loaded through its gguf_file
+        model = models.load_causal_lm(str(adapter), schema.ModelSection(path=str(adapter), dtype="float32"))
+    else:
+        model = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).merge_and_unload()
     model.save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(folder)
     for name in ("manifest.json", "README.md"):
