@@ -65,9 +65,9 @@ def converter_version(folder: Path) -> str | None:
 def require(quant: str) -> Path:
     """Check before any work that everything `quant` needs is installed; returns the converter's folder."""
     folder = converter_dir()
-    for module in ("sentencepiece", "numpy"):
+    for module in ("sentencepiece", "gguf"):
         if _missing_module(module):
-            raise missing(f"`{module}` (the converter imports it)")
+            raise missing(f"`{module}`")
     if quant == "q4_k_m" and _missing_module("llama_cpp"):
         raise missing("llama-cpp-python (its quantiser writes q4_k_m)")
     return folder
@@ -95,9 +95,11 @@ def convert(model_dir: Path, outfile: Path, outtype: str, *, tokenizer_pre: str 
                                                         os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=CONVERT_TIMEOUT_S)
     if done.returncode != 0 or not outfile.is_file():
-        raise PipelineError(f"llama.cpp's converter failed on {model_dir}: {last_message(done.stderr)}",
-                            key="export", fix="see the message; an architecture llama.cpp does not support cannot "
-                            "be exported to GGUF")
+        message = last_message(done.stderr)
+        fix = ("name the tokenizer's pre-tokenization for llama.cpp with the export stage's `tokenizer_pre:` "
+               "(e.g. gpt-2, llama3, qwen2)" if "pre-tokenizer was not recognized" in message else
+               "see the message; an architecture llama.cpp does not support cannot be exported to GGUF")
+        raise PipelineError(f"llama.cpp's converter failed on {model_dir}: {message}", key="export", fix=fix)
 
 
 def last_message(text: str) -> str:

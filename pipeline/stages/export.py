@@ -66,24 +66,21 @@ def hf_folder(source: str, section: schema.ModelSection, tmp: Path):
     folder = tmp / "model"
     folder.mkdir()
     base_gguf = None
-    if models.is_adapter(source) or section.gguf_file:
-        if models.is_adapter(source):
-            name = models.adapter_base_gguf(source)
-            base_gguf = Path(models.base_model_of(source)) / name if name else None
-        elif Path(source).is_dir():
-            base_gguf = Path(source) / section.gguf_file
-        model = models.load_causal_lm(source, section.model_copy(update={"path": source}), merge_adapter=True)
-        tokenizer = models.load_tokenizer(source, gguf_file=None if models.is_adapter(source) else section.gguf_file)
-        model.save_pretrained(folder, safe_serialization=True)
-    elif (Path(source) / "config.json").exists():
+    if not models.is_adapter(source) and not section.gguf_file and (Path(source) / "config.json").exists():
         models.check_safe_weights(source, key="model.path")
         for item in Path(source).iterdir():
             if item.is_file() and item.name not in TOKENIZER_FILES and item.suffix in (".json", ".safetensors"):
                 (folder / item.name).symlink_to(item.resolve())
         tokenizer = models.load_tokenizer(source)
-    else:
-        raise PipelineError(f"{source} is not a model folder (no config.json, adapter_config.json or gguf_file)",
-                            key="model.path", fix="point `model:` at a causal-lm artifact, e.g. ${sft}")
+    else:  # an adapter (merged), a GGUF (dequantised), or a Hub id
+        if models.is_adapter(source):
+            name = models.adapter_base_gguf(source)
+            base_gguf = Path(models.base_model_of(source)) / name if name else None
+        elif section.gguf_file and Path(source).is_dir():
+            base_gguf = Path(source) / section.gguf_file
+        model = models.load_causal_lm(source, section.model_copy(update={"path": source}), merge_adapter=True)
+        tokenizer = models.load_tokenizer(source, gguf_file=None if models.is_adapter(source) else section.gguf_file)
+        model.save_pretrained(folder, safe_serialization=True)
     save_tokenizer(tokenizer, folder)
     return folder, tokenizer, base_gguf
 
@@ -170,7 +167,8 @@ def main(args) -> int:
     if not schema.STAGE_NAME_PATTERN.match(output.name):
         raise PipelineError(f"--output {args.output}: the folder name must use letters, digits, '_' and '-' only",
                             key="--output", fix="e.g. --output outputs/quickstart/sft-gguf")
-    stage = {"kind": "export", "model": {"path": str(Path(args.artifact).expanduser().resolve())},
+    local = Path(args.artifact).expanduser()
+    stage = {"kind": "export", "model": {"path": str(local.resolve()) if local.exists() else args.artifact},
              "format": args.format, "quant": args.quant}
     if args.gguf_file:
         stage["model"]["gguf_file"] = args.gguf_file
