@@ -23,7 +23,6 @@ from pipeline.errors import PipelineError
 EXTRA = "export"
 INSTALL = "bash requirements/export.sh"
 CONVERTER_ENV = "LLAMA_CPP_DIR"
-QUANTS = ("f16", "q8_0", "q4_k_m")
 LABELS = {"f16": "F16", "q8_0": "Q8_0", "q4_k_m": "Q4_K_M"}
 CONVERTER_OUTTYPE = {"f16": "f16", "q8_0": "q8_0"}  # q4_k_m: f16 first, then llama.cpp's quantiser
 LLAMA_FTYPE_Q4_K_M = 15  # enum llama_ftype in llama.h (LLAMA_FTYPE_MOSTLY_Q4_K_M)

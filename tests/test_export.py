@@ -323,6 +323,7 @@ def test_export_artifact_holds_gguf_modelfile_card_and_lineage(tiny_exports):
         folder = tiny_exports / stage
         data = manifest(folder)
         assert data["produces"] == "gguf" and data["export"]["quant"] == quant
+        assert data["export"]["llama_file_type"] == {"f16": 1, "q8_0": 7, "q4_k_m": 15}[quant]  # enum llama_ftype
         assert [entry["stage"] for entry in data["lineage"]] == ["sft", "base", "tokenizer"]
         assert data["base_model"] == str(sft.resolve())
         file = gguf_file(folder)

@@ -54,7 +54,8 @@ def export(source: str, cfg: schema.ExportStage, output_dir: Path, work_dir: Pat
     converter = gguf.converter_dir()
     return {"format": cfg.format, "quant": cfg.quant, "file": name, "mib": round(file.stat().st_size / 2 ** 20, 3),
             "parameters": parameter_count(file), "tensor_types": types,
-            "architecture": written.get("general.architecture"), "tokenizer_pre": written.get("tokenizer.ggml.pre"),
+            "llama_file_type": written.get("general.file_type"), "architecture": written.get("general.architecture"),
+            "tokenizer_pre": written.get("tokenizer.ggml.pre"),
             "stop": gguf.stop_tokens(tokenizer), "converter": {"path": str(converter),
                                                               "llama_cpp_python": gguf.converter_version(converter)}}
 
