@@ -82,7 +82,7 @@ def _missing_module(name: str) -> bool:
 
 
 def convert(model_dir: Path, outfile: Path, outtype: str, *, tokenizer_pre: str | None = None,
-            override_pre: bool = False) -> None:
+            override_pre: bool = False, model_name: str | None = None) -> None:
     """Run llama.cpp's converter on a Hugging Face folder (config.json, safetensors, tokenizer files) in a child
     process; a failure is one PipelineError line with the converter's last message."""
     folder = converter_dir()
@@ -90,6 +90,8 @@ def convert(model_dir: Path, outfile: Path, outtype: str, *, tokenizer_pre: str 
     if tokenizer_pre:
         command += ["--tokenizer-pre", tokenizer_pre] + (["--override-pre"] if override_pre else [])
     command += ["--", str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
+    if model_name:
+        command += ["--model-name", model_name]  # general.name, which llama.cpp and Ollama show
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
                                                         os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=CONVERT_TIMEOUT_S)
@@ -126,13 +128,14 @@ def quantize(source: Path, outfile: Path, quant: str) -> None:
 
 
 def write_gguf(model_dir: Path, outfile: Path, quant: str, work_dir: Path, *, tokenizer_pre: str | None = None,
-               override_pre: bool = False) -> None:
+               override_pre: bool = False, model_name: str | None = None) -> None:
     """`outfile` in the requested quantisation: the converter writes f16 and q8_0; q4_k_m is quantised from f16."""
+    options = {"tokenizer_pre": tokenizer_pre, "override_pre": override_pre, "model_name": model_name}
     if quant in CONVERTER_OUTTYPE:
-        convert(model_dir, outfile, CONVERTER_OUTTYPE[quant], tokenizer_pre=tokenizer_pre, override_pre=override_pre)
+        convert(model_dir, outfile, CONVERTER_OUTTYPE[quant], **options)
         return
     f16 = work_dir / "model-F16.gguf"
-    convert(model_dir, f16, "f16", tokenizer_pre=tokenizer_pre, override_pre=override_pre)
+    convert(model_dir, f16, "f16", **options)
     try:
         quantize(f16, outfile, quant)
     finally:

@@ -145,9 +145,10 @@ def source_model(folder: Path):
     return models.load_causal_lm(str(folder), schema.ModelSection(path=str(folder), dtype="float32")).eval()
 
 
-def compare_with_llama_cpp(export_dir: Path, n_ctx: int) -> dict:
-    """Greedy answers of llama.cpp on the export vs transformers on the same file, for the held-out prompts."""
-    model, tokenizer = load_gguf_in_transformers(gguf_file(export_dir))
+def compare_with_llama_cpp(export_dir: Path, reference_dir: Path, n_ctx: int) -> dict:
+    """Greedy answers of llama.cpp on one export vs transformers on the f16 export (`reference_dir`) of the same
+    artifact, for the held-out prompts."""
+    model, tokenizer = load_gguf_in_transformers(gguf_file(reference_dir))
     llm = open_llama(gguf_file(export_dir), n_ctx)
     try:
         rows = []
@@ -328,6 +329,7 @@ def test_export_artifact_holds_gguf_modelfile_card_and_lineage(tiny_exports):
         assert data["base_model"] == str(sft.resolve())
         file = gguf_file(folder)
         assert file.name == f"tiny-chain-sft-{gguf.LABELS[quant]}.gguf"
+        assert gguf.metadata(file, ("general.name",))["general.name"] == "tiny-chain-sft"
         meta = card_meta(folder)
         assert meta["library_name"] == "gguf" and meta["base_model"] == str(sft.resolve())
         assert {"gguf", quant} <= set(meta["tags"])
@@ -493,8 +495,9 @@ def test_adapter_over_a_gguf_base_merges_and_exports(tiny_chain, tmp_path):
 @pytest.mark.slow
 def test_quickstart_policy_answers_the_same_in_llama_cpp(tmp_path, monkeypatch):
     """recipes/quickstart-export.yaml with shorter pretraining (600 steps instead of 1800: enough that greedy answers
-    are not near-ties): its LoRA SFT policy, merged and exported. f16: llama.cpp's 16 greedy tokens equal
-    transformers' on all 5 held-out prompts; q8_0: on at least 4; transformers reads the f16 file back."""
+    are not near-ties): its LoRA SFT policy, merged and exported. llama.cpp's 16 greedy tokens equal transformers'
+    on the f16 file for all 5 held-out prompts, and on at least 4 with the q8_0 file in llama.cpp; transformers reads
+    the f16 file back."""
     import torch
 
     from pipeline import runner
@@ -508,9 +511,9 @@ def test_quickstart_policy_answers_the_same_in_llama_cpp(tmp_path, monkeypatch):
         "stages.export_q8.kind=export", "stages.export_q8.model=${sft}", "stages.export_q8.quant=q8_0"])
     runner.run_recipe(recipe)
     n_ctx = json.loads((out / "base" / "config.json").read_text())["max_position_embeddings"]
-    f16 = compare_with_llama_cpp(out / "export", n_ctx)
+    f16 = compare_with_llama_cpp(out / "export", out / "export", n_ctx)
     assert f16["same"] == PROMPTS, f16["rows"]
-    q8 = compare_with_llama_cpp(out / "export_q8", n_ctx)
+    q8 = compare_with_llama_cpp(out / "export_q8", out / "export", n_ctx)
     assert q8["same"] >= PROMPTS - 1, q8["rows"]
     model, _ = load_gguf_in_transformers(gguf_file(out / "export"))
     ids = torch.tensor([list(range(4, 100))])
@@ -543,9 +546,9 @@ def test_smollm2_adapter_over_its_gguf_answers_the_same_in_llama_cpp(tmp_path, m
         "stages.export_q8.kind=export", "stages.export_q8.model=${sft}", "stages.export_q8.quant=q8_0"])
     runner.run_recipe(recipe)
     assert manifest(out / "export")["export"]["tokenizer_pre"] == "smollm"
-    f16 = compare_with_llama_cpp(out / "export", 512)
+    f16 = compare_with_llama_cpp(out / "export", out / "export", 512)
     assert f16["same"] == PROMPTS, f16["rows"]
-    q8 = compare_with_llama_cpp(out / "export_q8", 512)
+    q8 = compare_with_llama_cpp(out / "export_q8", out / "export", 512)
     assert q8["same"] >= PROMPTS - 1, q8["rows"]
     model, _ = load_gguf_in_transformers(gguf_file(out / "export"))
     ids = torch.tensor([list(range(100, 160))])

@@ -43,18 +43,21 @@ def export(source: str, cfg: schema.ExportStage, output_dir: Path, work_dir: Pat
     with tempfile.TemporaryDirectory(dir=work_dir, prefix="hf-") as tmp:
         folder, tokenizer, base_gguf = hf_folder(source, cfg.model, Path(tmp))
         pre, override = tokenizer_pre(cfg, folder, base_gguf)
-        name = f"{gguf_stem(source, cfg.model)}-{gguf.LABELS[cfg.quant]}.gguf"
-        gguf.write_gguf(folder, output_dir / name, cfg.quant, Path(tmp), tokenizer_pre=pre, override_pre=override)
+        stem = gguf_stem(source, cfg.model)
+        name = f"{stem}-{gguf.LABELS[cfg.quant]}.gguf"
+        gguf.write_gguf(folder, output_dir / name, cfg.quant, Path(tmp), tokenizer_pre=pre, override_pre=override,
+                        model_name=stem)
         config = json.loads((folder / "config.json").read_text())
     file = output_dir / name
     context = config.get("max_position_embeddings")
     (output_dir / "Modelfile").write_text(gguf.modelfile(name, tokenizer, context_length=context))
-    written = gguf.metadata(file, ("tokenizer.ggml.pre", "general.architecture", "general.file_type"))
+    written = gguf.metadata(file, ("tokenizer.ggml.pre", "general.architecture", "general.file_type", "general.name"))
     types = gguf.tensor_types(file)
     converter = gguf.converter_dir()
     return {"format": cfg.format, "quant": cfg.quant, "file": name, "mib": round(file.stat().st_size / 2 ** 20, 3),
             "parameters": parameter_count(file), "tensor_types": types,
-            "llama_file_type": written.get("general.file_type"), "architecture": written.get("general.architecture"),
+            "name": written.get("general.name"), "llama_file_type": written.get("general.file_type"),
+            "architecture": written.get("general.architecture"),
             "tokenizer_pre": written.get("tokenizer.ggml.pre"),
             "stop": gguf.stop_tokens(tokenizer), "converter": {"path": str(converter),
                                                               "llama_cpp_python": gguf.converter_version(converter)}}
