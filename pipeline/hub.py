@@ -128,15 +128,11 @@ def _rewrite_adapter_config(path: Path, base_id: str, revision: str | None) -> N
 
 def _merge_into(adapter: Path, folder: Path) -> None:
     """Merge a LoRA adapter into its (local) base and save full safetensors weights plus the tokenizer."""
-    from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
     from pipeline import models
 
-    if models.adapter_base_gguf(adapter):  # a base held as a .gguf file: loaded through its gguf_file
-        model = models.load_causal_lm(str(adapter), schema.ModelSection(path=str(adapter), dtype="float32"))
-    else:
-        model = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).merge_and_unload()
+    model = models.load_adapter(adapter, merge=True)
     model.save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(folder)
     for name in ("manifest.json", "README.md"):

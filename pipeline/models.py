@@ -170,6 +170,17 @@ def _adapter_on_gguf_base(path: str, section: schema.ModelSection, gguf_file: st
     return model.merge_and_unload() if merge_adapter else model
 
 
+def load_adapter(path: str | Path, *, merge: bool):
+    """A saved LoRA causal-LM adapter on its base (merged into it when `merge`), as peft loads it; a base held as a
+    .gguf file (see `adapter_base_gguf`) is loaded through its gguf_file, dequantised to float32."""
+    if adapter_base_gguf(path):
+        return load_causal_lm(str(path), schema.ModelSection(path=str(path), dtype="float32"), merge_adapter=merge)
+    from peft import AutoPeftModelForCausalLM
+
+    model = AutoPeftModelForCausalLM.from_pretrained(str(path))
+    return model.merge_and_unload() if merge else model
+
+
 def _dequantised(model):
     """A GGUF checkpoint is dequantised on load but still marked quantized, which the Trainer refuses: unmark it."""
     model.hf_quantizer = None
@@ -346,19 +357,16 @@ def drop_untied_copy(folder: Path, model) -> None:
 def merge_saved_adapter(folder: Path, tokenizer, num_labels: int | None = None) -> None:
     """Replace the LoRA adapter saved in `folder` by full weights: its base with the adapter merged in (a reward
     model's base is loaded with the trained model's `num_labels`)."""
-    from peft import AutoPeftModelForCausalLM, AutoPeftModelForSequenceClassification
+    from peft import AutoPeftModelForSequenceClassification
 
     task = json.loads((folder / "adapter_config.json").read_text()).get("task_type")
     if task == "SEQ_CLS":
         merged = AutoPeftModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels or 1)
         if merged.config.pad_token_id is None:
             merged.config.pad_token_id = tokenizer.pad_token_id
-    elif adapter_base_gguf(folder):
-        section = schema.ModelSection(path=str(folder), dtype="float32")
-        merged = load_causal_lm(str(folder), section, merge_adapter=False)
+        merged = merged.merge_and_unload()
     else:
-        merged = AutoPeftModelForCausalLM.from_pretrained(str(folder))
-    merged = merged.merge_and_unload()
+        merged = load_adapter(folder, merge=True)
     for name in ("adapter_config.json", "adapter_model.safetensors", "README.md"):
         (folder / name).unlink(missing_ok=True)
     save_model(merged, tokenizer, folder)
