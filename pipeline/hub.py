@@ -28,6 +28,7 @@ log = logging.getLogger("pipeline")
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 SKIP_NAMES = {".gitattributes"}
+LOCAL_ONLY = re.compile(r"^train(\.rank\d+)?\.log$")  # the stage's library output (local paths): never pushed
 FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*\n?", re.S)
 
 
@@ -101,7 +102,7 @@ def stage_files(artifact: Artifact, folder: Path, *, merge: bool) -> dict[str, A
         library = "transformers"
     else:
         for item in artifact.path.iterdir():
-            if item.name not in SKIP_NAMES and not item.name.startswith("."):
+            if item.name not in SKIP_NAMES and not item.name.startswith(".") and not LOCAL_ONLY.match(item.name):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
         library = "peft" if artifact.is_adapter else None
         if artifact.is_adapter and base_id:
