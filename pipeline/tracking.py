@@ -106,7 +106,8 @@ def flat(config: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 @contextmanager
 def environment(recipe, name: str):
     """While a stage runs: W&B's project and folder and MLflow's experiment default to the recipe's (a variable the
-    user set wins); the previous environment comes back afterwards."""
+    user set wins); afterwards the stage's tracker runs are ended (the trainers' W&B callback leaves its run open,
+    and the next stage would log into it) and the previous environment comes back."""
     trackers = stage_trackers(recipe, name)
     wanted = {}
     if "wandb" in trackers:
@@ -121,8 +122,20 @@ def environment(recipe, name: str):
     try:
         yield trackers
     finally:
+        end_runs(trackers)
         for key in added:
             os.environ.pop(key, None)
+
+
+def end_runs(trackers: list[str]) -> None:
+    """End the W&B and MLflow runs still open in this process (one run per stage)."""
+    import sys
+
+    wandb, mlflow = sys.modules.get("wandb"), sys.modules.get("mlflow")
+    if "wandb" in trackers and wandb is not None and getattr(wandb, "run", None) is not None:
+        wandb.finish()
+    if "mlflow" in trackers and mlflow is not None and mlflow.active_run() is not None:
+        mlflow.end_run()
 
 
 # ------------------------------------------------------------------------------------- transformers / TRL trainers
