@@ -40,6 +40,15 @@ def is_interactive(stream) -> bool:
     return tty and not os.environ.get("CI")
 
 
+def columns(stream, fallback: int = 100) -> int:
+    """The terminal's width; `fallback` when it reports none (0 columns, as a pseudo-terminal may)."""
+    try:
+        width = os.get_terminal_size(stream.fileno()).columns
+    except (AttributeError, OSError, ValueError):
+        width = 0
+    return width if width > 0 else fallback
+
+
 def figures(kind: str, logs: dict[str, Any]) -> dict[str, float]:
     """The live figures of a stage `kind` found in one log entry, by label."""
     return {label: logs[key] for key, label in FIGURES.get(kind, DEFAULT_FIGURES)
@@ -97,7 +106,7 @@ class Progress:
             from tqdm import tqdm
 
             self.bar = tqdm(total=self.total, initial=initial, desc=f"  {desc}", file=console.stream,
-                            dynamic_ncols=True, leave=True)
+                            ncols=columns(console.stream), leave=True)
 
     def _mark_after(self, step: int) -> float:
         tenth = self.total / 10
