@@ -216,11 +216,7 @@ def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, don
     console = console or Console.for_process(main=state.is_main_process)
     ctx = StageContext(name=name, config=config, recipe=recipe, output_dir=writer.tmp, work_dir=work_dir,
                        parents=parents, seed=seed, state=state, attempts=attempts, console=console)
-    with capture(work_dir / log_name(state.process_index), console), tracking.environment(recipe, name):
-        _seed_everything(seed)
-        attempts.start()
-        result: StageResult = registry.stage_module(config.kind).run(ctx)
-        durations = attempts.finish()
+    result, durations = _train(ctx)
     _barrier(state)
 
     if state.is_main_process:
@@ -253,6 +249,17 @@ def copy_logs(work_dir: Path, folder: Path) -> None:
     for log_file in sorted(Path(work_dir).glob("train*.log")):
         text = log_file.read_text(encoding="utf-8", errors="replace")
         (Path(folder) / log_file.name).write_text(artifacts.scrub(text), encoding="utf-8")
+
+
+def _train(ctx: StageContext) -> tuple[StageResult, dict[str, Any]]:
+    """Seed, then run the stage's module with its library output going to the work folder's train.log and its
+    trackers' environment set; (its result, the attempt durations)."""
+    with capture(ctx.work_dir / log_name(ctx.state.process_index), ctx.console), \
+            tracking.environment(ctx.recipe, ctx.name):
+        _seed_everything(ctx.seed)
+        ctx.attempts.start()
+        result: StageResult = registry.stage_module(ctx.config.kind).run(ctx)
+        return result, ctx.attempts.finish()
 
 
 def _recipe_push_target(recipe: Recipe, name: str) -> schema.HubTarget | None:

@@ -54,7 +54,7 @@ def check_installed(recipe) -> None:
             module, extra = PACKAGES[tracker]
             if importlib.util.find_spec(module) is None:
                 own = getattr(recipe.stages[name], "report_to", None) is not None
-                raise PipelineError(f"report_to: {tracker} needs the {module} package, which is not installed",
+                raise PipelineError(f"{tracker} needs the {module} package, which is not installed",
                                     file=str(recipe.path), key=f"stages.{name}.report_to" if own else "report_to",
                                     fix=f"pip install 'hf-pipeline[{extra}]', or set report_to: none")
 
