@@ -53,33 +53,29 @@ def rises_or_full(before: str, after: str) -> Callable[[dict], bool]:
 
 
 # The PPO and GRPO goals read the policy's sampled answers (eval_samples per held-out prompt, at the stage's
-# temperature): that is the distribution RL optimises, and the SFT policy's greedy answers are already (nearly) all
-# right, so greedy measures have nothing left to rise to; they must not fall.
-PPO_UNMET = ("PPO: not met yet. Its training reward stays flat on this task (the SFT policy's samples are ~99% right), "
-             "so the sampled measures drift a little instead of rising, while greedy answers and KL hold")
-REWARD_UNMET = ("reward: not met on every seed. Held-out accuracy is 0.85-0.96 but 0.845 on one seed (200 pairs, "
-                "25 epochs at learning rate 1e-3)")
-GRPO_UNMET = ("GRPO: not met on every seed. At temperature 1.5 its sampled reward-model score rises on some seeds and "
-              "falls on others")
+# temperature 1.5, the same random numbers before and after): that is the distribution RL optimises. The SFT policy's
+# greedy answers are already all right, so greedy measures have nothing left to rise to; they must not fall.
 GOALS = (
     Goal("base", "held-out loss falls by >= 80%", lambda m: m["eval_loss_after"] <= 0.2 * m["eval_loss_before"]),
     Goal("sft", "held-out completion loss falls", lambda m: m["eval_loss_after"] < m["eval_loss_before"]),
     Goal("sft", "greedy exact match >= 0.9 on held-out prompts", lambda m: m["eval_exact_match"] >= 0.9),
     Goal("reward", "held-out pairwise accuracy >= 0.85 on >= 100 pairs",
-         lambda m: m["eval_accuracy"] >= 0.85 and m["eval_pairs"] >= 100, unmet=REWARD_UNMET),
+         lambda m: m["eval_accuracy"] >= 0.85 and m["eval_pairs"] >= 100),
     Goal("dpo", "held-out preference accuracy rises (or stays at 1.0)",
          rises_or_full("eval_preference_accuracy_before", "eval_preference_accuracy_after")),
     Goal("dpo", "held-out chosen-over-rejected margin rises", rises("eval_margin_before", "eval_margin_after")),
     Goal("ppo", "reward-model score of sampled answers rises over the SFT policy",
-         rises("eval_sampled_reward_before", "eval_sampled_reward_after"), unmet=PPO_UNMET),
+         rises("eval_sampled_reward_before", "eval_sampled_reward_after")),
     Goal("ppo", "exact match of sampled answers rises over the SFT policy",
-         rises("eval_sampled_accuracy_before", "eval_sampled_accuracy_after"), unmet=PPO_UNMET),
+         rises("eval_sampled_accuracy_before", "eval_sampled_accuracy_after")),
     Goal("ppo", "greedy reward-model score and exact match do not fall",
          lambda m: m["eval_reward_after"] >= m["eval_reward_before"] - 1e-6
          and m["eval_accuracy_after"] >= m["eval_accuracy_before"]),
     Goal("ppo", "KL to the reference <= 1.0", lambda m: m["kl"] <= 1.0),
     Goal("grpo", "reward-model score of sampled answers rises over the SFT policy",
-         rises("eval_sampled_reward_before", "eval_sampled_reward_after"), unmet=GRPO_UNMET),
+         rises("eval_sampled_reward_before", "eval_sampled_reward_after")),
+    Goal("grpo", "exact match of sampled answers rises over the SFT policy",
+         rises("eval_sampled_exact_match_before", "eval_sampled_exact_match_after")),
     Goal("grpo", "greedy reward-model score does not fall",
          lambda m: m["eval_reward_after"] >= m["eval_reward_before"] - 1e-6),
 )
@@ -94,8 +90,8 @@ MEASURES = (
     ("dpo", "preference accuracy", ("eval_preference_accuracy_before", "eval_preference_accuracy_after")),
     ("dpo", "log-prob margin", ("eval_margin_before", "eval_margin_after")),
     ("dpo", "implicit-reward accuracy", ("eval_reward_accuracy",)),
-    ("ppo", "sampled: reward-model score", ("eval_sampled_reward_before", "eval_sampled_reward_after")),
-    ("ppo", "sampled: exact match", ("eval_sampled_accuracy_before", "eval_sampled_accuracy_after")),
+    ("ppo", "sampled (T=1.5): reward-model score", ("eval_sampled_reward_before", "eval_sampled_reward_after")),
+    ("ppo", "sampled (T=1.5): exact match", ("eval_sampled_accuracy_before", "eval_sampled_accuracy_after")),
     ("ppo", "greedy: reward-model score", ("eval_reward_before", "eval_reward_after")),
     ("ppo", "greedy: exact match", ("eval_accuracy_before", "eval_accuracy_after")),
     ("ppo", "KL to the reference", ("kl",)),

@@ -11,7 +11,8 @@ What is held out, exactly:
   the phrasing used before) leaves its tokens' embeddings at their random initial values: what the model then does
   depends on the seed and on the CPU's float rounding (AVX2 vs AVX-512 kernels), not on what it learned. That made
   the quickstart's SFT exact match 0.96 on one CPU and 0.40 on another.
-- Answers: the rejected answers of the eval preference pairs are freshly drawn.
+- Answers: the rejected answers of the eval preference pairs are freshly drawn, of the same three kinds as in
+  training (REJECTED): a wrong sum, a sum of miscopied numbers, and the right answer running on into another sum.
 - Facts are NOT held out. The eval files ask about the 25 facts of `facts()`'s held-out split, but every training
   file (SFT, preferences, prompts) covers all 100 facts, and so does the pretraining corpus. Holding the 25 facts
   out of the fine-tuning files (kept in the corpus) was measured this session on one pretrained base: SFT exact
@@ -95,12 +96,38 @@ def sft(pairs, rng: random.Random, repeats: int, questions=QUESTIONS) -> list[di
     return rows
 
 
+def miscopied(a: int, b: int, rng: random.Random) -> str:
+    """A sum that is right for other numbers than the question's: one operand miscopied."""
+    other = rng.choice([n for n in range(10) if n != a])
+    return f"So {other} + {b} = {other + b}" if rng.random() < 0.5 else f"So {b} + {other} = {b + other}"
+
+
+def run_on(a: int, b: int, rng: random.Random) -> str:
+    """The right answer, then the turn runs on into another sum: its last number is no longer the answer."""
+    d = rng.randint(1, 9)
+    return f"{answer(a, b)} + {d} = {a + b + d}"
+
+
+# The kinds of rejected answer in preference pairs, with their shares: a policy sampled at a high temperature makes
+# all three mistakes, and a reward model that saw only wrong sums scored miscopied sums as right.
+REJECTED = ((0.7, wrong), (0.2, miscopied), (0.1, run_on))
+
+
+def rejected(a: int, b: int, rng: random.Random) -> str:
+    draw = rng.random()
+    for share, make in REJECTED:
+        if draw < share:
+            return make(a, b, rng)
+        draw -= share
+    return REJECTED[-1][1](a, b, rng)
+
+
 def preferences(pairs, rng: random.Random, repeats: int, questions=QUESTIONS) -> list[dict]:
     rows = []
     for _ in range(repeats):
         for a, b in pairs:
             rows.append({"prompt": rng.choice(questions).format(a=a, b=b), "chosen": answer(a, b),
-                         "rejected": wrong(a, b, rng)})
+                         "rejected": rejected(a, b, rng)})
     rng.shuffle(rows)
     return rows
 
@@ -126,7 +153,7 @@ def main(folder: Path = HERE) -> None:
     write("corpus_eval.jsonl", corpus(rng, 200), folder)
     write("sft.jsonl", sft(every, rng, 3), folder)
     write("sft_eval.jsonl", sft(held_out, rng, 2, HELD_OUT_QUESTIONS), folder)
-    write("preferences.jsonl", preferences(every, rng, 6), folder)
+    write("preferences.jsonl", preferences(every, rng, 12), folder)
     write("preferences_eval.jsonl", preferences(held_out, rng, 8, HELD_OUT_QUESTIONS), folder)
     write("prompts.jsonl", prompts(every, rng, 3), folder)
     write("prompts_eval.jsonl", prompts(held_out, rng, 4, HELD_OUT_QUESTIONS), folder)

@@ -1,4 +1,4 @@
-"""Command line: `python -m pipeline {run,validate,show,eval,chat,push} ...`.
+"""Command line: `python -m pipeline {run,validate,show,eval,chat,push,export,report} ...`.
 
     python -m pipeline run recipes/quickstart.yaml [KEY=VALUE ...] [--force STAGE] [--only STAGE] [-v]
     accelerate launch --config_file recipes/accelerate/ddp.yaml -m pipeline run recipes/X.yaml
@@ -7,6 +7,7 @@
     python -m pipeline eval OUTPUT/stage ...          # evaluate artifacts (see pipeline.evaluation)
     python -m pipeline chat OUTPUT/stage [--prompt]   # chat with a checkpoint
     python -m pipeline push OUTPUT/stage user/repo    # push an artifact to the Hub
+    python -m pipeline export OUTPUT/stage --quant q8_0 --output DIR   # GGUF + Ollama Modelfile (`export` extra)
     python -m pipeline report OUTPUT                  # report.md/.html: graph, loss curves, metrics, lineage
 
 User errors print one line and exit 2; a stage that crashes prints one line naming its train.log, which holds the
@@ -66,6 +67,14 @@ def _parser() -> argparse.ArgumentParser:
     push.add_argument("--private", action=argparse.BooleanOptionalAction, default=True)
     push.add_argument("--revision", default=None)
     push.add_argument("--merge", action="store_true", help="push a LoRA adapter merged into its base")
+    export = sub.add_parser("export", help="write an artifact as GGUF for llama.cpp and Ollama (the `export` extra)")
+    export.add_argument("artifact", help="a causal-lm artifact or model folder (a LoRA adapter is merged first)")
+    export.add_argument("--format", choices=["gguf"], default="gguf")
+    export.add_argument("--quant", choices=["f16", "q8_0", "q4_k_m"], default="q8_0")
+    export.add_argument("--output", required=True, help="the artifact folder to write (its parent must be writable)")
+    export.add_argument("--gguf-file", default=None, help="when ARTIFACT is a folder of .gguf files: which one")
+    export.add_argument("--tokenizer-pre", default=None,
+                        help="llama.cpp pre-tokenizer name for a tokenizer the converter does not recognise")
     report = sub.add_parser("report", help="write OUTPUT/report.md and report.html from the artifacts' manifests")
     report.add_argument("output_dir")
     return parser
@@ -132,6 +141,12 @@ def _push(args) -> int:
     return hub.main(args)
 
 
+def _export(args) -> int:
+    from pipeline.stages import export
+
+    return export.main(args)
+
+
 def _report(args) -> int:
     from pipeline import report
 
@@ -139,7 +154,7 @@ def _report(args) -> int:
 
 
 COMMANDS = {"run": _run, "validate": _validate, "show": _show, "eval": _eval, "chat": _chat, "push": _push,
-            "report": _report}
+            "export": _export, "report": _report}
 
 
 def main(argv: list[str] | None = None) -> int:

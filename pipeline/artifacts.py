@@ -281,8 +281,9 @@ def recover_output_dir(output_dir: Path, stages: list[str]) -> None:
 def model_card(*, name: str, stage: str, kind: str, recipe: str, base_model: str | None, datasets: list[str],
                license_: str, metrics: dict[str, Any], lineage: list[dict[str, Any]], pipeline_tag: str | None,
                library_name: str = "transformers", extra_tags: list[str] | None = None,
-               model_index: list[dict[str, Any]] | None = None) -> str:
-    """README.md text with Hub YAML metadata (base_model, datasets, tags, license) and a lineage table."""
+               model_index: list[dict[str, Any]] | None = None, text: str | None = None) -> str:
+    """README.md text with Hub YAML metadata (base_model, datasets, tags, license) and a lineage table; `text` is
+    stage-written markdown placed before the Usage section (which a GGUF artifact's text replaces)."""
     meta: dict[str, Any] = {"library_name": library_name, "license": license_,
                             "tags": ["hf-pipeline", kind, *(extra_tags or [])]}
     if base_model:
@@ -309,6 +310,10 @@ def model_card(*, name: str, stage: str, kind: str, recipe: str, base_model: str
         lines += ["## Lineage", "", "| stage | kind | fingerprint |", "| --- | --- | --- |"]
         lines += [f"| {p['stage']} | {p.get('kind', '')} | `{p['fingerprint'][:12]}` |" for p in lineage]
         lines += [""]
+    if text:
+        lines += [text.rstrip("\n"), ""]
+    if library_name == "gguf":
+        return scrub("\n".join(lines))
     lines += ["## Usage", "", "```python"]
     if library_name == "peft":
         lines += ["from peft import AutoPeftModelForCausalLM", "model = AutoPeftModelForCausalLM.from_pretrained(PATH)"]

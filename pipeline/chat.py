@@ -46,7 +46,7 @@ def load(path: str):
     """(model, tokenizer) for a full checkpoint or a LoRA adapter (loaded on its base), in eval mode."""
     from transformers import AutoModelForCausalLM
 
-    from pipeline import models
+    from pipeline import models, schema
 
     folder = Path(path)
     if not (folder / "config.json").exists() and not models.is_adapter(folder):
@@ -57,7 +57,10 @@ def load(path: str):
     if not getattr(tokenizer, "chat_template", None):
         raise PipelineError(f"{path} has no chat template", key="chat",
                             fix="chat with an artifact whose tokenizer has one (tokenizer stage or an sft stage)")
-    if models.is_adapter(folder):
+    if models.is_adapter(folder) and models.adapter_base_gguf(folder):
+        model = models.load_causal_lm(str(folder), schema.ModelSection(path=str(folder), dtype="float32"),
+                                      merge_adapter=False)
+    elif models.is_adapter(folder):
         from peft import AutoPeftModelForCausalLM
 
         model = AutoPeftModelForCausalLM.from_pretrained(str(folder))

@@ -1,4 +1,5 @@
-"""Push an artifact folder to the Hugging Face Hub as one commit: weights, tokenizer, manifest and a refreshed card.
+"""Push an artifact folder to the Hugging Face Hub as one commit: weights (safetensors, or a GGUF export's .gguf and
+Modelfile), tokenizer, manifest and a refreshed card.
 
     python -m pipeline push OUTPUT/stage user/repo [--private/--no-private] [--revision BRANCH] [--merge]
 
@@ -28,6 +29,7 @@ log = logging.getLogger("pipeline")
 
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 SKIP_NAMES = {".gitattributes"}
+RELATIONS = {"peft": "adapter", "gguf": "quantized"}  # the card's base_model_relation by library; else finetune
 LOCAL_ONLY = re.compile(r"^train(\.rank\d+)?\.log$")  # the stage's library output (local paths): never pushed
 FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*\n?", re.S)
 
@@ -57,6 +59,9 @@ def check_complete(artifact: Artifact | None, path: str | Path) -> Artifact:
     if artifact.produces in (schema.CAUSAL_LM, schema.REWARD_MODEL) and not names & set(WEIGHTS):
         raise PipelineError(f"{artifact.path} has no safetensors weights", key="push",
                             fix="rerun the stage with --force to rewrite its artifact")
+    if artifact.produces == schema.GGUF and not any(n.endswith(".gguf") for n in names):
+        raise PipelineError(f"{artifact.path} has no .gguf file", key="push",
+                            fix="rerun the export stage with --force to rewrite its artifact")
     if artifact.produces == schema.TOKENIZER and "tokenizer.json" not in names and "tokenizer_config.json" not in names:
         raise PipelineError(f"{artifact.path} has no tokenizer files", key="push", fix="rerun the tokenizer stage")
     return artifact
@@ -104,7 +109,7 @@ def stage_files(artifact: Artifact, folder: Path, *, merge: bool) -> dict[str, A
         for item in artifact.path.iterdir():
             if item.name not in SKIP_NAMES and not item.name.startswith(".") and not LOCAL_ONLY.match(item.name):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
-        library = "peft" if artifact.is_adapter else None
+        library = "peft" if artifact.is_adapter else "gguf" if artifact.produces == schema.GGUF else None
         if artifact.is_adapter and base_id:
             _rewrite_adapter_config(folder / "adapter_config.json", base_id, base_revision)
     return {"base_model": base_id, "library_name": library, "merged": artifact.is_adapter and merge}
@@ -127,7 +132,12 @@ def _merge_into(adapter: Path, folder: Path) -> None:
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
-    model = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).merge_and_unload()
+    from pipeline import models
+
+    if models.adapter_base_gguf(adapter):  # a base held as a .gguf file: loaded through its gguf_file
+        model = models.load_causal_lm(str(adapter), schema.ModelSection(path=str(adapter), dtype="float32"))
+    else:
+        model = AutoPeftModelForCausalLM.from_pretrained(str(adapter)).merge_and_unload()
     model.save_pretrained(folder, safe_serialization=True)
     AutoTokenizer.from_pretrained(str(adapter)).save_pretrained(folder)
     for name in ("manifest.json", "README.md"):
@@ -165,7 +175,7 @@ def refresh_card(text: str, manifest: dict[str, Any], info: dict[str, Any]) -> s
     meta.pop("base_model", None)
     if info["base_model"]:
         meta["base_model"] = info["base_model"]
-        meta["base_model_relation"] = "adapter" if info["library_name"] == "peft" else "finetune"
+        meta["base_model_relation"] = RELATIONS.get(info["library_name"], "finetune")
     if info["library_name"]:
         meta["library_name"] = info["library_name"]
     if info["merged"]:

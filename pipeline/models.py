@@ -119,6 +119,9 @@ def load_causal_lm(path: str, section: schema.ModelSection, *, merge_adapter: bo
         kwargs.update(tp_plan="auto", tp_size=tp_size)
     try:
         if is_adapter(path):
+            gguf_file = adapter_base_gguf(path)
+            if gguf_file:
+                return _adapter_on_gguf_base(path, section, gguf_file, merge_adapter=merge_adapter, tp_size=tp_size)
             from peft import AutoPeftModelForCausalLM
 
             model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs)
@@ -128,6 +131,43 @@ def load_causal_lm(path: str, section: schema.ModelSection, *, merge_adapter: bo
     except OSError as exc:
         raise PipelineError(f"cannot load a model from {path}: {str(exc).splitlines()[0]}", key="model.path",
                             fix="point at a folder with config.json and model.safetensors, or a Hub id") from None
+
+
+def adapter_base_gguf(path: str | Path) -> str | None:
+    """The GGUF file inside an adapter's base folder, when the base is a folder holding a .gguf rather than a
+    config.json (an adapter trained on `model: {path: FOLDER, gguf_file: FILE}`): named by the adapter artifact's
+    manifest, else the folder's only .gguf. None for a base with config.json or a Hub id."""
+    base = base_model_of(path)
+    folder = Path(base) if base else None
+    if folder is None or not folder.is_dir() or (folder / "config.json").exists():
+        return None
+    try:
+        model = json.loads((Path(path) / "manifest.json").read_text())["config"]["model"]
+    except (OSError, ValueError, KeyError, TypeError):
+        model = {}
+    named = model.get("gguf_file") if isinstance(model, dict) else None
+    if named and (folder / named).is_file():
+        return named
+    found = sorted(p.name for p in folder.glob("*.gguf"))
+    if len(found) <= 1:
+        return found[0] if found else None
+    raise PipelineError(f"the base of adapter {path} is {folder}, which holds {len(found)} .gguf files and no "
+                        "config.json", key="model.path",
+                        fix="keep exactly one .gguf in that folder, or rerun the adapter's stage from this pipeline "
+                            "(its manifest names the file)")
+
+
+def _adapter_on_gguf_base(path: str, section: schema.ModelSection, gguf_file: str, *, merge_adapter: bool,
+                          tp_size: int):
+    """peft's AutoPeftModel cannot pass `gguf_file` to the base: load the base from its GGUF (dequantised), then
+    the adapter on it."""
+    from peft import PeftModel
+
+    base_path = base_model_of(path)
+    base_section = section.model_copy(update={"path": base_path, "gguf_file": gguf_file, "revision": None})
+    base = load_causal_lm(base_path, base_section, tp_size=tp_size)
+    model = PeftModel.from_pretrained(base, path)
+    return model.merge_and_unload() if merge_adapter else model
 
 
 def _dequantised(model):
@@ -313,6 +353,9 @@ def merge_saved_adapter(folder: Path, tokenizer, num_labels: int | None = None) 
         merged = AutoPeftModelForSequenceClassification.from_pretrained(str(folder), num_labels=num_labels or 1)
         if merged.config.pad_token_id is None:
             merged.config.pad_token_id = tokenizer.pad_token_id
+    elif adapter_base_gguf(folder):
+        section = schema.ModelSection(path=str(folder), dtype="float32")
+        merged = load_causal_lm(str(folder), section, merge_adapter=False)
     else:
         merged = AutoPeftModelForCausalLM.from_pretrained(str(folder))
     merged = merged.merge_and_unload()

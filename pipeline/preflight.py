@@ -4,8 +4,9 @@ Called by `python -m pipeline run recipe.yaml` before the output folder is creat
 `python -m pipeline validate --deep recipe.yaml`. Raises a `PipelineError` (exit 2, one line naming the recipe file,
 the key and the fix) on the first problem; nothing is written. Checks need no model weights and no network: local
 data columns (first rows, honouring `fields:`), chat templates where a stage needs one, LoRA target names, that a
-reward model and its policy share a tokenizer, `train.max_length` against the model's positions, and that local model
-folders hold safetensors weights. Hub ids are not checked. Nothing runs at import.
+reward model and its policy share a tokenizer, `train.max_length` against the model's positions, that local model
+folders hold safetensors weights, and that an `export` stage's optional tools are installed. Hub ids are not
+checked. Nothing runs at import.
 """
 from __future__ import annotations
 
@@ -49,6 +50,7 @@ def check(recipe: Recipe) -> None:
         _check_lora(recipe, name, config)
         _check_max_length(recipe, name, config)
         _check_shared_tokenizer(recipe, name, config)
+        _check_export_tools(recipe, name, config)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -103,6 +105,21 @@ def _check_weights(recipe: Recipe, name: str, config: schema.StageBase) -> None:
         except PipelineError as exc:
             exc.file = str(recipe.path)
             raise
+
+
+# ---------------------------------------------------------------------------------------------------- export
+
+
+def _check_export_tools(recipe: Recipe, name: str, config: schema.StageBase) -> None:
+    """An `export` stage needs the optional `export` extra: say so before the stages ahead of it train."""
+    if not isinstance(config, schema.ExportStage):
+        return
+    from pipeline import gguf
+
+    try:
+        gguf.require(config.quant)
+    except PipelineError as exc:
+        raise _error(recipe, name, ("kind",), exc.message, exc.fix or gguf.INSTALL, cls=PipelineError) from None
 
 
 # ------------------------------------------------------------------------------------------------------ data

@@ -21,6 +21,7 @@ STAGES: dict[str, tuple[type[schema.StageBase], str]] = {
     "grpo": (schema.GrpoStage, "pipeline.stages.grpo"),
     "rloo": (schema.RlooStage, "pipeline.stages.rloo"),
     "evaluate": (schema.EvaluateStage, "pipeline.stages.evaluate"),
+    "export": (schema.ExportStage, "pipeline.stages.export"),
 }
 
 

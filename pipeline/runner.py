@@ -34,6 +34,10 @@ class StageResult:
     tags: list[str] = field(default_factory=list)
     log_history: list[dict[str, Any]] = field(default_factory=list)
     extra: dict[str, Any] = field(default_factory=dict)
+    # Ancestors read by path rather than by `${stage}` (the artifact itself first, then its lineage); the runner adds
+    # them to the manifest's and the card's lineage after the parents' own.
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    card_text: str | None = None  # markdown for the model card, before its Usage section
 
 
 @dataclass
@@ -98,9 +102,9 @@ def stage_fingerprint(recipe: Recipe, name: str, config: schema.StageBase, finge
 
 
 def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | None = None,
-               verbose: bool = False) -> dict[str, Artifact]:
+               verbose: bool = False, report: bool = True) -> dict[str, Artifact]:
     """Run (or skip) every stage; return the complete artifacts by stage name. Library output goes to each stage's
-    train.log, and with `verbose` to the terminal too."""
+    train.log, and with `verbose` to the terminal too. `report`: write OUTPUT/report.*."""
     force = force or set()
     state, console = _start(recipe, force, only, verbose)
     done: dict[str, Artifact] = {}
@@ -132,7 +136,7 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
         console.say(f"[{index}/{total}] {name} ({config.kind}): running")
         done[name] = _run_stage(recipe, name, config, fp, done, state, console)
         console.say(f"[{index}/{total}] {name}: {done_line(done[name].manifest)}")
-    if state.is_main_process:
+    if state.is_main_process and report:
         _write_report(recipe)
     return done
 
@@ -312,7 +316,7 @@ def _manifest(recipe: Recipe, name: str, config: schema.StageBase, fp: str, pare
         "resolved_references": {p: str(a.path.resolve()) for p, a in parents.items()},
         "parents": [{"stage": p, "kind": a.manifest.get("kind"), "fingerprint": a.fingerprint,
                      "path": str(a.path.resolve())} for p, a in parents.items()],
-        "lineage": _lineage(parents),
+        "lineage": _lineage(parents, result.lineage),
         "seed": recipe.stage_seed(name),
         "metrics": result.metrics,
         "base_model": result.base_model,
@@ -328,12 +332,13 @@ def _manifest(recipe: Recipe, name: str, config: schema.StageBase, fp: str, pare
     }
 
 
-def _lineage(parents: dict[str, Artifact]) -> list[dict[str, Any]]:
-    """All ancestors, nearest first, each once."""
+def _lineage(parents: dict[str, Artifact], extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """All ancestors, nearest first, each once: the parents' chains, then `extra` (a StageResult's `lineage`)."""
     seen, chain = set(), []
-    for artifact in parents.values():
-        entries = [{"stage": artifact.manifest["stage"], "kind": artifact.manifest.get("kind"),
-                    "fingerprint": artifact.fingerprint}] + artifact.manifest.get("lineage", [])
+    chains = [[{"stage": artifact.manifest["stage"], "kind": artifact.manifest.get("kind"),
+                "fingerprint": artifact.fingerprint}] + artifact.manifest.get("lineage", [])
+              for artifact in parents.values()]
+    for entries in chains + [extra or []]:
         for entry in entries:
             if entry["fingerprint"] not in seen:
                 seen.add(entry["fingerprint"])
@@ -346,5 +351,5 @@ def _card(recipe: Recipe, name: str, config: schema.StageBase, parents: dict[str
     return artifacts.model_card(
         name=f"{recipe.name}/{name}", stage=name, kind=config.kind, recipe=recipe.name,
         base_model=result.base_model, datasets=result.datasets, license_=recipe.header.license,
-        metrics=result.metrics, lineage=_lineage(parents), pipeline_tag=result.pipeline_tag,
-        library_name=result.library_name, extra_tags=result.tags)
+        metrics=result.metrics, lineage=_lineage(parents, result.lineage), pipeline_tag=result.pipeline_tag,
+        library_name=result.library_name, extra_tags=result.tags, text=result.card_text)

@@ -19,7 +19,7 @@ REPORT_TO_HELP = ("experiment trackers that receive the training curves, the run
                   "none, tensorboard, trackio, wandb, mlflow, or a list (see docs/tracking.md)")
 
 # What a stage's artifact is; a reference is accepted where the consuming key lists the producer's kind.
-TOKENIZER, CAUSAL_LM, REWARD_MODEL, REPORT = "tokenizer", "causal-lm", "reward-model", "report"
+TOKENIZER, CAUSAL_LM, REWARD_MODEL, REPORT, GGUF = "tokenizer", "causal-lm", "reward-model", "report", "gguf"
 
 
 class Strict(BaseModel):
@@ -248,6 +248,23 @@ class MergeStage(ModelStage):
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
     kind: Literal["merge"]
+
+
+class ExportStage(ModelStage):
+    """GGUF file for llama.cpp and Ollama, plus a Modelfile, from a causal LM (an adapter is merged first)."""
+
+    produces: ClassVar[str] = GGUF
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
+    kind: Literal["export"]
+    format: Literal["gguf"] = Field("gguf", description="file format: GGUF, which llama.cpp and Ollama run")
+    quant: Literal["f16", "q8_0", "q4_k_m"] = Field(
+        "q8_0", description="f16: 16-bit floats; q8_0: 8-bit (about half the size, nearly lossless); q4_k_m: llama.cpp "
+                            "4-bit k-quant (about a quarter; tensors whose rows are not a multiple of 256 fall back "
+                            "to other types)")
+    tokenizer_pre: str | None = Field(
+        default=None, description="llama.cpp pre-tokenizer name written as tokenizer.ggml.pre (e.g. gpt-2, llama3, "
+                                  "qwen2); null: the converter's own detection, and for a tokenizer it does not know, "
+                                  "GPT-2 byte-level read from tokenizer.json or the base GGUF's own")
 
 
 class RuleReward(Strict):

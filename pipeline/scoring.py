@@ -7,7 +7,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Iterable
+from contextlib import contextmanager
+from typing import Any, Iterable, Iterator
 
 NUMBER = re.compile(r"-?\d+")
 
@@ -148,6 +149,20 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
     finally:
         tokenizer.padding_side = padding_side
     return outputs
+
+
+@contextmanager
+def seeded_sampling(seed: int) -> Iterator[None]:
+    """Draw random numbers from `seed` inside, and leave the global random state as it was.
+
+    Sampled measurements of a policy before and after training then use the same random numbers (a paired
+    comparison: what differs is the policy, not the luck of the draw), and the training in between draws exactly
+    what it would without them."""
+    import torch
+
+    with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
+        torch.manual_seed(seed)
+        yield
 
 
 def extract_answer(text: str) -> str | None:

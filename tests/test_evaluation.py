@@ -224,3 +224,20 @@ def test_perplexity_on_preference_data_scores_the_chosen_answers(chain):
                  for p, c in zip(rows["prompt"], rows["chosen"]))
     assert got["eval_loss"] == pytest.approx(-sum(logps) / tokens, rel=1e-5)
     assert manifest(sft)["evaluation_datasets"]["perplexity"] == file
+
+
+def test_seeded_sampling_repeats_its_draws_and_leaves_the_global_stream_alone():
+    """Before/after sampled measures draw the same random numbers, and training after them draws what it would."""
+    import torch
+
+    from pipeline.scoring import seeded_sampling
+
+    torch.manual_seed(7)
+    expected_next = torch.rand(3)
+    torch.manual_seed(7)
+    with seeded_sampling(0):
+        first = torch.rand(4)
+    with seeded_sampling(0):
+        second = torch.rand(4)
+    assert torch.equal(first, second)
+    assert torch.equal(torch.rand(3), expected_next)

@@ -15,6 +15,9 @@ from pipeline.recipe import load_recipe
 from pipeline.runner import run_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
+# Kinds that need an optional extra stay out of this recipe, which must run on the default install; `export` (the
+# `export` extra) is chained after sft in recipes/quickstart-export.yaml and run by tests/test_export.py.
+NEEDS_AN_EXTRA = {"export"}
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +37,7 @@ def run(tmp_path_factory):
 
 def test_every_registered_kind_is_in_the_recipe(run):
     recipe, _, _ = run
-    assert {c.kind for c in recipe.stages.values()} == set(registry.STAGES)
+    assert {c.kind for c in recipe.stages.values()} == set(registry.STAGES) - NEEDS_AN_EXTRA
 
 
 def test_artifacts_load_with_stock_classes(run):

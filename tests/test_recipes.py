@@ -17,6 +17,7 @@ from pipeline.recipe import load_recipe
 ROOT = Path(__file__).resolve().parents[1]
 SHIPPED = {
     "quickstart.yaml",
+    "quickstart-export.yaml",
     "every_stage.yaml",
     "real/qwen2.5-0.5b-sft-lora.yaml",
     "real/qwen2.5-0.5b-reward-dpo.yaml",
@@ -45,6 +46,24 @@ def test_recipe_validates(path, monkeypatch):
         assert registry.config_class(config.kind) is type(config), f"{name}: kind {config.kind} not registered"
         for parent in recipe.parents[name]:
             assert list(recipe.stages).index(parent) < list(recipe.stages).index(name)
+
+
+def test_quickstart_export_reuses_the_quickstart_artifacts(monkeypatch):
+    """recipes/quickstart-export.yaml copies the quickstart's tokenizer, base and sft stages: their fingerprints must
+    stay equal, so after a quickstart run only its `export` stage runs."""
+    from pipeline.runner import plan
+
+    monkeypatch.chdir(ROOT)
+    quickstart = load_recipe(ROOT / "recipes" / "quickstart.yaml")
+    export = load_recipe(ROOT / "recipes" / "quickstart-export.yaml")
+    assert (export.name, export.output_dir) == (quickstart.name, quickstart.output_dir)
+    ours = {name: fp for name, fp, _ in plan(export)}
+    theirs = {name: fp for name, fp, _ in plan(quickstart)}
+    assert set(ours) - set(theirs) == {"export"}
+    shared = set(ours) & set(theirs)
+    assert shared == {"tokenizer", "base", "sft"}
+    assert {name: ours[name] for name in shared} == {name: theirs[name] for name in shared}
+    assert export.stages["export"].kind == "export" and export.parents["export"] == ["sft"]
 
 
 def test_docs_are_generated_from_the_schema():

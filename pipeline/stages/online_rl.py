@@ -93,16 +93,18 @@ def held_out(loaded, limit: int):
     return loaded.eval.select(range(min(limit, len(loaded.eval))))
 
 
-def evaluate(model, tokenizer, dataset, cfg, reward_model, reward_tokenizer, suffix: str) -> dict[str, float]:
+def evaluate(model, tokenizer, dataset, cfg, reward_model, reward_tokenizer, suffix: str,
+             seed: int) -> dict[str, float]:
     """Held-out prompts answered greedily (`eval_reward_*`, `eval_rule_reward_*`, `eval_exact_match_*`) and sampled
     at the training temperature, `eval_samples` answers per prompt (`eval_sampled_reward_*`, ...): the distribution
-    the trainer optimises."""
+    the trainer optimises, drawn from `seed` so that before and after compare like with like."""
     prompts, rows = dataset["prompt"], list(dataset)
     greedy = scoring.generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
     metrics = answer_measures(greedy, prompts, rows, cfg, reward_model, reward_tokenizer, suffix, "")
     repeated = [i for i in range(len(rows)) for _ in range(cfg.eval_samples)]
-    sampled = scoring.generate(model, tokenizer, [prompts[i] for i in repeated], max_new_tokens=cfg.max_new_tokens,
-                               do_sample=True, temperature=cfg.temperature)
+    with scoring.seeded_sampling(seed):
+        sampled = scoring.generate(model, tokenizer, [prompts[i] for i in repeated],
+                                   max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature)
     metrics.update(answer_measures(sampled, [prompts[i] for i in repeated], [rows[i] for i in repeated], cfg,
                                    reward_model, reward_tokenizer, suffix, "sampled_"))
     return metrics
@@ -139,7 +141,7 @@ def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_ex
         model.to(device)
         if reward_model is not None:
             reward_model.to(device)
-        metrics.update(evaluate(model, tokenizer, evalset, cfg, reward_model, reward_tokenizer, "before"))
+        metrics.update(evaluate(model, tokenizer, evalset, cfg, reward_model, reward_tokenizer, "before", ctx.seed))
     funcs, classes = reward_functions(cfg, reward_model, reward_tokenizer)
     trainer = trainer_cls(model=model, reward_funcs=funcs, args=trainer_config(ctx, config_cls, **config_extra),
                           train_dataset=loaded.train, processing_class=tokenizer, reward_processing_classes=classes,
@@ -147,7 +149,7 @@ def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_ex
     output = training.train(trainer, ctx)
     metrics["train_loss"] = output.training_loss
     if evalset is not None:
-        metrics.update(evaluate(trainer.model, tokenizer, evalset, cfg, reward_model, reward_tokenizer, "after"))
+        metrics.update(evaluate(trainer.model, tokenizer, evalset, cfg, reward_model, reward_tokenizer, "after", ctx.seed))
         metrics["eval_prompts"] = len(evalset)
     library = models.save_trained(ctx, trainer, tokenizer)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,

@@ -43,12 +43,12 @@ def build_models(ctx: StageContext, policy, tokenizer) -> tr.Models:
                      reward_tokenizer=None if same_vocab else reward_tokenizer)
 
 
-def evaluate(policy, reference, m: tr.Models, rows: list[dict[str, Any]], cfg,
+def evaluate(policy, reference, m: tr.Models, rows: list[dict[str, Any]], cfg, seed: int,
              synced: bool = False) -> dict[str, float]:
     """The policy on held-out prompts: greedy answers (mean reward, exact match) and answers sampled at the training
     temperature, `eval_samples` per prompt (`sampled_reward`, `sampled_accuracy`, and the KL to `reference` when
-    given). Rewards are the stage's own (reward model + rules). Every rank evaluates the same prompts; `synced` when
-    the policy is sharded (FSDP)."""
+    given), drawn from `seed` so that before and after compare like with like. Rewards are the stage's own (reward
+    model + rules). Every rank evaluates the same prompts; `synced` when the policy is sharded (FSDP)."""
     if not rows:
         return {}
     import torch
@@ -60,7 +60,8 @@ def evaluate(policy, reference, m: tr.Models, rows: list[dict[str, Any]], cfg,
     out = {"reward": rewards.mean().item()}
     if has_answers(rows):
         out["accuracy"] = scoring.exact_match(batch.texts, [row["answer"] for row in rows])
-    out.update(sampled_evaluation(policy, reference, m, rows, cfg, synced))
+    with scoring.seeded_sampling(seed):
+        out.update(sampled_evaluation(policy, reference, m, rows, cfg, synced))
     return out
 
 
@@ -190,9 +191,9 @@ def run(ctx: StageContext) -> StageResult:
     if resumed and trainer.state.before is not None:  # the starting policy was measured before the interruption
         before = trainer.state.before
     else:
-        before = trainer.state.before = evaluate(policy, None, m, held_out, cfg, trainer.sharded)
+        before = trainer.state.before = evaluate(policy, None, m, held_out, cfg, ctx.seed, trainer.sharded)
     history = trainer.train(progress=progress_display(ctx, trainer), after_checkpoint=after_checkpoint(ctx))
-    after = evaluate(policy, reference, m, held_out, cfg, trainer.sharded)
+    after = evaluate(policy, reference, m, held_out, cfg, ctx.seed, trainer.sharded)
     metrics = {"train_prompts": len(loaded.train), "eval_prompts": len(held_out), "steps": trainer.state.step,
                "episodes": trainer.state.step * cfg.rollout_batch_size}
     metrics.update({f"eval_{k}_before": v for k, v in before.items()})
