@@ -1,6 +1,6 @@
 """Command line: `python -m pipeline {run,validate,show,eval,chat,push,export,report} ...`.
 
-    python -m pipeline run recipes/quickstart.yaml [KEY=VALUE ...] [--force STAGE] [--only STAGE]
+    python -m pipeline run recipes/quickstart.yaml [KEY=VALUE ...] [--force STAGE] [--only STAGE] [-v]
     accelerate launch --config_file recipes/accelerate/ddp.yaml -m pipeline run recipes/X.yaml
     python -m pipeline validate recipes/X.yaml        # check everything without training
     python -m pipeline show recipes/X.yaml            # stage graph, fingerprints, run/skip plan
@@ -10,7 +10,8 @@
     python -m pipeline export OUTPUT/stage --quant q8_0 --output DIR   # GGUF + Ollama Modelfile (`export` extra)
     python -m pipeline report OUTPUT                  # report.md/.html: graph, loss curves, metrics, lineage
 
-User errors print one line and exit 2; nothing runs at import.
+User errors print one line and exit 2; a stage that crashes prints one line naming its train.log, which holds the
+traceback (exit 1; `run -v` shows library output and tracebacks on the terminal). Nothing runs at import.
 """
 from __future__ import annotations
 
@@ -30,6 +31,8 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("overrides", nargs="*", help="dotted overrides, e.g. stages.sft.train.learning_rate=1e-4")
     run.add_argument("--force", action="append", default=[], metavar="STAGE", help="rerun STAGE (or 'all')")
     run.add_argument("--only", action="append", default=None, metavar="STAGE", help="run only these stages")
+    run.add_argument("-v", "--verbose", action="store_true",
+                     help="also show library output (trainer log dicts, warnings, load reports) on the terminal")
 
     for name, text in (("validate", "check a recipe without training"), ("show", "print the stage plan")):
         cmd = sub.add_parser(name, help=text)
@@ -88,7 +91,8 @@ def _run(args) -> int:
     from pipeline.parallel import close_process_group
 
     try:
-        run_recipe(recipe, force=set(args.force), only=set(args.only) if args.only else None)
+        run_recipe(recipe, force=set(args.force), only=set(args.only) if args.only else None,
+                   verbose=args.verbose)
     finally:
         close_process_group()
     return 0
@@ -174,10 +178,24 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     except OSError as exc:
         if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
-            raise
+            return _crash(exc, args)
         print(f"error: {exc.filename or 'output folder'}: disk full while writing; completed artifacts are intact "
               "(fix: free space, then rerun the same command to resume)", file=sys.stderr)
         return 1
+    except Exception as exc:  # noqa: BLE001 - see _crash: re-raised unless a stage's log holds the traceback
+        return _crash(exc, args)
+
+
+def _crash(exc: Exception, args) -> int:
+    """A stage that crashed: one line naming the train.log that holds its traceback (exit 1). Errors outside a
+    stage, and any error under `run -v`, are raised with their traceback."""
+    log_path = getattr(exc, "log_path", None)
+    if log_path is None or getattr(args, "verbose", False):
+        raise exc
+    message = (str(exc).strip().splitlines() or [""])[0]
+    print(f"error: {type(exc).__name__}: {message} (traceback in {log_path}; rerun with -v to see it here)",
+          file=sys.stderr)
+    return 1
 
 
 if __name__ == "__main__":

@@ -27,7 +27,8 @@ LIBRARIES = ("pipeline", "torch", "transformers", "trl", "peft", "accelerate", "
              "huggingface_hub")
 _DISTRIBUTIONS = {"pipeline": "hf-pipeline", "huggingface_hub": "huggingface-hub"}
 # Keys that change nothing in the trained weights: editing them does not invalidate an artifact.
-NON_RESULT_KEYS = {"description", "push_to_hub", "logging_steps", "save_steps", "save_total_limit", "num_workers"}
+NON_RESULT_KEYS = {"description", "push_to_hub", "logging_steps", "save_steps", "save_total_limit", "num_workers",
+                   "report_to"}
 TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
 
 

@@ -95,7 +95,7 @@ def stage_section(kind: str, cls: type[schema.StageBase]) -> list[str]:
 def generate() -> str:
     """The whole generated block, markers included."""
     lines = [BEGIN, "", "## Field reference (generated)", "",
-             "Every stage also accepts `description`, `push_to_hub` and `seed` (see *Fields every stage has*).", ""]
+             "Every stage also accepts `description`, `push_to_hub`, `seed` and `report_to` (see *Fields every stage has*).", ""]
     lines += ["### Fields every stage has", ""] + field_table(schema.StageBase) + [""]
     for kind, (cls, _module) in registry.STAGES.items():
         lines += stage_section(kind, cls)

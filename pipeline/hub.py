@@ -30,6 +30,7 @@ log = logging.getLogger("pipeline")
 WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.safetensors")
 SKIP_NAMES = {".gitattributes"}
 RELATIONS = {"peft": "adapter", "gguf": "quantized"}  # the card's base_model_relation by library; else finetune
+LOCAL_ONLY = re.compile(r"^train(\.rank\d+)?\.log$")  # the stage's library output (local paths): never pushed
 FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*\n?", re.S)
 
 
@@ -106,7 +107,7 @@ def stage_files(artifact: Artifact, folder: Path, *, merge: bool) -> dict[str, A
         library = "transformers"
     else:
         for item in artifact.path.iterdir():
-            if item.name not in SKIP_NAMES and not item.name.startswith("."):
+            if item.name not in SKIP_NAMES and not item.name.startswith(".") and not LOCAL_ONLY.match(item.name):
                 (shutil.copytree if item.is_dir() else shutil.copy2)(item, folder / item.name)
         library = "peft" if artifact.is_adapter else "gguf" if artifact.produces == schema.GGUF else None
         if artifact.is_adapter and base_id:

@@ -1,5 +1,7 @@
-"""Run report: OUTPUT/report.md and OUTPUT/report.html with PNGs (stage graph, each stage's loss curves), every
-stage's metrics side by side, timings and lineage, built only from the artifacts' manifests.
+"""Run report: OUTPUT/report.md and OUTPUT/report.html with PNGs (stage graph; each stage's held-out measures before
+-> after as a bar chart; train loss with the held-out loss before and after on one plot; reward, KL, entropy and
+response length of the RL stages), every stage's metrics side by side, timings and lineage, built only from the
+artifacts' manifests (`metrics`, `log_history`).
 
 Written at the end of `python -m pipeline run recipe.yaml` (main process), or on demand with
 `python -m pipeline report OUTPUT`. Plots use matplotlib's Agg backend; nothing runs at import.
@@ -11,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts
+from pipeline import artifacts, measures
 
 ASSETS = "report_assets"
 
@@ -108,8 +110,20 @@ def loss_series(log_history: list[dict[str, Any]]) -> dict[str, tuple[list[float
     return series
 
 
+def held_out_loss(manifest: dict[str, Any]) -> tuple[list[float], list[float]] | None:
+    """The held-out loss before training (step 0) and after it (the last logged step), from the stage's metrics
+    (`eval_loss_before`, `eval_loss_after`: pretrain and sft); None when the stage has not both."""
+    metrics = manifest.get("metrics") or {}
+    before, after = metrics.get("eval_loss_before"), metrics.get("eval_loss_after")
+    if not (_is_number(before) and _is_number(after)):
+        return None
+    steps = [e["step"] for e in manifest.get("log_history") or [] if _is_number(e.get("step"))]
+    return [0, max(steps, default=1)], [before, after]
+
+
 def plot_losses(manifest: dict[str, Any], path: Path) -> Path | None:
-    """Train/eval loss against step; None when the stage logged no loss."""
+    """Train loss against step, with the held-out loss before and after training on the same axes; None when the
+    stage logged no loss."""
     series = loss_series(manifest.get("log_history") or [])
     if not series:
         return None
@@ -117,11 +131,84 @@ def plot_losses(manifest: dict[str, Any], path: Path) -> Path | None:
     fig, ax = plt.subplots(figsize=(6, 3.5))
     for key, (steps, values) in series.items():
         ax.plot(steps, values, marker="o" if len(steps) < 3 else None, label=key)
+    held_out = held_out_loss(manifest)
+    if held_out is not None:
+        ax.plot(*held_out, "s--", label="held-out loss (before, after)")
     ax.set_title(f"{manifest['stage']} ({manifest.get('kind', '')})")
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+RL_KINDS = ("ppo", "grpo", "rloo")
+# panel -> log keys that hold it (our PPO's first, then TRL's GRPO/RLOO)
+RL_PANELS = (("reward", ("reward/mean", "reward")), ("KL", ("kl",)), ("entropy", ("policy/entropy", "entropy")),
+             ("response length", ("response_length", "completions/mean_length")))
+
+
+def rl_series(log_history: list[dict[str, Any]]) -> dict[str, tuple[list[float], list[float]]]:
+    """{'reward': (steps, values), 'KL': ..., 'entropy': ..., 'response length': ...} of an RL stage's training log
+    (the trainer's closing summary entry, holding `train_loss`, left out); panels without data are absent."""
+    entries = [e for e in log_history if _is_number(e.get("step")) and "train_loss" not in e]
+    series = {}
+    for panel, keys in RL_PANELS:
+        key = next((k for k in keys if any(_is_number(e.get(k)) for e in entries)), None)
+        if key is not None:
+            picked = [e for e in entries if _is_number(e.get(key))]
+            series[panel] = ([e["step"] for e in picked], [e[key] for e in picked])
+    return series
+
+
+def plot_rl(manifest: dict[str, Any], path: Path) -> Path | None:
+    """Reward, KL, entropy and response length against step in a 2x2 grid; None unless an RL stage logged them."""
+    series = rl_series(manifest.get("log_history") or []) if manifest.get("kind") in RL_KINDS else {}
+    if not series:
+        return None
+    plt = _pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(9, 5.5), squeeze=False)
+    for ax, (panel, _) in zip(axes.flat, RL_PANELS):
+        if panel not in series:
+            ax.set_visible(False)
+            continue
+        steps, values = series[panel]
+        ax.plot(steps, values, marker="o" if len(steps) < 3 else None)
+        ax.ticklabel_format(axis="y", useOffset=False)
+        ax.set_title(panel)
+        ax.set_xlabel("step")
+        ax.grid(alpha=0.3)
+    fig.suptitle(f"{manifest['stage']} ({manifest.get('kind', '')})")
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, bbox_inches="tight")
+    plt.close(fig)
+    return path
+
+
+def plot_measures(manifest: dict[str, Any], path: Path) -> Path | None:
+    """Each held-out measure before -> after as a pair of bars (one small chart per measure, since their scales
+    differ); None when the stage has no before/after pair."""
+    pairs = measures.before_after(manifest.get("metrics") or {})
+    if not pairs:
+        return None
+    plt = _pyplot()
+    columns = min(4, len(pairs))
+    rows = math.ceil(len(pairs) / columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.4 * rows), squeeze=False)
+    for ax in axes.flat[len(pairs):]:
+        ax.set_visible(False)
+    for ax, (name, before, after) in zip(axes.flat, pairs):
+        bars = ax.bar(["before", "after"], [before, after], color=["#9aa5b1", "#2f6fdb"])
+        ax.bar_label(bars, labels=[f"{before:.4g}", f"{after:.4g}"], fontsize=8)
+        ax.set_title(name.removeprefix("eval_"), fontsize=9)
+        ax.axhline(0, color="#444", linewidth=0.6)
+        ax.margins(y=0.2)
+        if before == after == 0:
+            ax.set_ylim(-1, 1)
+    fig.suptitle(f"{manifest['stage']} ({manifest.get('kind', '')}): held-out before -> after", fontsize=10)
+    fig.tight_layout()
     fig.savefig(path, dpi=100, bbox_inches="tight")
     plt.close(fig)
     return path
@@ -173,10 +260,12 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 # ----------------------------------------------------------------------------------------------------- writing
 
 
-def _sections(stages, graph: Path, curves: dict[str, Path]) -> list[tuple[str, Any]]:
+def _sections(stages, graph: Path, images: dict[str, list[tuple[str, Path]]]) -> list[tuple[str, Any]]:
     return [("Stage graph", ("graph", graph)), ("Metrics", metrics_table(stages)),
-            ("Loss curves", ("curves", curves)), ("Timings", timing_table(stages)),
-            ("Lineage", lineage_table(stages))]
+            ("Before -> after", ("images", images["measures"], "No held-out measures before and after.")),
+            ("Loss curves", ("images", images["loss"], "No loss logged.")),
+            ("RL curves", ("images", images["rl"], "No RL stage.")),
+            ("Timings", timing_table(stages)), ("Lineage", lineage_table(stages))]
 
 
 def _markdown(title: str, stages, sections) -> str:
@@ -186,8 +275,8 @@ def _markdown(title: str, stages, sections) -> str:
         if content[0] == "graph":
             lines += ["```mermaid", mermaid(stages), "```", ""]
             lines += [f"![stage graph]({ASSETS}/{content[1].name})", ""] if content[1].exists() else []
-        elif content[0] == "curves":
-            lines += [f"![{s} loss]({ASSETS}/{p.name})" for s, p in content[1].items()] or ["No loss logged."]
+        elif content[0] == "images":
+            lines += [f"![{alt}]({ASSETS}/{p.name})" for alt, p in content[1]] or [content[2]]
             lines += [""]
         else:
             lines += md_table(*content) + [""]
@@ -197,7 +286,7 @@ def _markdown(title: str, stages, sections) -> str:
 def _html(title: str, stages, sections) -> str:
     parts = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>",
              "<style>body{font-family:sans-serif;max-width:1100px;margin:2em auto}table{border-collapse:collapse}"
-             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}</style></head><body>",
+             "td,th{border:1px solid #ccc;padding:3px 8px;text-align:right}img{max-width:100%}</style></head><body>",
              f"<h1>{html.escape(title)}</h1>"]
     for heading, content in sections:
         parts.append(f"<h2>{html.escape(heading)}</h2>")
@@ -205,11 +294,25 @@ def _html(title: str, stages, sections) -> str:
             if content[1].exists():
                 parts.append(f"<img src='{ASSETS}/{content[1].name}' alt='stage graph'>")
             parts.append(f"<pre class='mermaid'>{html.escape(mermaid(stages))}</pre>")
-        elif content[0] == "curves":
-            parts += [f"<img src='{ASSETS}/{p.name}' alt='{html.escape(s)} loss'>" for s, p in content[1].items()]
+        elif content[0] == "images":
+            parts += [f"<img src='{ASSETS}/{p.name}' alt='{html.escape(alt)}'>" for alt, p in content[1]] or [
+                f"<p>{html.escape(content[2])}</p>"]
         else:
             parts.append(html_table(*content))
     return "".join(parts) + "</body></html>"
+
+
+def _plots(stages, assets: Path) -> dict[str, list[tuple[str, Path]]]:
+    """Each stage's charts, by section: (alt text, PNG)."""
+    images: dict[str, list[tuple[str, Path]]] = {"measures": [], "loss": [], "rl": []}
+    for m in stages:
+        name = m["stage"]
+        for section, alt, plot, stem in (("measures", "before -> after", plot_measures, "measures"),
+                                         ("loss", "loss", plot_losses, "loss"), ("rl", "RL curves", plot_rl, "rl")):
+            path = plot(m, assets / f"{stem}_{name}.png")
+            if path is not None:
+                images[section].append((f"{name} {alt}", path))
+    return images
 
 
 def write_report(output_dir: str | Path, recipe_name: str | None = None) -> Path:
@@ -223,8 +326,7 @@ def write_report(output_dir: str | Path, recipe_name: str | None = None) -> Path
     graph.unlink(missing_ok=True)
     if stages:
         plot_graph(stages, graph)
-    curves = {m["stage"]: p for m in stages if (p := plot_losses(m, assets / f"loss_{m['stage']}.png"))}
-    sections = _sections(stages, graph, curves)
+    sections = _sections(stages, graph, _plots(stages, assets))
     title = f"Run report: {name}"
     (output_dir / "report.html").write_text(_html(title, stages, sections))
     report = output_dir / "report.md"

@@ -12,9 +12,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, parallel, registry, schema
+from pipeline import artifacts, measures, parallel, registry, schema, tracking
 from pipeline.artifacts import Artifact, ArtifactWriter
 from pipeline.attempts import AttemptLog
+from pipeline.console import Console, capture, log_name
 from pipeline.errors import PipelineError
 from pipeline.recipe import Recipe, resolve_ref
 
@@ -52,6 +53,7 @@ class StageContext:
     seed: int
     state: Any  # accelerate.PartialState
     attempts: AttemptLog | None = None  # this stage's attempt records: training stages report resumes and checkpoints
+    console: Console | None = None  # the person's terminal: progress displays and the few lines meant for them
 
     def resolve(self, value: str | None) -> str | None:
         """`${stage}` -> that stage's artifact folder (absolute); other values unchanged."""
@@ -100,38 +102,26 @@ def stage_fingerprint(recipe: Recipe, name: str, config: schema.StageBase, finge
 
 
 def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | None = None,
-               report: bool = True) -> dict[str, Artifact]:
-    """Run (or skip) every stage; return the complete artifacts by stage name. `report`: write OUTPUT/report.*."""
+               verbose: bool = False, report: bool = True) -> dict[str, Artifact]:
+    """Run (or skip) every stage; return the complete artifacts by stage name. Library output goes to each stage's
+    train.log, and with `verbose` to the terminal too. `report`: write OUTPUT/report.*."""
     force = force or set()
-    unknown = (force - {"all"} - set(recipe.stages)) | ((only or set()) - set(recipe.stages))
-    if unknown:
-        raise PipelineError(f"no stage named {', '.join(sorted(unknown))}", file=str(recipe.path),
-                            key="--force/--only", fix=f"use one of: {', '.join(recipe.stages)}")
-    state = _partial_state()
-    output_dir = recipe.output_dir
-    if state.num_processes > 1:
-        print(f"[rank {state.process_index}/{state.num_processes}] {recipe.name}: {state.distributed_type}", flush=True)
-    parallel.check_launch(recipe.header.parallelism, state, recipe_file=str(recipe.path))
-    if state.is_main_process:
-        output_dir.mkdir(parents=True, exist_ok=True)
-        artifacts.recover_output_dir(output_dir, list(recipe.stages))
-    _barrier(state)
-
+    state, console = _start(recipe, force, only, verbose)
     done: dict[str, Artifact] = {}
     reused: set[str] = set()  # stages whose existing artifact this run reuses
-    drift_warned = False
+    drift_warned = announced = False
     fingerprints: dict[str, str] = {}
     total = len(recipe.stages)
     for index, (name, config) in enumerate(recipe.stages.items(), start=1):
         fp = stage_fingerprint(recipe, name, config, fingerprints)
         fingerprints[name] = fp
-        existing = artifacts.open_artifact(output_dir / name)
+        existing = artifacts.open_artifact(recipe.output_dir / name)
         forced = name in force or "all" in force
         selected = only is None or name in only
         parallel.check_ranks_agree(state, f"stage '{name}' (fingerprint, artifact found)",
                                    [fp, existing is not None and existing.fingerprint], key=f"stages.{name}")
         if existing is not None and (not selected or (existing.fingerprint == fp and not forced)):
-            _say(state, f"[{index}/{total}] {name} ({config.kind}): up to date, skipped")
+            console.say(f"[{index}/{total}] {name} ({config.kind}): up to date, skipped")
             done[name] = existing
             reused.add(name)
             continue
@@ -139,21 +129,43 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
             raise PipelineError(f"stage '{name}' has no complete artifact yet", file=str(recipe.path),
                                 key="--only", fix=f"run it first or add --only {name}")
         if not drift_warned:  # one line per run, the first time a stage builds on reused artifacts
-            drift = artifacts.version_drift([done[p].manifest for p in recipe.parents[name] if p in reused])
-            if drift:
-                _say(state, artifacts.version_drift_line(drift))
-                drift_warned = True
-        _say(state, f"[{index}/{total}] {name} ({config.kind}): running")
-        done[name] = _run_stage(recipe, name, config, fp, done, state)
-        metrics = done[name].manifest.get("metrics", {})
-        shown = ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in metrics.items()
-                          if isinstance(v, (int, float)))
-        attempts = len(done[name].manifest.get("attempts", []))
-        _say(state, f"[{index}/{total}] {name}: done in {done[name].manifest.get('duration_s', 0):.1f}s"
-                    + (f" over {attempts} attempts" if attempts > 1 else "") + (f" ({shown})" if shown else ""))
+            drift_warned = _warn_drift([done[p].manifest for p in recipe.parents[name] if p in reused], console)
+        if not announced:
+            _say_where(recipe, console)
+            announced = True
+        console.say(f"[{index}/{total}] {name} ({config.kind}): running")
+        done[name] = _run_stage(recipe, name, config, fp, done, state, console)
+        console.say(f"[{index}/{total}] {name}: {done_line(done[name].manifest)}")
     if state.is_main_process and report:
         _write_report(recipe)
     return done
+
+
+def _start(recipe: Recipe, force: set[str], only: set[str] | None, verbose: bool) -> tuple[Any, Console]:
+    """Check the flags and the trackers' packages, start the process state and the console, prepare the output
+    folder (main process) and wait for every rank."""
+    unknown = (force - {"all"} - set(recipe.stages)) | ((only or set()) - set(recipe.stages))
+    if unknown:
+        raise PipelineError(f"no stage named {', '.join(sorted(unknown))}", file=str(recipe.path),
+                            key="--force/--only", fix=f"use one of: {', '.join(recipe.stages)}")
+    tracking.check_installed(recipe)
+    state = _partial_state()
+    if state.num_processes > 1:
+        print(f"[rank {state.process_index}/{state.num_processes}] {recipe.name}: {state.distributed_type}", flush=True)
+    parallel.check_launch(recipe.header.parallelism, state, recipe_file=str(recipe.path))
+    if state.is_main_process:
+        recipe.output_dir.mkdir(parents=True, exist_ok=True)
+        artifacts.recover_output_dir(recipe.output_dir, list(recipe.stages))
+    _barrier(state)
+    return state, Console.for_process(verbose, main=state.is_main_process)
+
+
+def _warn_drift(manifests: list[dict[str, Any]], console: Console) -> bool:
+    """One line when reused parents were built with other library versions; True if it was said."""
+    drift = artifacts.version_drift(manifests)
+    if drift:
+        console.say(artifacts.version_drift_line(drift))
+    return bool(drift)
 
 
 def _write_report(recipe: Recipe) -> None:
@@ -167,13 +179,27 @@ def _write_report(recipe: Recipe) -> None:
         log.warning("could not write the run report: %s", exc)
 
 
-def _say(state, message: str) -> None:
-    if state.is_main_process:
-        print(message, flush=True)
+def _say_where(recipe: Recipe, console: Console) -> None:
+    """One line on where library output and tracker files go (none with -v or without trackers)."""
+    used = sorted({t for name in recipe.stages for t in tracking.stage_trackers(recipe, name)})
+    if not console.verbose:
+        console.say(f"library output: {recipe.output_dir}/<stage>/train.log (-v shows it here)")
+    if used:
+        where = tracking.tracking_root(recipe)
+        console.say(f"tracking: {', '.join(used)}" + (f" (tensorboard --logdir {where})" if "tensorboard" in used
+                                                       else ""))
+
+
+def done_line(manifest: dict[str, Any]) -> str:
+    """'done in 12.3s[ over 2 attempts]: eval_loss 5.7 -> 0.48, train_loss 1.2' from a stage's manifest."""
+    attempts = len(manifest.get("attempts", []))
+    shown = measures.summary(manifest.get("metrics", {}))
+    return (f"done in {manifest.get('duration_s', 0):.1f}s" + (f" over {attempts} attempts" if attempts > 1 else "")
+            + (f": {shown}" if shown else ""))
 
 
 def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, done: dict[str, Artifact],
-               state) -> Artifact:
+               state, console: Console | None = None) -> Artifact:
     output_dir = recipe.output_dir
     writer = ArtifactWriter(output_dir, name, fp)
     if writer.pending_complete():  # finished before a crash, not yet moved into place
@@ -191,12 +217,10 @@ def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, don
     parents = {p: done[p] for p in recipe.parents[name]}
     seed = recipe.stage_seed(name)
     attempts = AttemptLog(work_dir, write=state.is_main_process)
+    console = console or Console.for_process(main=state.is_main_process)
     ctx = StageContext(name=name, config=config, recipe=recipe, output_dir=writer.tmp, work_dir=work_dir,
-                       parents=parents, seed=seed, state=state, attempts=attempts)
-    _seed_everything(seed)
-    attempts.start()
-    result: StageResult = registry.stage_module(config.kind).run(ctx)
-    durations = attempts.finish()
+                       parents=parents, seed=seed, state=state, attempts=attempts, console=console)
+    result, durations = _train(ctx)
     _barrier(state)
 
     if state.is_main_process:
@@ -205,6 +229,7 @@ def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, don
         manifest["distributed_type"] = getattr(state.distributed_type, "value", str(state.distributed_type))
         card = _card(recipe, name, config, parents, result)
         (writer.tmp / "README.md").write_text(card)
+        copy_logs(work_dir, writer.tmp)
         writer.commit(manifest)
         shutil.rmtree(work_dir, ignore_errors=True)
     _barrier(state)
@@ -220,6 +245,25 @@ def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, don
 
         hub.push_artifact(artifact, target)
     return artifact
+
+
+def copy_logs(work_dir: Path, folder: Path) -> None:
+    """The stage's train.log (and other ranks' train.rank<N>.log) into its artifact, secrets scrubbed. They are not
+    inputs of anything: fingerprints and skipping read only the manifest."""
+    for log_file in sorted(Path(work_dir).glob("train*.log")):
+        text = log_file.read_text(encoding="utf-8", errors="replace")
+        (Path(folder) / log_file.name).write_text(artifacts.scrub(text), encoding="utf-8")
+
+
+def _train(ctx: StageContext) -> tuple[StageResult, dict[str, Any]]:
+    """Seed, then run the stage's module with its library output going to the work folder's train.log and its
+    trackers' environment set; (its result, the attempt durations)."""
+    with capture(ctx.work_dir / log_name(ctx.state.process_index), ctx.console), \
+            tracking.environment(ctx.recipe, ctx.name):
+        _seed_everything(ctx.seed)
+        ctx.attempts.start()
+        result: StageResult = registry.stage_module(ctx.config.kind).run(ctx)
+        return result, ctx.attempts.finish()
 
 
 def _recipe_push_target(recipe: Recipe, name: str) -> schema.HubTarget | None:

@@ -14,6 +14,10 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 REF_PATTERN = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_\-]*)\}$")
 STAGE_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
+Tracker = Literal["none", "tensorboard", "trackio", "wandb", "mlflow"]
+REPORT_TO_HELP = ("experiment trackers that receive the training curves, the run name and the resolved config: "
+                  "none, tensorboard, trackio, wandb, mlflow, or a list (see docs/tracking.md)")
+
 # What a stage's artifact is; a reference is accepted where the consuming key lists the producer's kind.
 TOKENIZER, CAUSAL_LM, REWARD_MODEL, REPORT, GGUF = "tokenizer", "causal-lm", "reward-model", "report", "gguf"
 
@@ -134,6 +138,8 @@ class StageBase(Strict):
     description: str | None = None
     push_to_hub: HubTarget | None = None
     seed: int | None = None
+    report_to: Tracker | list[Tracker] | None = Field(
+        default=None, description="this stage's trackers (null: the recipe's `report_to`); " + REPORT_TO_HELP)
 
     _hub = field_validator("push_to_hub", mode="before")(lambda cls, v: _hub_shorthand(v))
 
@@ -399,6 +405,8 @@ class RecipeHeader(Strict):
     defaults: Defaults = Field(default_factory=Defaults)
     push_to_hub: HubTarget | None = None
     parallelism: ParallelismSection | None = None
+    report_to: Tracker | list[Tracker] = Field(default="none", description="every stage's trackers unless the "
+                                               "stage sets its own; " + REPORT_TO_HELP)
     stages: dict[str, dict[str, Any]]
 
     _hub = field_validator("push_to_hub", mode="before")(lambda cls, v: _hub_shorthand(v))

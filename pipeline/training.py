@@ -12,7 +12,7 @@ import signal
 from pathlib import Path
 from typing import Any
 
-from pipeline import schema
+from pipeline import schema, tracking
 from pipeline.errors import TrainingError
 
 
@@ -52,11 +52,11 @@ def trainer_kwargs(ctx, section: schema.TrainSection, **overrides: Any) -> dict[
         use_liger_kernel=section.use_liger_kernel,
         seed=ctx.seed,
         data_seed=ctx.seed,
-        report_to=[],
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=section.num_workers,
-        disable_tqdm=not ctx.is_main,
+        disable_tqdm=True,  # the stage's progress is pipeline.console's (console_progress); raw log dicts: train.log
         **precision_flags(section),
+        **tracking.trainer_fields(ctx),
     )
     kwargs.update(_parallel_kwargs(ctx, section))
     kwargs.update(overrides)
@@ -129,6 +129,40 @@ def token_count(trainer):
                 trainer._total_train_tokens = saved["attributes"]["total_train_tokens"]
 
     return TokenCount()
+
+
+def console_progress(ctx, kind: str):
+    """A callback that shows the stage's progress on the console (`ctx.console`): the step and the live figures of
+    its kind (pipeline.console.FIGURES), with episodes/s for the online RL stages; None without a console or off
+    the main process."""
+    console = getattr(ctx, "console", None)
+    if console is None or not ctx.is_main:
+        return None
+    from transformers import TrainerCallback
+
+    from pipeline.console import FIGURES, figures
+
+    class ConsoleProgress(TrainerCallback):
+        display = None
+
+        def on_train_begin(self, args, state, control, **kwargs):
+            episodes = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+                        if kind in FIGURES else None)
+            self.display = console.progress(state.max_steps, ctx.name, state.global_step, episodes)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if self.display is not None:
+                self.display.update(state.global_step)
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            if self.display is not None:
+                self.display.update(state.global_step, figures(kind, logs or {}))
+
+        def on_train_end(self, args, state, control, **kwargs):
+            if self.display is not None:
+                self.display.close()
+
+    return ConsoleProgress()
 
 
 def whole_run_loss(log_history: list[dict[str, Any]], resumed: int, attempt_loss: float, attempt_steps: int) -> float:
@@ -227,18 +261,28 @@ def train(trainer, ctx) -> Any:
     attempts = getattr(ctx, "attempts", None)
     # the attempt log first: the kill hook (crash tests) dies in on_save, after the checkpoint is recorded
     for hook in (attempt_progress(attempts), token_count(trainer), nan_hook(ctx.name), nan_guard(ctx.name),
-                 kill_hook(ctx.name)):
+                 console_progress(ctx, getattr(getattr(ctx, "config", None), "kind", "")), kill_hook(ctx.name)):
         if hook is not None:
             trainer.add_callback(hook)
+    tracking.attach(trainer, ctx)
     checkpoint = last_checkpoint(ctx)
     resumed = checkpoint_step(checkpoint)
     if attempts is not None:
         attempts.resumed_from(resumed)
-    if checkpoint is not None and ctx.is_main:
-        print(f"{ctx.name}: resuming from {checkpoint}", flush=True)
+    if checkpoint is not None:
+        say(ctx, f"{ctx.name}: resuming from {checkpoint}")
     output = trainer.train(resume_from_checkpoint=checkpoint)
     check_weights_agree(trainer, ctx)
     return whole_run_output(trainer, output, resumed)
+
+
+def say(ctx, message: str) -> None:
+    """A line for the person running the recipe (main process): on the console, not in train.log."""
+    console = getattr(ctx, "console", None)
+    if console is not None:
+        console.say(message)
+    elif ctx.is_main:
+        print(message, flush=True)
 
 
 def whole_run_output(trainer, output, resumed: int):

@@ -90,14 +90,18 @@ def mixed_precision(setting: str) -> str:
 
 
 class PPOTrainer:
-    """Holds models, optimisers and the KL controller; `train()` runs `total_episodes` episodes."""
+    """Holds models, optimisers and the KL controller; `train()` runs `total_episodes` episodes. `trackers`
+    (Accelerate tracker objects, pipeline.tracking.accelerate_trackers) receive `tracker_config` once and every
+    step's log entry, on the step axis of `log_history`."""
 
-    def __init__(self, cfg, models: Models, train_rows: list[dict], work_dir: Path | None, seed: int = 0):
+    def __init__(self, cfg, models: Models, train_rows: list[dict], work_dir: Path | None, seed: int = 0,
+                 trackers: list | None = None, tracker_config: dict[str, Any] | None = None):
         from accelerate import Accelerator
 
         self.cfg, self.m, self.work_dir, self.seed = cfg, models, work_dir, seed
+        self.tracker_config = tracker_config
         self.accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.mixed_precision),
-                                       gradient_accumulation_steps=1)
+                                       gradient_accumulation_steps=1, log_with=trackers or None)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.sharded = is_sharded(self.accelerator)  # FSDP: no rank holds whole weights
         self.rows = train_rows
@@ -305,31 +309,60 @@ class PPOTrainer:
         stats.update(times)
         return stats
 
-    def train(self, progress: bool = True, after_checkpoint=None) -> list[dict[str, Any]]:
-        """Run (or resume) to `total_steps`; returns the per-step log history. `after_checkpoint(step)` runs once
-        every rank is past a checkpoint (crash tests kill the process there)."""
-        from tqdm.auto import tqdm
-
+    def train(self, progress: Any = True, after_checkpoint=None) -> list[dict[str, Any]]:
+        """Run (or resume) to `total_steps`; returns the per-step log history. `progress`: a display from
+        `pipeline.console.Console.progress`, or True/False for the default console on stdout / none.
+        `after_checkpoint(step)` runs once every rank is past a checkpoint (crash tests kill the process there)."""
         if not self.checkpoint_checked:
             self.load_checkpoint()
-        bar = tqdm(total=self.total_steps, initial=self.state.step, desc="ppo",
-                   disable=not (progress and self.accelerator.is_main_process))
-        while self.state.step < self.total_steps:
-            stats = self.step()
-            self.state.step += 1
-            entry = {"step": self.state.step, "episodes": self.state.step * self.cfg.rollout_batch_size,
-                     **{k: round(v, 6) for k, v in stats.items()}}
-            self.state.log_history.append(entry)
-            bar.update(1)
-            bar.set_postfix(reward=f"{stats['reward/mean']:.3f}", kl=f"{stats['kl']:.3f}")
-            if self.work_dir is not None and self.state.step % self.cfg.train.save_steps == 0 \
-                    and self.state.step < self.total_steps:
-                self.save_checkpoint()
-                if after_checkpoint is not None:
-                    self.accelerator.wait_for_everyone()
-                    after_checkpoint(self.state.step)
-        bar.close()
+        display = self._progress(progress)
+        self._start_trackers()
+        try:
+            while self.state.step < self.total_steps:
+                stats = self.step()
+                self.state.step += 1
+                entry = {"step": self.state.step, "episodes": self.state.step * self.cfg.rollout_batch_size,
+                         **{k: round(v, 6) for k, v in stats.items()}}
+                self.state.log_history.append(entry)
+                self._log(entry)
+                display.update(self.state.step, {"reward": stats["reward/mean"], "kl": stats["kl"]})
+                if self.work_dir is not None and self.state.step % self.cfg.train.save_steps == 0 \
+                        and self.state.step < self.total_steps:
+                    self.save_checkpoint()
+                    if after_checkpoint is not None:
+                        self.accelerator.wait_for_everyone()
+                        after_checkpoint(self.state.step)
+        finally:
+            display.close()
+            self._finish_trackers()
         return self.state.log_history
+
+    def _progress(self, progress: Any):
+        """The progress display: the one given, or the default console's (shown on the main process only)."""
+        if hasattr(progress, "update"):
+            return progress
+        from pipeline.console import Console
+
+        console = Console.for_process(main=bool(progress) and self.accelerator.is_main_process)
+        return console.progress(self.total_steps, "ppo", self.state.step, self.cfg.rollout_batch_size)
+
+    # ---------------------------------------------------------------------------------------------- trackers
+
+    def _start_trackers(self) -> None:
+        """Open the trackers' runs and give them the config (Accelerate: on the main process)."""
+        if self.accelerator.log_with:
+            self.accelerator.init_trackers("ppo", config=self.tracker_config)  # named by the tracker objects
+
+    def _log(self, entry: dict[str, Any]) -> None:
+        """One step's log entry to the trackers, as `train/<key>` at step `entry['step']` (the trainers' axis)."""
+        if self.accelerator.trackers:
+            self.accelerator.log({f"train/{k}": v for k, v in entry.items() if k != "step"}, step=entry["step"])
+
+    def _finish_trackers(self) -> None:
+        """Close the runs (not `end_training()`: that would also end the process group the next stages use)."""
+        for tracker in self.accelerator.trackers:
+            tracker.finish()
+        self.accelerator.trackers.clear()
 
     # ----------------------------------------------------------------------------------------- checkpoints
 

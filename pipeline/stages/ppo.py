@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import data as data_lib
-from pipeline import models, scoring, training
+from pipeline import models, scoring, tracking, training
 from pipeline.rl import rollout as ro
 from pipeline.rl import trainer as tr
 from pipeline.runner import StageContext, StageResult
@@ -163,6 +163,13 @@ def after_checkpoint(ctx: StageContext):
     return after
 
 
+def progress_display(ctx: StageContext, trainer: tr.PPOTrainer):
+    """The stage's progress on the console: reward, KL and episodes/s (True: the default console, main process)."""
+    if ctx.console is None:
+        return ctx.is_main
+    return ctx.console.progress(trainer.total_steps, ctx.name, trainer.state.step, ctx.config.rollout_batch_size)
+
+
 def run(ctx: StageContext) -> StageResult:
     refuse_sharding(ctx)
     check_batches_split(ctx)
@@ -171,19 +178,21 @@ def run(ctx: StageContext) -> StageResult:
     loaded = data_lib.load_data(cfg.data, "prompts", seed=ctx.seed)
     m = build_models(ctx, policy, tokenizer)
     held_out = eval_rows(loaded, cfg)
-    trainer = tr.PPOTrainer(cfg, m, [loaded.train[i] for i in range(len(loaded.train))], ctx.work_dir, ctx.seed)
+    trainer = tr.PPOTrainer(cfg, m, [loaded.train[i] for i in range(len(loaded.train))], ctx.work_dir, ctx.seed,
+                            trackers=tracking.accelerate_trackers(ctx),
+                            tracker_config=tracking.flat(tracking.resolved_config(ctx)))
     policy = trainer.accelerator.unwrap_model(trainer.m.policy)
     reference = "adapter-disabled" if m.reference is None else m.reference
     resumed = trainer.load_checkpoint()
     if ctx.attempts is not None:
         ctx.attempts.resumed_from(trainer.state.step)
-    if resumed and ctx.is_main:
-        print(f"{ctx.name}: resumed from its checkpoint at step {trainer.state.step}", flush=True)
+    if resumed:
+        training.say(ctx, f"{ctx.name}: resumed from its checkpoint at step {trainer.state.step}")
     if resumed and trainer.state.before is not None:  # the starting policy was measured before the interruption
         before = trainer.state.before
     else:
         before = trainer.state.before = evaluate(policy, None, m, held_out, cfg, ctx.seed, trainer.sharded)
-    history = trainer.train(progress=ctx.is_main, after_checkpoint=after_checkpoint(ctx))
+    history = trainer.train(progress=progress_display(ctx, trainer), after_checkpoint=after_checkpoint(ctx))
     after = evaluate(policy, reference, m, held_out, cfg, ctx.seed, trainer.sharded)
     metrics = {"train_prompts": len(loaded.train), "eval_prompts": len(held_out), "steps": trainer.state.step,
                "episodes": trainer.state.step * cfg.rollout_batch_size}
