@@ -34,7 +34,8 @@ def unpaired_row(row, fields: dict[str, str]) -> tuple[dict | None, str | None]:
     return {**item, "label": label}, None
 
 
-def read_unpaired(section, path: str, split: str, limit: int | None, key: str) -> list[dict]:
+def read_unpaired(section, path: str, split: str, limit: int | None, key: str) -> list[tuple[int, dict]]:
+    """The usable unpaired rows of one file or split, with their row numbers."""
     bad = data_lib.BadRows()
     out = []
     for number, row in data_lib.read_rows(path, section, split, bad):
@@ -42,7 +43,7 @@ def read_unpaired(section, path: str, split: str, limit: int | None, key: str) -
         if item is None:
             bad.add(reason, number)
             continue
-        out.append(item)
+        out.append((number, item))
         if limit and len(out) >= limit:
             break
     if bad.count and section.on_bad_rows == "error":
@@ -57,17 +58,17 @@ def load_unpaired(section, seed: int) -> data_lib.LoadedData:
     """Unpaired (prompt, completion, label) rows, with the data section's eval split, limits and sources."""
     from datasets import Dataset
 
-    train = Dataset.from_list(read_unpaired(section, section.path, section.split, section.max_rows, "data.path"))
+    train = read_unpaired(section, section.path, section.split, section.max_rows, "data.path")
+    if not (section.eval_path or section.eval_split) and (section.eval_rows or section.eval_fraction):
+        train_ds, eval_ds, record = data_lib.split_held_out(train, section, seed)
+        return data_lib.LoadedData(train=train_ds, eval=eval_ds, sources=[section.path], held_out=record)
     evalset, sources = None, [section.path]
     if section.eval_path or section.eval_split:
         path = section.eval_path or section.path
-        evalset = Dataset.from_list(read_unpaired(section, path, section.eval_split or section.split,
-                                                  section.max_eval_rows, "data.eval_path"))
+        evalset = Dataset.from_list([item for _, item in read_unpaired(
+            section, path, section.eval_split or section.split, section.max_eval_rows, "data.eval_path")])
         sources += [path] if path not in sources else []
-    elif section.eval_fraction:
-        split = train.train_test_split(test_size=section.eval_fraction, seed=seed)
-        train, evalset = split["train"], split["test"]
-    return data_lib.LoadedData(train=train, eval=evalset, sources=sources)
+    return data_lib.LoadedData(train=Dataset.from_list([item for _, item in train]), eval=evalset, sources=sources)
 
 
 def load_kto_data(section, seed: int) -> data_lib.LoadedData:
@@ -114,5 +115,6 @@ def run(ctx: StageContext) -> StageResult:
     if loaded.eval is not None:
         metrics.update(held_out_metrics(trainer.model, tokenizer, loaded.eval, "after"))
     library = models.save_trained(ctx, trainer, tokenizer)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
-                       log_history=training.log_history(trainer), tags=["kto"] + (["lora"] if cfg.lora else []))
+    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
+                       library_name=library, log_history=training.log_history(trainer),
+                       tags=["kto"] + (["lora"] if cfg.lora else []))
