@@ -348,98 +348,97 @@ def too_long_for(tokenizer, max_length: int) -> Callable[[dict], bool] | None:
     return check
 
 
-def hold_out(count: int, section: schema.DataSection, seed: int, source: str,
-             key: str = "data") -> tuple[list[int], list[int]]:
-    """(train, held-out) positions among `count` usable rows for `eval_rows` or `eval_fraction`: the split datasets'
-    `train_test_split(seed=seed)` makes (each in its shuffled order)."""
-    from datasets import Dataset
+def holding_out(section: schema.DataSection) -> bool:
+    """True when `eval_rows`/`eval_fraction` hold rows out of `path` itself (no eval file or split is given)."""
+    return not (section.eval_path or section.eval_split) and bool(section.eval_rows or section.eval_fraction)
+
+
+def held_out_rows(rows: list[tuple[int, Any]], section: schema.DataSection, seed: int, key: str = "data") -> set[int]:
+    """Row numbers of the file's rows that `eval_rows` (a count) or `eval_fraction` (of the rows, rounded up) holds
+    out, drawn by `seed`. Drawn from the rows as read, before any is checked, so every stage reading the same file
+    with the same seed and option holds out the same rows, whatever its shape, filters or `max_rows`."""
+    import numpy as np
 
     option = "eval_rows" if section.eval_rows else "eval_fraction"
-    size = section.eval_rows or section.eval_fraction
-    held = section.eval_rows or math.ceil(section.eval_fraction * count)
-    if held >= count:
-        raise DataError(f"`{option}: {size}` holds out {held} of the {count} usable rows, leaving none to train on",
-                        file=source, key=f"{key}.{option}",
-                        fix=f"lower `{option}` (or raise `max_rows`), or give held-out rows in `eval_path`")
-    split = Dataset.from_dict({"i": list(range(count))}).train_test_split(test_size=size, seed=seed)
-    return split["train"]["i"], split["test"]["i"]
+    held = section.eval_rows or math.ceil(section.eval_fraction * len(rows))
+    if held >= len(rows):
+        raise DataError(f"`{option}: {getattr(section, option)}` holds out {held} of the {len(rows)} rows, leaving "
+                        "none to train on", file=section.path, key=f"{key}.{option}",
+                        fix=f"lower `{option}`, or give held-out rows in `eval_path`")
+    return {rows[i][0] for i in np.random.default_rng(seed).permutation(len(rows))[:held].tolist()}
 
 
-def _held_out_record(section: schema.DataSection, seed: int, numbers: list[int], train_count: int,
-                     held_count: int) -> dict:
-    """What the manifest says about a hold-out: the file, the seed, how many rows trained and were held out, and
-    which rows were evaluated (1-based row numbers as in bad-row reports: line numbers in a JSONL file, positions
-    otherwise; fewer than held out when `max_eval_rows` cuts them)."""
+def held_out_record(section: schema.DataSection, seed: int, held: set[int], train_rows: int,
+                    eval_rows: int) -> dict[str, Any]:
+    """What the manifest says about a hold-out: the file, the seed, which rows were held out (1-based row numbers as
+    in bad-row reports: line numbers in a JSONL file, positions otherwise) and how many usable rows each side kept."""
     record: dict[str, Any] = {"file": section.path}
     if not looks_local(section.path):
         record["split"] = section.split
     if section.eval_fraction:
         record["eval_fraction"] = section.eval_fraction
-    return {**record, "seed": seed, "train_rows": train_count, "held_out_rows": held_count,
-            "eval_rows": len(numbers), "eval_row_numbers": sorted(numbers)}
+    return {**record, "seed": seed, "held_out_rows": len(held), "held_out_row_numbers": sorted(held),
+            "train_rows": train_rows, "eval_rows": eval_rows}
 
 
-def _dataset(items: list[dict], expand: bool):
-    """A Dataset of the items; `expand` (sft under `train_on: all_turns`): one row per assistant turn of each."""
+def _dataset(items: list[tuple[int, dict]], expand: bool):
+    """A Dataset of the numbered items; `expand` (sft, `train_on: all_turns`): one row per assistant turn of each."""
     from datasets import Dataset
 
-    if expand:
-        items = [row for item in items for row in assistant_turns(item)]
-    return Dataset.from_list(items)
+    rows = [item for _, item in items]
+    return Dataset.from_list([turn for row in rows for turn in assistant_turns(row)] if expand else rows)
 
 
-def split_held_out(train: list[tuple[int, dict]], section: schema.DataSection, seed: int, key: str = "data",
-                   expand: bool = False):
-    """(train dataset, eval dataset, manifest record) for the rows `eval_rows`/`eval_fraction` hold out of the
-    numbered training rows, the first `max_eval_rows` of them evaluated. Unexpanded, both are selections of one
-    Dataset of every row, as `Dataset.train_test_split` returns them."""
-    train_at, held_at = hold_out(len(train), section, seed, section.path, key)
-    eval_at = held_at[:section.max_eval_rows] if section.max_eval_rows else held_at
-    record = _held_out_record(section, seed, [train[i][0] for i in eval_at], len(train_at), len(held_at))
-    if expand:
-        return (_dataset([train[i][1] for i in train_at], True), _dataset([train[i][1] for i in eval_at], True),
-                record)
-    everything = _dataset([item for _, item in train], False)
-    return everything.select(train_at), everything.select(eval_at), record
-
-
-def _read_normalised(path: str, split: str, shape: str, section: schema.DataSection, text_fields: Iterable[str],
-                     too_long: Callable[[dict], bool] | None, limit: int | None,
-                     key: str) -> tuple[list[tuple[int, dict]], int]:
-    """(usable numbered rows, bad rows skipped) of one file or Hub split; bad rows stop here unless skipped."""
+def _eval_source(section: schema.DataSection, shape: str, key: str, text_fields: Iterable[str],
+                 too_long: Callable[[dict], bool] | None) -> tuple[list[tuple[int, dict]], int]:
+    """(usable rows, bad rows skipped) of `eval_path` or `eval_split`, at most `max_eval_rows`."""
     bad = BadRows()
-    rows = _normalise(read_rows(path, section, split, bad), shape, section, bad, text_fields, too_long, limit)
-    _report(bad, path, section, key)
+    path = section.eval_path or section.path
+    raw = read_rows(path, section, section.eval_split or section.split, bad)
+    rows = _normalise(raw, shape, section, bad, text_fields, too_long, section.max_eval_rows)
+    _report(bad, path, section, f"{key}.eval_path")
     return rows, bad.count
+
+
+def _split(items: list[tuple[int, dict]], held: set[int], section: schema.DataSection,
+           key: str) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+    """(train, eval) of the usable rows, by whether their row is held out; eval cut to `max_eval_rows`."""
+    option = "eval_rows" if section.eval_rows else "eval_fraction"
+    train = [pair for pair in items if pair[0] not in held]
+    evaluation = [pair for pair in items if pair[0] in held][:section.max_eval_rows or None]
+    if not evaluation or not train:
+        side = f"none of the {len(held)} held-out rows" if not evaluation else "none of the rows left to train on"
+        raise DataError(f"{side} is usable", file=section.path, key=f"{key}.{option}",
+                        fix=f"{'raise' if not evaluation else 'lower'} `{option}`, or fix the rows")
+    return train, evaluation
 
 
 def load_data(section: schema.DataSection, shape: str, *, key: str = "data", seed: int = 0,
               text_fields: Iterable[str] = ("text",), too_long: Callable[[dict], bool] | None = None) -> LoadedData:
     """Train and (optional) eval datasets in the canonical `shape`, validated row by row. Eval rows come from
-    `eval_path`/`eval_split`, or are held out of the training rows by `eval_rows`/`eval_fraction` (seeded by `seed`,
-    recorded in `held_out`)."""
+    `eval_path`/`eval_split`, or are held out of `path` by `eval_rows`/`eval_fraction` (drawn by `seed`, recorded
+    in `held_out`); both sides keep the file's order."""
     if shape not in SHAPES:
         raise ValueError(shape)
-    train, skipped = _read_normalised(section.path, section.split, shape, section, text_fields, too_long, None,
-                                      f"{key}.path")
+    bad = BadRows()
+    rows = read_rows(section.path, section, section.split, bad)
+    held = held_out_rows(rows, section, seed, key) if holding_out(section) else None
+    train = _normalise(rows, shape, section, bad, text_fields, too_long, None)
+    _report(bad, section.path, section, f"{key}.path")
+    skipped, sources, evaluation = bad.count, [section.path], None
     if not train:
         raise DataError("no usable rows", file=section.path, key=f"{key}.path",
                         fix="check the file and the `fields:` mapping")
-    evaluation: list[tuple[int, dict]] | None = None
-    sources = [section.path]
+    if held is not None:
+        train, evaluation = _split(train, held, section, key)
     if section.eval_path or section.eval_split:
-        path = section.eval_path or section.path
-        evaluation, bad = _read_normalised(path, section.eval_split or section.split, shape, section, text_fields,
-                                           too_long, section.max_eval_rows, f"{key}.eval_path")
-        skipped += bad
-        if path not in sources:
-            sources.append(path)
+        evaluation, eval_skipped = _eval_source(section, shape, key, text_fields, too_long)
+        skipped += eval_skipped
+        if section.eval_path and section.eval_path not in sources:
+            sources.append(section.eval_path)
     if section.max_rows:
         train = train[:section.max_rows]
     expand = shape == "sft" and section.train_on == "all_turns"
-    if evaluation is None and (section.eval_rows or section.eval_fraction):
-        train_ds, eval_ds, record = split_held_out(train, section, seed, key, expand)
-        return LoadedData(train=train_ds, eval=eval_ds, bad_rows=skipped, sources=sources, held_out=record)
-    eval_ds = _dataset([item for _, item in evaluation], expand) if evaluation else None
-    return LoadedData(train=_dataset([item for _, item in train], expand), eval=eval_ds, bad_rows=skipped,
-                      sources=sources)
+    record = None if held is None else held_out_record(section, seed, held, len(train), len(evaluation))
+    return LoadedData(train=_dataset(train, expand), eval=_dataset(evaluation, expand) if evaluation else None,
+                      bad_rows=skipped, sources=sources, held_out=record)

@@ -65,15 +65,16 @@ class DataSection(Strict):
     eval_path: str | None = Field(default=None, description="held-out rows from another file or Hub id")
     eval_split: str | None = Field(default=None, description="held-out rows from another split of `path`")
     eval_fraction: float | None = Field(default=None, gt=0, lt=1, description=(
-        "hold this fraction of the usable rows (rounded up) out of training for evaluation; shuffled by the stage "
-        "seed, recorded in the manifest's `held_out`"))
+        "hold this fraction of the rows of `path` (rounded up) out of training for evaluation, as `eval_rows` does"))
     eval_rows: int | None = Field(default=None, gt=0, description=(
-        "hold this many usable rows out of training for evaluation; shuffled by the stage seed, recorded in the "
-        "manifest's `held_out` (file, seed, counts, row numbers)"))
+        "hold this many rows of `path` out of training for evaluation, drawn by the stage seed from the rows as read "
+        "(stages reading the same file with the same seed hold out the same rows); the manifest's `held_out` lists "
+        "them"))
     fields: dict[str, str] = Field(default_factory=dict, description="canonical field -> column in the file")
     max_rows: int | None = Field(default=None, gt=0, description=(
-        "use at most this many usable rows (the first ones), before `eval_rows`/`eval_fraction` hold some out"))
-    max_eval_rows: int | None = Field(default=None, gt=0, description="use at most this many held-out rows")
+        "train on at most this many usable rows (the first ones, held-out rows left out)"))
+    max_eval_rows: int | None = Field(default=None, gt=0, description=(
+        "evaluate on at most this many usable held-out rows (the first ones)"))
     on_bad_rows: Literal["error", "skip"] = Field("error", description=(
         "a bad row (empty, missing field, wrong type, over-long) stops the run, or is skipped with a warning"))
     train_on: Literal["last_turn", "all_turns"] = Field("last_turn", description=(

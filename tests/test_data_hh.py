@@ -5,7 +5,7 @@ holds rows out with `eval_rows`/`eval_fraction`, seeded and recorded in the mani
 
 The real rows come from ../shared/data/hh-rlhf-harmless-base-test.jsonl.gz beside the repo (never copied into it).
 
-    pytest tests/test_data_hh.py            # loader checks, seconds; the tiny sft run is one of them (~20 s)
+    pytest tests/test_data_hh.py            # about 10 s on CPU, the tiny sft run included
 """
 from __future__ import annotations
 
@@ -146,55 +146,86 @@ def test_preference_pairs_share_the_prefix_as_prompt(hh_file):
 
 @pytest.mark.parametrize("shape", ["sft", "prompts", "preference"])
 def test_eval_rows_split_is_seeded_disjoint_and_recorded(hh_file, shape):
-    everything = {number: key(item) for number, item in zip(range(1, 21), load(hh_file, shape).train)}
+    everything = dict(zip(range(1, 21), load(hh_file, shape).train.to_list()))
     first, again, other = (load(hh_file, shape, seed=seed, eval_rows=4) for seed in (0, 0, 1))
     assert first.train.to_list() == again.train.to_list() and first.eval.to_list() == again.eval.to_list()
     assert first.held_out == again.held_out and first.held_out != other.held_out
     record = first.held_out
-    assert (record["file"], record["seed"], record["train_rows"], record["eval_rows"]) == (str(hh_file), 0, 16, 4)
-    numbers = record["eval_row_numbers"]
+    assert (record["file"], record["seed"], record["held_out_rows"]) == (str(hh_file), 0, 4)
+    assert (record["train_rows"], record["eval_rows"]) == (16, 4)
+    numbers = record["held_out_row_numbers"]
     assert len(set(numbers)) == 4 and set(numbers) <= set(everything)
-    assert sorted(key(i) for i in first.eval) == sorted(everything[n] for n in numbers)
-    assert sorted(key(i) for i in first.train) == sorted(everything[n] for n in everything if n not in numbers)
+    assert first.eval.to_list() == [everything[n] for n in sorted(numbers)], "held-out rows, in file order"
+    assert first.train.to_list() == [everything[n] for n in everything if n not in numbers], "the rest, in order"
+
+
+def test_every_shape_holds_out_the_same_rows_whatever_it_drops(tmp_path):
+    """The rows are drawn before any is checked: a row one shape drops (an empty last answer is no sft example, yet
+    a fine prompt) does not shift which rows another shape holds out."""
+    rows = hh_rows()
+    for row in (rows[1], rows[8], rows[14]):
+        row["chosen"] += "\n\nHuman: More?\n\nAssistant: "
+    path = write_jsonl(tmp_path / "some-empty.jsonl", rows)
+    sft = load(path, "sft", seed=5, eval_rows=6, on_bad_rows="skip")
+    prompts = load(path, "prompts", seed=5, eval_rows=6)
+    assert sft.held_out["held_out_row_numbers"] == prompts.held_out["held_out_row_numbers"]
+    assert sft.bad_rows == 3 and prompts.bad_rows == 0
+    assert sft.held_out["train_rows"] + sft.held_out["eval_rows"] == 17
+    assert prompts.held_out["train_rows"] + prompts.held_out["eval_rows"] == 20
 
 
 def test_all_turns_holds_out_whole_conversations(hh_file):
     loaded = load(hh_file, "sft", seed=3, eval_rows=5, train_on="all_turns")
-    numbers = loaded.held_out["eval_row_numbers"]
-    turns = {n: [key(r) for r in turn_rows(data.parse_hh(row["chosen"]))] for n, row in enumerate(hh_rows(), 1)}
+    numbers = loaded.held_out["held_out_row_numbers"]
+    turns = {n: turn_rows(data.parse_hh(row["chosen"])) for n, row in enumerate(hh_rows(), 1)}
     assert loaded.held_out["eval_rows"] == 5 and len(loaded.eval) > 5
-    assert sorted(key(r) for r in loaded.eval) == sorted(k for n in numbers for k in turns[n])
-    assert sorted(key(r) for r in loaded.train) == sorted(k for n in turns if n not in numbers for k in turns[n])
+    assert loaded.eval.to_list() == [row for n in sorted(numbers) for row in turns[n]]
+    assert loaded.train.to_list() == [row for n in turns if n not in numbers for row in turns[n]]
 
 
-def test_eval_fraction_uses_the_same_split_and_max_eval_rows_cuts_it(hh_file):
+def test_eval_fraction_is_the_same_split_and_max_rows_cut_each_side(hh_file):
     fraction = load(hh_file, "sft", seed=2, eval_fraction=0.2)
     rows = load(hh_file, "sft", seed=2, eval_rows=4)
-    assert fraction.eval.to_list() == rows.eval.to_list() and fraction.held_out["eval_fraction"] == 0.2
-    cut = load(hh_file, "sft", seed=2, eval_rows=4, max_eval_rows=2)
-    assert cut.eval.to_list() == rows.eval.to_list()[:2] and len(cut.train) == 16
-    assert (cut.held_out["held_out_rows"], cut.held_out["eval_rows"]) == (4, 2)
+    assert fraction.eval.to_list() == rows.eval.to_list() and fraction.train.to_list() == rows.train.to_list()
+    assert fraction.held_out == {**rows.held_out, "eval_fraction": 0.2}
+    cut = load(hh_file, "sft", seed=2, eval_rows=4, max_eval_rows=3, max_rows=10)
+    assert cut.eval.to_list() == rows.eval.to_list()[:3] and cut.train.to_list() == rows.train.to_list()[:10]
+    assert cut.held_out["held_out_row_numbers"] == rows.held_out["held_out_row_numbers"]
+    assert (cut.held_out["held_out_rows"], cut.held_out["train_rows"], cut.held_out["eval_rows"]) == (4, 10, 3)
 
 
 def test_eval_rows_must_leave_rows_to_train_on(hh_file):
     with pytest.raises(DataError) as info:
         load(hh_file, "sft", eval_rows=20)
     line = info.value.render()
-    assert str(hh_file) in line and "data.eval_rows" in line and "holds out 20 of the 20 usable rows" in line
-    assert "fix: lower `eval_rows`" in line
-    with pytest.raises(DataError, match="holds out 5 of the 5 usable rows"):
-        load(hh_file, "sft", eval_rows=5, max_rows=5)
+    assert str(hh_file) in line and "data.eval_rows" in line and "holds out 20 of the 20 rows" in line
+    assert "fix: lower `eval_rows`" in line and "\n" not in line
+    with pytest.raises(DataError, match="eval_fraction: 0.99` holds out 20 of the 20 rows"):
+        load(hh_file, "sft", eval_fraction=0.99)
 
 
-def test_unpaired_kto_rows_hold_out_the_same_way(tmp_path):
+def test_each_side_of_a_hold_out_needs_a_usable_row(tmp_path):
+    rows = hh_rows(6)
+    held = load(write_jsonl(tmp_path / "ok.jsonl", rows), "sft", seed=0, eval_rows=1).held_out["held_out_row_numbers"]
+    rows[held[0] - 1] = {"chosen": "no turns", "rejected": "none"}
+    with pytest.raises(DataError, match=r"eval_rows: none of the 1 held-out rows is usable \(fix: raise `eval_rows`"):
+        load(write_jsonl(tmp_path / "bad.jsonl", rows), "sft", seed=0, eval_rows=1, on_bad_rows="skip")
+    rows = [{"chosen": "no turns", "rejected": "none"} if number not in held else row
+            for number, row in enumerate(hh_rows(6), 1)]
+    with pytest.raises(DataError, match=r"eval_rows: none of the rows left to train on is usable \(fix: lower"):
+        load(write_jsonl(tmp_path / "bad.jsonl", rows), "sft", seed=0, eval_rows=1, on_bad_rows="skip")
+
+
+def test_unpaired_kto_rows_hold_out_the_same_rows(tmp_path):
     from pipeline.stages import kto
 
-    rows = [{"prompt": f"Q{i}", "completion": f"A{i}", "label": i % 2 == 0} for i in range(10)]
+    rows = [{"prompt": f"Q{i}", "completion": f"A{i}", "label": i % 2 == 0} for i in range(1, 11)]
     section = schema.DataSection(path=str(write_jsonl(tmp_path / "kto.jsonl", rows)), eval_rows=3)
     loaded = kto.load_unpaired(section, seed=0)
+    numbers = loaded.held_out["held_out_row_numbers"]
     assert (len(loaded.train), len(loaded.eval), loaded.held_out["eval_rows"]) == (7, 3, 3)
-    held = {row["prompt"][0]["content"] for row in loaded.eval}
-    assert held == {f"Q{n - 1}" for n in loaded.held_out["eval_row_numbers"]}
+    assert [row["prompt"][0]["content"] for row in loaded.eval] == [f"Q{n}" for n in numbers]
+    assert numbers == load(section.path, "prompts", eval_rows=3).held_out["held_out_row_numbers"]
 
 
 # --------------------------------------------------------------------------------------------- recipes
@@ -269,7 +300,7 @@ def test_sft_stage_on_hh_rows_records_the_held_out_rows(tmp_path):
     expected = load(hh, "sft", seed=manifest["seed"], eval_rows=4).held_out
     assert held == expected and held["seed"] == manifest["seed"] == 7
     assert (held["file"], held["train_rows"], held["eval_rows"]) == (str(hh), 12, 4)
-    assert len(set(held["eval_row_numbers"])) == 4 and set(held["eval_row_numbers"]) <= set(range(1, 17))
+    assert held["held_out_rows"] == 4 and set(held["held_out_row_numbers"]) <= set(range(1, 17))
     assert manifest["metrics"]["train_rows"] == 12 and manifest["datasets"] == [str(hh)]
     before, after = manifest["metrics"]["eval_loss_before"], manifest["metrics"]["eval_loss_after"]
     assert before == before and after == after and after != before  # measured (not NaN) on the held-out rows

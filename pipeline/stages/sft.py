@@ -1,7 +1,8 @@
 """`sft` stage: supervised fine-tuning, full or LoRA (peft), on chat `messages`, prompt/completion data or whole
 conversations in `chosen` (HH-RLHF), with the loss on completions only: each conversation's last assistant turn, or
-every assistant turn under `data.train_on: all_turns` (one prompt/completion row per turn; see pipeline.data). Thin glue over TRL's SFTTrainer. Metrics: held-out completion loss before and after,
-and exact match on held-out answers when the eval data's last turn holds a checkable answer.
+every assistant turn under `data.train_on: all_turns` (one prompt/completion row per turn; see pipeline.data). Thin
+glue over TRL's SFTTrainer. Metrics: held-out completion loss before and after, and exact match on held-out answers
+when the eval data's last turn holds a checkable answer.
 """
 from __future__ import annotations
 
