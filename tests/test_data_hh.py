@@ -89,6 +89,17 @@ def test_a_string_without_markers_names_the_file_and_the_row(tmp_path, shape):
     assert len(load(path, shape, on_bad_rows="skip").train) == 3
 
 
+def test_a_conversation_must_end_with_an_assistant_turn_to_train_on():
+    ends_with_user = {"chosen": [{"role": "user", "content": "Hi."}, {"role": "assistant", "content": "Hello."},
+                                 {"role": "user", "content": "Bye?"}]}
+    assert data.normalise_row(ends_with_user, "sft", {}) == (
+        None, "conversation does not end with an assistant turn")
+    item, reason = data.normalise_row(ends_with_user, "prompts", {})
+    assert reason is None and item["prompt"] == ends_with_user["chosen"], "a prompt may end with the user's turn"
+    mapped = {"dialogue": "\n\nHuman: Hi.\n\nAssistant: Hello."}
+    assert data.normalise_row(mapped, "sft", {"chosen": "dialogue"})[0]["completion"][0]["content"] == "Hello."
+
+
 # --------------------------------------------------------------------------------------------- real HH rows
 
 
