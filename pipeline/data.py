@@ -1,14 +1,18 @@
 """Load a stage's dataset (local json/jsonl/csv/parquet/txt, or a Hub id) and bring it to the shape its trainer wants.
 
-Shapes: `text` (pretrain, tokenizer), `sft` (messages or prompt/completion), `preference` (prompt/chosen/rejected as
-text or messages, or HH-RLHF full conversations) and `prompts` (prompt + optional checkable `answer`). Bad rows
-(empty, missing field, wrong type, non-UTF-8, too long) are counted with their row numbers; `on_bad_rows` picks
-`error` (default) or `skip`. Called by stage modules; nothing runs at import.
+Shapes: `text` (pretrain, tokenizer), `sft` (messages, prompt/completion, or a whole conversation in `chosen`: an
+HH-RLHF string or a message list), `preference` (prompt/chosen/rejected as text or messages, or HH-RLHF full
+conversations) and `prompts` (prompt + optional checkable `answer`, or the conversation before the last assistant
+turn of `messages`/`chosen`). Bad rows (empty, missing field, wrong type, non-UTF-8, too long) are counted with their
+row numbers; `on_bad_rows` picks `error` (default) or `skip`. Eval rows come from `eval_path`/`eval_split`, or are
+held out of the training rows (`eval_rows`/`eval_fraction`, seeded, recorded for the manifest). `train_on:
+all_turns` makes one sft row per assistant turn. Called by stage modules; nothing runs at import.
 """
 from __future__ import annotations
 
 import gzip
 import json
+import math
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -18,7 +22,8 @@ from pipeline import schema
 from pipeline.errors import DataError
 from pipeline.recipe import looks_local
 
-HH_TURN = re.compile(r"\n\n(Human|Assistant): ")
+HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
+HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 SHAPES = ("text", "sft", "preference", "prompts")
 
 
@@ -137,14 +142,24 @@ def _as_messages(value: Any, role: str) -> list[dict[str, str]] | None:
 
 
 def parse_hh(text: str) -> list[dict[str, str]] | None:
-    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages; None if it is not in that shape."""
-    parts = HH_TURN.split("\n\n" + text.lstrip("\n") if not text.startswith("\n\n") else text)
+    """'\\n\\nHuman: ...\\n\\nAssistant: ...' -> messages (user/assistant, contents stripped); None when the text
+    is not in that shape (no turn markers, or text before the first one). Whitespace around the text is ignored."""
+    parts = HH_TURN.split("\n\n" + text.strip())
     if len(parts) < 3 or parts[0].strip():
         return None
-    messages = []
-    for role, content in zip(parts[1::2], parts[2::2]):
-        messages.append({"role": "user" if role == "Human" else "assistant", "content": content.strip()})
-    return messages
+    return [{"role": HH_ROLES[role], "content": content.strip()} for role, content in zip(parts[1::2], parts[2::2])]
+
+
+def conversation(value: Any) -> list[dict[str, str]] | None:
+    """A whole conversation: an HH-RLHF string (see `parse_hh`) or a list of {role, content}; None otherwise."""
+    if isinstance(value, str):
+        return parse_hh(value)
+    return value if _is_messages(value) else None
+
+
+def _not_a_conversation(column: str) -> str:
+    return (f"'{column}' is not a conversation (need '\\n\\nHuman: ...\\n\\nAssistant: ...' text "
+            "or a list of {role, content})")
 
 
 def _split_shared_prefix(chosen: list, rejected: list) -> tuple[list, list, list]:
@@ -158,77 +173,119 @@ def _field(row: dict, name: str, fields: dict[str, str]) -> Any:
     return row.get(fields.get(name, name))
 
 
+def _text_row(row: dict, fields: dict[str, str], text_fields: Iterable[str]) -> tuple[dict | None, str | None]:
+    texts = []
+    for name in text_fields:
+        value = _field(row, name, fields)
+        if value is None:
+            continue
+        if not isinstance(value, str):
+            return None, f"wrong type in '{name}'"
+        texts.append(value)
+    if not texts:
+        return None, f"missing field '{fields.get('text', 'text')}'"
+    text = "\n".join(texts)
+    return ({"text": text}, None) if text.strip() else (None, "empty")
+
+
+def _last_turn(messages: list[dict[str, str]]) -> tuple[dict | None, str | None]:
+    """prompt = every turn before the last one, completion = the last one (which must be the assistant's)."""
+    if messages[-1]["role"] != "assistant":
+        return None, "conversation does not end with an assistant turn"
+    if not messages[-1]["content"].strip():
+        return None, "empty"
+    return {"prompt": messages[:-1], "completion": messages[-1:]}, None
+
+
+def _sft_row(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    messages = _field(row, "messages", fields)
+    if messages is not None:
+        if not _is_messages(messages) or messages[-1]["role"] != "assistant":
+            return None, "wrong type in 'messages' (need a list of {role, content} ending with assistant)"
+        if not messages[-1]["content"].strip():
+            return None, "empty"
+        return {"prompt": messages[:-1], "completion": messages[-1:]}, None
+    prompt, completion = _field(row, "prompt", fields), _field(row, "completion", fields)
+    chosen = _field(row, "chosen", fields)
+    if prompt is None and chosen is not None:  # a whole conversation, e.g. HH-RLHF
+        whole = conversation(chosen)
+        return _last_turn(whole) if whole else (None, _not_a_conversation(fields.get("chosen", "chosen")))
+    if prompt is None or completion is None:
+        return None, "missing field 'messages' or 'prompt'/'completion' (or a whole conversation in 'chosen')"
+    prompt_m, completion_m = _as_messages(prompt, "user"), _as_messages(completion, "assistant")
+    if prompt_m is None or completion_m is None:
+        if isinstance(prompt, str) and isinstance(completion, str):
+            return None, "empty"
+        return None, "wrong type in 'prompt'/'completion'"
+    return {"prompt": prompt_m, "completion": completion_m}, None
+
+
+def _preference_row(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    chosen, rejected = _field(row, "chosen", fields), _field(row, "rejected", fields)
+    prompt = _field(row, "prompt", fields)
+    if chosen is None or rejected is None:
+        return None, "missing field 'chosen'/'rejected'"
+    if prompt is None:  # full conversations: HH-RLHF strings or message lists
+        chosen_m, rejected_m = conversation(chosen), conversation(rejected)
+        if not chosen_m or not rejected_m:
+            return None, "wrong type in 'chosen'/'rejected' (need prompt, or full conversations)"
+        prompt_m, chosen_m, rejected_m = _split_shared_prefix(chosen_m, rejected_m)
+        if not prompt_m:
+            return None, "chosen and rejected share no prompt"
+    else:
+        prompt_m = _as_messages(prompt, "user")
+        chosen_m, rejected_m = _as_messages(chosen, "assistant"), _as_messages(rejected, "assistant")
+        if prompt_m is None or chosen_m is None or rejected_m is None:
+            return None, "empty" if all(isinstance(v, str) for v in (prompt, chosen, rejected)) else \
+                "wrong type in 'prompt'/'chosen'/'rejected'"
+    if not chosen_m[-1]["content"].strip() or not rejected_m[-1]["content"].strip():
+        return None, "empty"
+    return {"prompt": prompt_m, "chosen": chosen_m, "rejected": rejected_m}, None
+
+
+def _prompts_row(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    prompt = _field(row, "prompt", fields)
+    messages = _field(row, "messages", fields)
+    chosen = _field(row, "chosen", fields)
+    if prompt is None and messages is None and chosen is not None:  # a whole conversation, e.g. HH-RLHF
+        messages = conversation(chosen)
+        if messages is None:
+            return None, _not_a_conversation(fields.get("chosen", "chosen"))
+    if prompt is None and messages is not None and _is_messages(messages):
+        prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    prompt_m = _as_messages(prompt, "user") if prompt is not None else None
+    if prompt is None:
+        return None, "missing field 'prompt'"
+    if prompt_m is None:
+        return None, "empty" if isinstance(prompt, str) else "wrong type in 'prompt'"
+    answer = _field(row, "answer", fields)
+    return {"prompt": prompt_m, "answer": None if answer is None else str(answer)}, None
+
+
 def normalise_row(row: Any, shape: str, fields: dict[str, str], text_fields: Iterable[str] = ("text",)) -> tuple[
         dict | None, str | None]:
     """One row in the canonical shape, or (None, reason)."""
     if not isinstance(row, dict):
         return None, "not an object"
     if shape == "text":
-        texts = []
-        for name in text_fields:
-            value = _field(row, name, fields)
-            if value is None:
-                continue
-            if not isinstance(value, str):
-                return None, f"wrong type in '{name}'"
-            texts.append(value)
-        if not texts:
-            return None, f"missing field '{fields.get('text', 'text')}'"
-        text = "\n".join(texts)
-        return ({"text": text}, None) if text.strip() else (None, "empty")
+        return _text_row(row, fields, text_fields)
     if shape == "sft":
-        messages = _field(row, "messages", fields)
-        if messages is not None:
-            if not _is_messages(messages) or messages[-1]["role"] != "assistant":
-                return None, "wrong type in 'messages' (need a list of {role, content} ending with assistant)"
-            if not messages[-1]["content"].strip():
-                return None, "empty"
-            return {"prompt": messages[:-1], "completion": messages[-1:]}, None
-        prompt, completion = _field(row, "prompt", fields), _field(row, "completion", fields)
-        if prompt is None or completion is None:
-            return None, "missing field 'messages' or 'prompt'/'completion'"
-        prompt_m, completion_m = _as_messages(prompt, "user"), _as_messages(completion, "assistant")
-        if prompt_m is None or completion_m is None:
-            if isinstance(prompt, str) and isinstance(completion, str):
-                return None, "empty"
-            return None, "wrong type in 'prompt'/'completion'"
-        return {"prompt": prompt_m, "completion": completion_m}, None
+        return _sft_row(row, fields)
     if shape == "preference":
-        chosen, rejected = _field(row, "chosen", fields), _field(row, "rejected", fields)
-        prompt = _field(row, "prompt", fields)
-        if chosen is None or rejected is None:
-            return None, "missing field 'chosen'/'rejected'"
-        if prompt is None:  # full conversations: HH-RLHF strings or message lists
-            chosen_m = parse_hh(chosen) if isinstance(chosen, str) else (chosen if _is_messages(chosen) else None)
-            rejected_m = parse_hh(rejected) if isinstance(rejected, str) else (
-                rejected if _is_messages(rejected) else None)
-            if not chosen_m or not rejected_m:
-                return None, "wrong type in 'chosen'/'rejected' (need prompt, or full conversations)"
-            prompt_m, chosen_m, rejected_m = _split_shared_prefix(chosen_m, rejected_m)
-            if not prompt_m:
-                return None, "chosen and rejected share no prompt"
-        else:
-            prompt_m = _as_messages(prompt, "user")
-            chosen_m, rejected_m = _as_messages(chosen, "assistant"), _as_messages(rejected, "assistant")
-            if prompt_m is None or chosen_m is None or rejected_m is None:
-                return None, "empty" if all(isinstance(v, str) for v in (prompt, chosen, rejected)) else \
-                    "wrong type in 'prompt'/'chosen'/'rejected'"
-        if not chosen_m[-1]["content"].strip() or not rejected_m[-1]["content"].strip():
-            return None, "empty"
-        return {"prompt": prompt_m, "chosen": chosen_m, "rejected": rejected_m}, None
+        return _preference_row(row, fields)
     if shape == "prompts":
-        prompt = _field(row, "prompt", fields)
-        messages = _field(row, "messages", fields)
-        if prompt is None and messages is not None and _is_messages(messages):
-            prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
-        prompt_m = _as_messages(prompt, "user") if prompt is not None else None
-        if prompt is None:
-            return None, "missing field 'prompt'"
-        if prompt_m is None:
-            return None, "empty" if isinstance(prompt, str) else "wrong type in 'prompt'"
-        answer = _field(row, "answer", fields)
-        return {"prompt": prompt_m, "answer": None if answer is None else str(answer)}, None
+        return _prompts_row(row, fields)
     raise ValueError(f"unknown shape {shape}")
+
+
+def assistant_turns(item: dict) -> list[dict]:
+    """`train_on: all_turns`: one prompt/completion row per assistant turn of an sft row, each with the conversation
+    before it as its prompt: the earlier assistant turns of `item`'s prompt (in order; one with nothing before it,
+    or an empty one, is left out), then `item` itself (its last turn)."""
+    prompt = item["prompt"]
+    earlier = [{"prompt": prompt[:i], "completion": [m]} for i, m in enumerate(prompt)
+               if i > 0 and m["role"] == "assistant" and m["content"].strip()]
+    return earlier + [item]
 
 
 # ---------------------------------------------------------------------------------------------------------- entry
@@ -236,14 +293,20 @@ def normalise_row(row: Any, shape: str, fields: dict[str, str], text_fields: Ite
 
 @dataclass
 class LoadedData:
+    """A stage's rows in their canonical shape. `held_out`: which rows `eval_rows`/`eval_fraction` held out of the
+    training file, for the manifest (None when there was no such split)."""
+
     train: Any  # datasets.Dataset
     eval: Any | None
     bad_rows: int = 0
     sources: list[str] = field(default_factory=list)
+    held_out: dict[str, Any] | None = None
 
 
 def _normalise(rows: list[tuple[int, Any]], shape: str, section: schema.DataSection, bad: BadRows,
-               text_fields: Iterable[str], too_long: Callable[[dict], bool] | None, limit: int | None) -> list[dict]:
+               text_fields: Iterable[str], too_long: Callable[[dict], bool] | None,
+               limit: int | None) -> list[tuple[int, dict]]:
+    """The usable rows with their row numbers; the others go to `bad`."""
     out = []
     for number, row in rows:
         item, reason = normalise_row(row, shape, section.fields, text_fields)
@@ -253,7 +316,7 @@ def _normalise(rows: list[tuple[int, Any]], shape: str, section: schema.DataSect
         if too_long is not None and too_long(item):
             bad.add("over-long", number)
             continue
-        out.append(item)
+        out.append((number, item))
         if limit and len(out) >= limit:
             break
     return out
@@ -285,39 +348,97 @@ def too_long_for(tokenizer, max_length: int) -> Callable[[dict], bool] | None:
     return check
 
 
-def load_data(section: schema.DataSection, shape: str, *, key: str = "data", seed: int = 0,
-              text_fields: Iterable[str] = ("text",), too_long: Callable[[dict], bool] | None = None) -> LoadedData:
-    """Train and (optional) eval datasets in the canonical `shape`, validated row by row."""
+def holding_out(section: schema.DataSection) -> bool:
+    """True when `eval_rows`/`eval_fraction` hold rows out of `path` itself (no eval file or split is given)."""
+    return not (section.eval_path or section.eval_split) and bool(section.eval_rows or section.eval_fraction)
+
+
+def held_out_rows(rows: list[tuple[int, Any]], section: schema.DataSection, seed: int, key: str = "data") -> set[int]:
+    """Row numbers of the file's rows that `eval_rows` (a count) or `eval_fraction` (of the rows, rounded up) holds
+    out, drawn by `seed`. Drawn from the rows as read, before any is checked, so every stage reading the same file
+    with the same seed and option holds out the same rows, whatever its shape, filters or `max_rows`."""
+    import numpy as np
+
+    option = "eval_rows" if section.eval_rows else "eval_fraction"
+    held = section.eval_rows or math.ceil(section.eval_fraction * len(rows))
+    if held >= len(rows):
+        raise DataError(f"`{option}: {getattr(section, option)}` holds out {held} of the {len(rows)} rows, leaving "
+                        "none to train on", file=section.path, key=f"{key}.{option}",
+                        fix=f"lower `{option}`, or give held-out rows in `eval_path`")
+    return {rows[i][0] for i in np.random.default_rng(seed).permutation(len(rows))[:held].tolist()}
+
+
+def held_out_record(section: schema.DataSection, seed: int, held: set[int], train_rows: int,
+                    eval_rows: int) -> dict[str, Any]:
+    """What the manifest says about a hold-out: the file, the seed, which rows were held out (1-based row numbers as
+    in bad-row reports: line numbers in a JSONL file, positions otherwise) and how many usable rows each side kept."""
+    record: dict[str, Any] = {"file": section.path}
+    if not looks_local(section.path):
+        record["split"] = section.split
+    if section.eval_fraction:
+        record["eval_fraction"] = section.eval_fraction
+    return {**record, "seed": seed, "held_out_rows": len(held), "held_out_row_numbers": sorted(held),
+            "train_rows": train_rows, "eval_rows": eval_rows}
+
+
+def _dataset(items: list[tuple[int, dict]], expand: bool):
+    """A Dataset of the numbered items; `expand` (sft, `train_on: all_turns`): one row per assistant turn of each."""
     from datasets import Dataset
 
+    rows = [item for _, item in items]
+    return Dataset.from_list([turn for row in rows for turn in assistant_turns(row)] if expand else rows)
+
+
+def _eval_source(section: schema.DataSection, shape: str, key: str, text_fields: Iterable[str],
+                 too_long: Callable[[dict], bool] | None) -> tuple[list[tuple[int, dict]], int]:
+    """(usable rows, bad rows skipped) of `eval_path` or `eval_split`, at most `max_eval_rows`."""
+    bad = BadRows()
+    path = section.eval_path or section.path
+    raw = read_rows(path, section, section.eval_split or section.split, bad)
+    rows = _normalise(raw, shape, section, bad, text_fields, too_long, section.max_eval_rows)
+    _report(bad, path, section, f"{key}.eval_path")
+    return rows, bad.count
+
+
+def _split(items: list[tuple[int, dict]], held: set[int], section: schema.DataSection,
+           key: str) -> tuple[list[tuple[int, dict]], list[tuple[int, dict]]]:
+    """(train, eval) of the usable rows, by whether their row is held out; eval cut to `max_eval_rows`."""
+    option = "eval_rows" if section.eval_rows else "eval_fraction"
+    train = [pair for pair in items if pair[0] not in held]
+    evaluation = [pair for pair in items if pair[0] in held][:section.max_eval_rows or None]
+    if not evaluation or not train:
+        side = f"none of the {len(held)} held-out rows" if not evaluation else "none of the rows left to train on"
+        raise DataError(f"{side} is usable", file=section.path, key=f"{key}.{option}",
+                        fix=f"{'raise' if not evaluation else 'lower'} `{option}`, or fix the rows")
+    return train, evaluation
+
+
+def load_data(section: schema.DataSection, shape: str, *, key: str = "data", seed: int = 0,
+              text_fields: Iterable[str] = ("text",), too_long: Callable[[dict], bool] | None = None) -> LoadedData:
+    """Train and (optional) eval datasets in the canonical `shape`, validated row by row. Eval rows come from
+    `eval_path`/`eval_split`, or are held out of `path` by `eval_rows`/`eval_fraction` (drawn by `seed`, recorded
+    in `held_out`); both sides keep the file's order."""
     if shape not in SHAPES:
         raise ValueError(shape)
     bad = BadRows()
     rows = read_rows(section.path, section, section.split, bad)
+    held = held_out_rows(rows, section, seed, key) if holding_out(section) else None
     train = _normalise(rows, shape, section, bad, text_fields, too_long, None)
     _report(bad, section.path, section, f"{key}.path")
-    skipped = bad.count
+    skipped, sources, evaluation = bad.count, [section.path], None
     if not train:
         raise DataError("no usable rows", file=section.path, key=f"{key}.path",
                         fix="check the file and the `fields:` mapping")
-    eval_rows: list[dict] | None = None
-    sources = [section.path]
+    if held is not None:
+        train, evaluation = _split(train, held, section, key)
     if section.eval_path or section.eval_split:
-        bad = BadRows()
-        path = section.eval_path or section.path
-        raw = read_rows(path, section, section.eval_split or section.split, bad)
-        eval_rows = _normalise(raw, shape, section, bad, text_fields, too_long, section.max_eval_rows)
-        _report(bad, path, section, f"{key}.eval_path")
-        skipped += bad.count
-        if path not in sources:
-            sources.append(path)
+        evaluation, eval_skipped = _eval_source(section, shape, key, text_fields, too_long)
+        skipped += eval_skipped
+        if section.eval_path and section.eval_path not in sources:
+            sources.append(section.eval_path)
     if section.max_rows:
         train = train[:section.max_rows]
-    train_ds = Dataset.from_list(train)
-    eval_ds = Dataset.from_list(eval_rows) if eval_rows else None
-    if eval_ds is None and section.eval_fraction:
-        split = train_ds.train_test_split(test_size=section.eval_fraction, seed=seed)
-        train_ds, eval_ds = split["train"], split["test"]
-        if section.max_eval_rows:
-            eval_ds = eval_ds.select(range(min(len(eval_ds), section.max_eval_rows)))
-    return LoadedData(train=train_ds, eval=eval_ds, bad_rows=skipped, sources=sources)
+    expand = shape == "sft" and section.train_on == "all_turns"
+    record = None if held is None else held_out_record(section, seed, held, len(train), len(evaluation))
+    return LoadedData(train=_dataset(train, expand), eval=_dataset(evaluation, expand) if evaluation else None,
+                      bad_rows=skipped, sources=sources, held_out=record)

@@ -86,7 +86,8 @@ def held_out(section: schema.DataSection, shape: str, limit: int | None = None):
     path = section.eval_path or section.path
     rows = limit or section.max_eval_rows or section.max_rows
     single = section.model_copy(update={"path": path, "eval_path": None, "eval_split": None, "eval_fraction": None,
-                                        "max_rows": rows, "split": section.eval_split or section.split})
+                                        "eval_rows": None, "max_rows": rows,
+                                        "split": section.eval_split or section.split})
     return data_lib.load_data(single, shape).train
 
 

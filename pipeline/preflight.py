@@ -26,9 +26,11 @@ NOT_AVAILABLE: dict[str, str] = {}
 CHAT_KINDS = {"sft", "dpo", "kto", "reward", "ppo", "grpo", "rloo"}
 SHAPE_OF_KIND = {"tokenizer": "text", "pretrain": "text", "sft": "sft", "reward": "preference",
                  "dpo": "preference", "kto": "preference", "ppo": "prompts", "grpo": "prompts", "rloo": "prompts"}
-# Alternatives of canonical columns each shape needs (one alternative must be fully present).
-NEEDED = {"sft": [("messages",), ("prompt", "completion")], "preference": [("chosen", "rejected")],
-          "prompts": [("prompt",), ("messages",)]}
+# Alternatives of canonical columns each shape needs (one alternative must be fully present). A whole conversation
+# in `chosen` (HH-RLHF) is read by `sft` only from rows without `prompt`: see pipeline.data.
+NEEDED = {"sft": [("messages",), ("prompt", "completion"), ("chosen",)], "preference": [("chosen", "rejected")],
+          "prompts": [("prompt",), ("messages",), ("chosen",)]}
+UNLESS = {("sft", ("chosen",)): "prompt"}  # an alternative that does not count when this column is there too
 LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULES_BY_TYPE = {"llama": LLAMA_MODULES, "mistral": LLAMA_MODULES, "qwen2": LLAMA_MODULES, "qwen3": LLAMA_MODULES,
                    "gemma": LLAMA_MODULES, "gemma2": LLAMA_MODULES, "phi3": ("qkv_proj", "o_proj", "gate_up_proj",
@@ -191,14 +193,25 @@ def _check_columns(recipe: Recipe, name: str, key: str, path: Path, section: sch
         raise _error(recipe, name, ("data", key), f"{path} has no readable rows", "check the file's format and "
                      "encoding (UTF-8 JSON lines, CSV with a header, parquet)", cls=DataError)
     columns = set().union(*(row.keys() for row in rows))
-    for option in needed:
-        if all(section.fields.get(c, c) in columns for c in option):
-            return
-    wanted = " or ".join("+".join(f"'{section.fields.get(c, c)}'" for c in option) for option in needed)
+    if any(_fits(option, shape, columns, section) for option in needed):
+        return
+    wanted = " or ".join(_describe(option, shape, section) for option in needed)
     example = needed[0][0]
     raise _error(recipe, name, ("data", "fields"),
                  f"{path} has columns {sorted(columns)}, a {config_kind(recipe, name)} stage needs {wanted}",
                  f"rename the columns, or map them: `fields: {{{example}: <your column>}}`", cls=DataError)
+
+
+def _fits(option: tuple[str, ...], shape: str, columns: set[str], section: schema.DataSection) -> bool:
+    unless = UNLESS.get((shape, option))
+    return all(section.fields.get(c, c) in columns for c in option) and (
+        unless is None or section.fields.get(unless, unless) not in columns)
+
+
+def _describe(option: tuple[str, ...], shape: str, section: schema.DataSection) -> str:
+    text = "+".join(f"'{section.fields.get(c, c)}'" for c in option)
+    unless = UNLESS.get((shape, option))
+    return f"{text} (without '{section.fields.get(unless, unless)}')" if unless else text
 
 
 def config_kind(recipe: Recipe, name: str) -> str:

@@ -29,6 +29,7 @@ class StageResult:
     metrics: dict[str, Any] = field(default_factory=dict)
     base_model: str | None = None
     datasets: list[str] = field(default_factory=list)
+    held_out: dict[str, Any] | None = None  # rows held out of the training file (data.LoadedData.held_out)
     library_name: str = "transformers"
     pipeline_tag: str | None = "text-generation"
     tags: list[str] = field(default_factory=list)
@@ -321,6 +322,7 @@ def _manifest(recipe: Recipe, name: str, config: schema.StageBase, fp: str, pare
         "metrics": result.metrics,
         "base_model": result.base_model,
         "datasets": result.datasets,
+        **({"held_out": result.held_out} if result.held_out else {}),
         "log_history": log_history,
         "duration_s": durations["duration_s"],  # every attempt's time
         "last_attempt_duration_s": durations["last_attempt_duration_s"],

@@ -61,24 +61,47 @@ class LoraSection(Strict):
 
 
 class DataSection(Strict):
-    """A dataset: local file (json/jsonl/csv/parquet) or Hub id, with field mapping and splits."""
+    """A dataset: local file (json/jsonl/csv/parquet/txt, optionally .gz) or Hub id, with field mapping and splits."""
 
-    path: str
+    path: str = Field(description="local file or Hub dataset id")
     name: str | None = Field(default=None, description="Hub dataset config name")
-    split: str = "train"
-    eval_path: str | None = None
-    eval_split: str | None = None
-    eval_fraction: float | None = Field(default=None, gt=0, lt=1)
+    split: str = Field("train", description="Hub split to train on")
+    eval_path: str | None = Field(default=None, description="held-out rows from another file or Hub id")
+    eval_split: str | None = Field(default=None, description="held-out rows from another split of `path`")
+    eval_fraction: float | None = Field(default=None, gt=0, lt=1, description=(
+        "hold this fraction of the rows of `path` (rounded up) out of training for evaluation, as `eval_rows` does"))
+    eval_rows: int | None = Field(default=None, gt=0, description=(
+        "hold this many rows of `path` out of training for evaluation, drawn by the stage seed from the rows as read "
+        "(stages reading the same file with the same seed hold out the same rows); the manifest's `held_out` lists "
+        "them"))
     fields: dict[str, str] = Field(default_factory=dict, description="canonical field -> column in the file")
-    max_rows: int | None = Field(default=None, gt=0)
-    max_eval_rows: int | None = Field(default=None, gt=0)
-    on_bad_rows: Literal["error", "skip"] = "error"
+    max_rows: int | None = Field(default=None, gt=0, description=(
+        "train on at most this many usable rows (the first ones, held-out rows left out)"))
+    max_eval_rows: int | None = Field(default=None, gt=0, description=(
+        "evaluate on at most this many usable held-out rows (the first ones)"))
+    on_bad_rows: Literal["error", "skip"] = Field("error", description=(
+        "a bad row (empty, missing field, wrong type, over-long) stops the run, or is skipped with a warning"))
+    train_on: Literal["last_turn", "all_turns"] = Field("last_turn", description=(
+        "sft: the loss is on each conversation's last assistant turn, or on every assistant turn (one "
+        "prompt/completion row per turn, with the conversation before it as the prompt)"))
 
     @field_validator("path")
     @classmethod
     def _not_empty(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must not be empty")
+        return value
+
+    @field_validator("eval_fraction", "eval_rows")
+    @classmethod
+    def _one_way_to_hold_out(cls, value, info):
+        if value is None:
+            return value
+        if info.data.get("eval_path") or info.data.get("eval_split"):
+            given = "eval_path" if info.data.get("eval_path") else "eval_split"
+            raise ValueError(f"`{given}` already gives the held-out rows: drop `{info.field_name}` (or `{given}`)")
+        if info.field_name == "eval_rows" and info.data.get("eval_fraction") is not None:
+            raise ValueError("set `eval_rows` or `eval_fraction`, not both")
         return value
 
 
@@ -142,6 +165,13 @@ class StageBase(Strict):
         default=None, description="this stage's trackers (null: the recipe's `report_to`); " + REPORT_TO_HELP)
 
     _hub = field_validator("push_to_hub", mode="before")(lambda cls, v: _hub_shorthand(v))
+
+    @model_validator(mode="after")
+    def _train_on_is_for_sft(self):
+        data = getattr(self, "data", None)
+        if isinstance(data, DataSection) and data.train_on != "last_turn" and self.kind != "sft":
+            raise ValueError(f"`data.train_on: {data.train_on}` applies to sft stages only: remove it")
+        return self
 
     def produced_kind(self) -> str:
         return self.produces

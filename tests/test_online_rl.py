@@ -198,7 +198,8 @@ def test_unpaired_kto_data_is_detected_and_validated(tmp_path):
     path = write_unpaired(tmp_path)
     section = schema.DataSection(path=str(path), eval_fraction=0.25, max_rows=8)
     loaded = kto.load_kto_data(section, seed=0)
-    assert len(loaded.train) == 6 and len(loaded.eval) == 2
+    assert len(loaded.train) == 8 and len(loaded.eval) == 3  # 3 of the file's 12 rows held out, max_rows cuts the rest
+    assert loaded.held_out["held_out_rows"] == 3 and loaded.held_out["train_rows"] == 8
     assert set(loaded.train.column_names) == {"prompt", "completion", "label"}
     for row in list(loaded.train) + list(loaded.eval):  # labels stay with their own completions
         a, b, c = map(int, row["completion"][0]["content"].replace("+", "=").split("="))

@@ -46,5 +46,6 @@ def run(ctx: StageContext) -> StageResult:
         metrics.update(eval_margin_after=after["margin"], eval_preference_accuracy_after=after["accuracy"],
                        eval_reward_accuracy=implicit["accuracy"], eval_reward_margin=cfg.beta * implicit["margin"])
     library = models.save_trained(ctx, trainer, tokenizer)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
-                       log_history=training.log_history(trainer), tags=["dpo"] + (["lora"] if cfg.lora else []))
+    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
+                       library_name=library, log_history=training.log_history(trainer),
+                       tags=["dpo"] + (["lora"] if cfg.lora else []))

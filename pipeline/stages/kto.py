@@ -8,6 +8,8 @@ Launched by `python -m pipeline run recipe.yaml` when the recipe has a `kto` sta
 """
 from __future__ import annotations
 
+from typing import Callable
+
 from pipeline import data as data_lib
 from pipeline import models, scoring, training
 from pipeline.errors import DataError
@@ -34,10 +36,14 @@ def unpaired_row(row, fields: dict[str, str]) -> tuple[dict | None, str | None]:
     return {**item, "label": label}, None
 
 
-def read_unpaired(section, path: str, split: str, limit: int | None, key: str) -> list[dict]:
+def read_unpaired(section, path: str, split: str, limit: int | None, key: str,
+                  keep: Callable[[int], bool] | None = None) -> list[dict]:
+    """The usable unpaired rows of one file or split whose row numbers `keep` accepts (all by default)."""
     bad = data_lib.BadRows()
     out = []
     for number, row in data_lib.read_rows(path, section, split, bad):
+        if keep is not None and not keep(number):
+            continue
         item, reason = unpaired_row(row, section.fields)
         if item is None:
             bad.add(reason, number)
@@ -53,10 +59,28 @@ def read_unpaired(section, path: str, split: str, limit: int | None, key: str) -
     return out
 
 
-def load_unpaired(section, seed: int) -> data_lib.LoadedData:
-    """Unpaired (prompt, completion, label) rows, with the data section's eval split, limits and sources."""
+def held_out_unpaired(section, seed: int) -> data_lib.LoadedData:
+    """Unpaired rows of `path` split by `eval_rows`/`eval_fraction`: the same rows `data.load_data` holds out."""
     from datasets import Dataset
 
+    rows = data_lib.read_rows(section.path, section, section.split, data_lib.BadRows())
+    held = data_lib.held_out_rows(rows, section, seed)
+    train = read_unpaired(section, section.path, section.split, section.max_rows, "data.path",
+                          lambda number: number not in held)
+    evalset = read_unpaired(section, section.path, section.split, section.max_eval_rows, "data.path",
+                            held.__contains__)
+    record = data_lib.held_out_record(section, seed, held, len(train), len(evalset))
+    return data_lib.LoadedData(train=Dataset.from_list(train), eval=Dataset.from_list(evalset),
+                               sources=[section.path], held_out=record)
+
+
+def load_unpaired(section, seed: int) -> data_lib.LoadedData:
+    """Unpaired (prompt, completion, label) rows, with the data section's eval split or held-out rows, limits and
+    sources."""
+    from datasets import Dataset
+
+    if data_lib.holding_out(section):
+        return held_out_unpaired(section, seed)
     train = Dataset.from_list(read_unpaired(section, section.path, section.split, section.max_rows, "data.path"))
     evalset, sources = None, [section.path]
     if section.eval_path or section.eval_split:
@@ -64,9 +88,6 @@ def load_unpaired(section, seed: int) -> data_lib.LoadedData:
         evalset = Dataset.from_list(read_unpaired(section, path, section.eval_split or section.split,
                                                   section.max_eval_rows, "data.eval_path"))
         sources += [path] if path not in sources else []
-    elif section.eval_fraction:
-        split = train.train_test_split(test_size=section.eval_fraction, seed=seed)
-        train, evalset = split["train"], split["test"]
     return data_lib.LoadedData(train=train, eval=evalset, sources=sources)
 
 
@@ -114,5 +135,6 @@ def run(ctx: StageContext) -> StageResult:
     if loaded.eval is not None:
         metrics.update(held_out_metrics(trainer.model, tokenizer, loaded.eval, "after"))
     library = models.save_trained(ctx, trainer, tokenizer)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
-                       log_history=training.log_history(trainer), tags=["kto"] + (["lora"] if cfg.lora else []))
+    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
+                       library_name=library, log_history=training.log_history(trainer),
+                       tags=["kto"] + (["lora"] if cfg.lora else []))

@@ -152,5 +152,6 @@ def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_ex
         metrics.update(evaluate(trainer.model, tokenizer, evalset, cfg, reward_model, reward_tokenizer, "after", ctx.seed))
         metrics["eval_prompts"] = len(evalset)
     library = models.save_trained(ctx, trainer, tokenizer)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
-                       log_history=training.log_history(trainer), tags=[tag] + (["lora"] if cfg.lora else []))
+    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
+                       library_name=library, log_history=training.log_history(trainer),
+                       tags=[tag] + (["lora"] if cfg.lora else []))

@@ -206,6 +206,6 @@ def run(ctx: StageContext) -> StageResult:
         parallel.check_ranks_agree(ctx.state, f"the trained weights of stage '{ctx.name}'",
                                    parallel.weights_digest(policy), key=f"stages.{ctx.name}")
     library = models.save_gathered(ctx, trainer.accelerator, trainer.m.policy, tokenizer)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
-                       log_history=history, tags=["ppo"] + (["lora"] if cfg.lora else []))
+    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
+                       library_name=library, log_history=history, tags=["ppo"] + (["lora"] if cfg.lora else []))
 

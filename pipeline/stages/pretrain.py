@@ -70,5 +70,5 @@ def run(ctx: StageContext) -> StageResult:
         metrics["eval_perplexity_after"] = scoring.perplexity(metrics["eval_loss_after"])
     restore_end_of_sequence(trainer.model, tokenizer, chat_eos)
     models.save_trained(ctx, trainer, tokenizer, merge_lora=False)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources,
+    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
                        log_history=training.log_history(trainer), tags=["pretraining"])

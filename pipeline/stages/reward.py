@@ -55,5 +55,6 @@ def run(ctx: StageContext) -> StageResult:
         after = pairwise(trainer.model, tokenizer, loaded.eval)
         metrics.update(eval_accuracy=after["accuracy"], eval_margin=after["margin"], eval_pairs=len(loaded.eval))
     models.save_trained(ctx, trainer, tokenizer, merge_lora=True)
-    return StageResult(metrics=metrics, base_model=path, datasets=loaded.sources, pipeline_tag="text-classification",
-                       log_history=training.log_history(trainer), tags=["reward-model"])
+    return StageResult(metrics=metrics, base_model=path, datasets=loaded.sources, held_out=loaded.held_out,
+                       pipeline_tag="text-classification", log_history=training.log_history(trainer),
+                       tags=["reward-model"])

@@ -1,6 +1,8 @@
-"""`sft` stage: supervised fine-tuning, full or LoRA (peft), on chat `messages` or prompt/completion data, with
-the loss on completions only. Thin glue over TRL's SFTTrainer. Metrics: held-out completion loss before and after,
-and exact match on held-out answers when the eval data's last turn holds a checkable answer.
+"""`sft` stage: supervised fine-tuning, full or LoRA (peft), on chat `messages`, prompt/completion data or whole
+conversations in `chosen` (HH-RLHF), with the loss on completions only: each conversation's last assistant turn, or
+every assistant turn under `data.train_on: all_turns` (one prompt/completion row per turn; see pipeline.data). Thin
+glue over TRL's SFTTrainer. Metrics: held-out completion loss before and after, and exact match on held-out answers
+when the eval data's last turn holds a checkable answer.
 """
 from __future__ import annotations
 
@@ -84,5 +86,6 @@ def run(ctx: StageContext) -> StageResult:
         if accuracy is not None:
             metrics["eval_exact_match"] = accuracy
     library = models.save_trained(ctx, trainer, tokenizer)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, library_name=library,
-                       log_history=training.log_history(trainer), tags=["sft"] + (["lora"] if cfg.lora else []))
+    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
+                       library_name=library, log_history=training.log_history(trainer),
+                       tags=["sft"] + (["lora"] if cfg.lora else []))

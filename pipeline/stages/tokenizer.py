@@ -44,5 +44,5 @@ def run(ctx: StageContext) -> StageResult:
                    "train_texts": len(texts)}
     else:
         metrics = {}
-    return StageResult(metrics=metrics, datasets=loaded.sources, library_name="transformers", pipeline_tag=None,
-                       tags=["tokenizer"])
+    return StageResult(metrics=metrics, datasets=loaded.sources, held_out=loaded.held_out, library_name="transformers",
+                       pipeline_tag=None, tags=["tokenizer"])
