@@ -10,7 +10,7 @@ from pathlib import Path
 
 from pipeline import artifacts, evaluation
 from pipeline.artifacts import write_json_atomic
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 
 
 def resolved_evals(ctx: StageContext):

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from pipeline import gguf, models, schema
 from pipeline.errors import PipelineError
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
                    "chat_template.json", "vocab.json", "merges.txt", "tokenizer.model", "added_tokens.json")

@@ -5,7 +5,7 @@ stage; the shared glue lives in `pipeline.stages.online_rl`.
 """
 from __future__ import annotations
 
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 from pipeline.stages.online_rl import run_online
 
 

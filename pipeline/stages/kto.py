@@ -13,7 +13,7 @@ from typing import Callable
 from pipeline import data as data_lib
 from pipeline import models, scoring, training
 from pipeline.errors import DataError
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 from pipeline.stages.dpo import logprob_margin
 from pipeline.stages.sft import load_policy
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pipeline import models
 from pipeline.errors import PipelineError
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 
 
 def run(ctx: StageContext) -> StageResult:

@@ -15,7 +15,7 @@ from pipeline import data as data_lib
 from pipeline import models, scoring, training
 from pipeline.errors import PipelineError
 from pipeline.rl.rewards import rule_rewards
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 from pipeline.stages.sft import load_policy
 
 TRAINER_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")  # TRL extras, not data columns

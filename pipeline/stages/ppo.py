@@ -14,7 +14,7 @@ from pipeline import data as data_lib
 from pipeline import models, scoring, tracking, training
 from pipeline.rl import rollout as ro
 from pipeline.rl import trainer as tr
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 from pipeline.stages.sft import load_policy
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pipeline import data as data_lib
 from pipeline import models, scoring, training
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 
 
 def load_model_and_tokenizer(ctx: StageContext):

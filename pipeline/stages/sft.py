@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pipeline import data as data_lib
 from pipeline import models, parallel, scoring, training
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 
 
 def load_policy(ctx: StageContext, key: str = "model"):

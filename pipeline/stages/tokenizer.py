@@ -4,7 +4,7 @@ template (ChatML by default). Runs on the main process only (it is quick); other
 from __future__ import annotations
 
 from pipeline import data as data_lib
-from pipeline.runner import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
           "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")

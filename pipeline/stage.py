@@ -1,0 +1,66 @@
+"""The stage contract, a leaf every stage module imports: `run(ctx: StageContext) -> StageResult`.
+
+A stage kind is a module under `pipeline/stages/` with that `run` function, registered with its config class in
+`pipeline.registry`; `pipeline.runner` builds the context, calls `run` and turns the result into an artifact
+(`pipeline.artifacts.commit_stage`). Nothing runs at import; only the recipe's light modules are imported.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from pipeline import schema
+from pipeline.recipe import Recipe, resolve_ref
+
+if TYPE_CHECKING:
+    from pipeline.artifacts import Artifact
+    from pipeline.attempts import AttemptLog
+    from pipeline.console import Console
+
+
+@dataclass
+class StageResult:
+    """What a stage's `run(ctx)` returns besides the files it wrote into `ctx.output_dir`."""
+
+    metrics: dict[str, Any] = field(default_factory=dict)
+    base_model: str | None = None
+    datasets: list[str] = field(default_factory=list)
+    held_out: dict[str, Any] | None = None  # rows held out of the training file (data.LoadedData.held_out)
+    library_name: str = "transformers"
+    pipeline_tag: str | None = "text-generation"
+    tags: list[str] = field(default_factory=list)
+    log_history: list[dict[str, Any]] = field(default_factory=list)
+    extra: dict[str, Any] = field(default_factory=dict)
+    # Ancestors read by path rather than by `${stage}` (the artifact itself first, then its lineage); the runner adds
+    # them to the manifest's and the card's lineage after the parents' own.
+    lineage: list[dict[str, Any]] = field(default_factory=list)
+    card_text: str | None = None  # markdown for the model card, before its Usage section
+
+
+@dataclass
+class StageContext:
+    """Everything a stage needs: its config, where to write, its parents' artifacts, the process state."""
+
+    name: str
+    config: schema.StageBase
+    recipe: Recipe
+    output_dir: Path  # temporary artifact folder; the runner moves it into place
+    work_dir: Path  # checkpoints that survive a crash, deleted once the artifact is complete
+    parents: dict[str, Artifact]
+    seed: int
+    state: Any  # accelerate.PartialState
+    attempts: AttemptLog | None = None  # this stage's attempt records: training stages report resumes and checkpoints
+    console: Console | None = None  # the person's terminal: progress displays and the few lines meant for them
+
+    def resolve(self, value: str | None) -> str | None:
+        """`${stage}` -> that stage's artifact folder (absolute); other values unchanged."""
+        resolved = resolve_ref(value, self.recipe)
+        if resolved and value and value.startswith("${"):
+            return str(Path(resolved).resolve())
+        return resolved
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
