@@ -10,6 +10,7 @@ from __future__ import annotations
 import datetime as _dt
 import hashlib
 import json
+import logging
 import os
 import re
 import shutil
@@ -17,9 +18,11 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import yaml
+
+log = logging.getLogger("pipeline")
 
 MANIFEST = "manifest.json"
 MANIFEST_VERSION = 1
@@ -30,6 +33,7 @@ _DISTRIBUTIONS = {"pipeline": "hf-pipeline", "huggingface_hub": "huggingface-hub
 NON_RESULT_KEYS = {"description", "push_to_hub", "logging_steps", "save_steps", "save_total_limit", "num_workers",
                    "report_to"}
 TOKEN_PATTERN = re.compile(r"hf_[A-Za-z0-9]{20,}")
+FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*\n?", re.S)
 
 
 def library_versions() -> dict[str, str]:
@@ -326,6 +330,23 @@ def model_card(*, name: str, stage: str, kind: str, recipe: str, base_model: str
         lines += ["from transformers import AutoModelForCausalLM", "model = AutoModelForCausalLM.from_pretrained(PATH)"]
     lines += ["```", ""]
     return scrub("\n".join(lines))
+
+
+def split_card(text: str, warn: Callable[[str], None] | None = None) -> tuple[dict[str, Any], str]:
+    """(YAML metadata, markdown body) of a model card; an unreadable header counts as empty metadata (said to
+    `warn`, else logged)."""
+    match = FRONT_MATTER.match(text)
+    if not match:
+        return {}, text
+    try:
+        meta = yaml.safe_load(match.group(1)) or {}
+    except yaml.YAMLError:
+        meta = None
+    if not isinstance(meta, dict):
+        (warn or log.warning)("README.md metadata is not a YAML mapping; it is replaced by fresh metadata (license "
+                              "and datasets must be added back by hand)")
+        meta = {}
+    return meta, text[match.end():]
 
 
 def _fmt(value: Any) -> str:

@@ -116,7 +116,7 @@ def _check_export_tools(recipe: Recipe, name: str, config: schema.StageBase) -> 
     """An `export` stage needs the optional `export` extra: say so before the stages ahead of it train."""
     if not isinstance(config, schema.ExportStage):
         return
-    from pipeline import gguf
+    from pipeline.tools import gguf
 
     try:
         gguf.require(config.quant)

@@ -11,7 +11,8 @@ import time
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, measures, parallel, registry, schema, tracking
+from pipeline import artifacts, parallel, registry, schema, tracking
+from pipeline.eval import summary
 from pipeline.artifacts import Artifact, ArtifactWriter
 from pipeline.attempts import AttemptLog
 from pipeline.console import Console, capture, log_name
@@ -124,8 +125,8 @@ def _warn_drift(manifests: list[dict[str, Any]], console: Console) -> bool:
 
 
 def _write_report(recipe: Recipe) -> None:
-    """OUTPUT/report.md and report.html (pipeline.report); a failure here never fails the run."""
-    from pipeline import report
+    """OUTPUT/report.md and report.html (pipeline.tools.report); a failure here never fails the run."""
+    from pipeline.tools import report
 
     try:
         path = report.write_report(recipe.output_dir, recipe.name)
@@ -148,7 +149,7 @@ def _say_where(recipe: Recipe, console: Console) -> None:
 def done_line(manifest: dict[str, Any]) -> str:
     """'done in 12.3s[ over 2 attempts]: eval_loss 5.7 -> 0.48, train_loss 1.2' from a stage's manifest."""
     attempts = len(manifest.get("attempts", []))
-    shown = measures.summary(manifest.get("metrics", {}))
+    shown = summary.summary(manifest.get("metrics", {}))
     return (f"done in {manifest.get('duration_s', 0):.1f}s" + (f" over {attempts} attempts" if attempts > 1 else "")
             + (f": {shown}" if shown else ""))
 
@@ -196,7 +197,7 @@ def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, don
                             key=f"stages.{name}", fix="the output folder must be on a filesystem every rank shares")
     target = config.push_to_hub or _recipe_push_target(recipe, name)
     if target is not None and state.is_main_process:
-        from pipeline import hub
+        from pipeline.tools import hub
 
         hub.push_artifact(artifact, target)
     return artifact

@@ -7,7 +7,7 @@
 #    of llama-cpp-python, so pip compiles llama.cpp from its source distribution: about 9 minutes on 2 cores (pip
 #    keeps the built wheel in its cache, so a second install is quick). CMAKE_BUILD_PARALLEL_LEVEL sets the jobs.
 # 2. llama.cpp's own converter (convert_hf_to_gguf.py, conversion/, gguf-py/), which no wheel installs, copied from the
-#    same source distribution to <environment>/share/hf-pipeline/llama.cpp, where pipeline.gguf looks for it
+#    same source distribution to <environment>/share/hf-pipeline/llama.cpp, where pipeline.tools.gguf looks for it
 #    (LLAMA_CPP_DIR=<a llama.cpp checkout> uses another one). The converter runs with its own gguf-py, which is newer
 #    than the PyPI `gguf` of the same version number.
 set -euo pipefail

@@ -16,7 +16,7 @@ import pytest
 import yaml
 from conftest import tiny_lora_chain_recipe
 
-from pipeline.chat import window_messages
+from pipeline.tools.chat import window_messages
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -37,7 +37,7 @@ def chain(tmp_path_factory) -> Path:
 
 
 def _reference_reply(folder: Path, messages: list[dict], max_new_tokens: int) -> str:
-    """What greedy decoding gives for `messages`, computed without pipeline.chat."""
+    """What greedy decoding gives for `messages`, computed without pipeline.tools.chat."""
     import torch
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -102,7 +102,7 @@ def test_adapter_artifact_chats_on_its_base(chain, capsys):
 
 
 def test_interactive_session_keeps_history(chain, monkeypatch):
-    from pipeline import chat as chat_module
+    from pipeline.tools import chat as chat_module
 
     model, tokenizer = chat_module.load(str(chain / "base"))
     out = io.StringIO()
@@ -120,7 +120,7 @@ def test_interactive_session_keeps_history(chain, monkeypatch):
 
 
 def test_window_applies_during_a_session(chain):
-    from pipeline import chat as chat_module
+    from pipeline.tools import chat as chat_module
 
     model, tokenizer = chat_module.load(str(chain / "base"))
     session = chat_module.Chat(model, tokenizer, system="sys", max_new_tokens=4, context_tokens=130,

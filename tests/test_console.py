@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from conftest import ROOT, tiny_chain_spec
-from pipeline import measures
+from pipeline.eval import summary as measures
 from pipeline.artifacts import read_manifest
 from pipeline.console import Console, capture
 from resilience_common import env, tiny_recipe, write_recipe

@@ -14,7 +14,9 @@ from pathlib import Path
 import pytest
 import yaml
 
-from pipeline import evaluation, metrics
+from pipeline import artifacts
+from pipeline.eval import harness, metrics
+from pipeline.eval.metrics import win_rate
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -59,33 +61,33 @@ def test_pairwise_and_perplexity_modules_hand_cases():
 
 
 def test_win_rate_ties_count_half():
-    result = evaluation.win_rate_from_scores([1.0, 2.0, 3.0, 0.5], [0.0, 2.0, 4.0, 0.5])
+    result = win_rate.from_scores([1.0, 2.0, 3.0, 0.5], [0.0, 2.0, 4.0, 0.5])
     assert (result["wins"], result["ties"], result["losses"]) == (1, 2, 1)
     assert result["win_rate"] == pytest.approx((1 + 0.5 * 2) / 4)
-    assert evaluation.win_rate_from_scores([2.0, 2.0], [1.0, 2.0])["win_rate"] == pytest.approx(0.75)
-    assert evaluation.win_rate_from_scores([1.0], [1.05], tolerance=0.1)["win_rate"] == pytest.approx(0.5)
+    assert win_rate.from_scores([2.0, 2.0], [1.0, 2.0])["win_rate"] == pytest.approx(0.75)
+    assert win_rate.from_scores([1.0], [1.05], tolerance=0.1)["win_rate"] == pytest.approx(0.5)
 
 
 def test_local_task_data_files_made_absolute_only_when_needed(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    config = evaluation.local_task("addition_loglik", [evaluation.TASKS_DIR])
+    config = harness.local_task("addition_loglik", [harness.TASKS_DIR])
     data_file = Path(config["dataset_kwargs"]["data_files"]["test"])
     assert data_file.is_absolute() and data_file == ROOT / "data/prompts_eval.jsonl"
     assert config["output_type"] == "loglikelihood"
     monkeypatch.chdir(ROOT)
-    assert evaluation.local_task("addition_loglik", [evaluation.TASKS_DIR]) is None  # found as written
-    assert evaluation.local_task("no_such_task", [evaluation.TASKS_DIR]) is None
+    assert harness.local_task("addition_loglik", [harness.TASKS_DIR]) is None  # found as written
+    assert harness.local_task("no_such_task", [harness.TASKS_DIR]) is None
 
 
 def test_flatten_lm_eval_drops_stderr():
-    flat = evaluation.flatten_lm_eval({"addition": {"alias": "addition", "exact_match,last_number": 0.5,
+    flat = harness.flatten_lm_eval({"addition": {"alias": "addition", "exact_match,last_number": 0.5,
                                                     "exact_match_stderr,last_number": "N/A", "acc,none": 1}})
     assert flat == {"addition/exact_match": 0.5, "addition/acc": 1.0}
 
 
 def test_model_card_front_matter_rewrite_keeps_body(tmp_path):
     text = "---\nlicense: mit\ntags: [a]\n---\n\n# Title\n\nbody text\n"
-    meta, body = evaluation.split_card(text)
+    meta, body = artifacts.split_card(text)
     assert meta == {"license": "mit", "tags": ["a"]}
     assert body.startswith("# Title") and "body text" in body
 
@@ -111,7 +113,8 @@ def test_cli_eval_writes_manifests_and_model_index(chain, capsys):
     import torch
 
     from pipeline import data as data_lib
-    from pipeline import models, schema, scoring
+    from pipeline import models, schema
+    from pipeline.eval import measures
 
     sft, reward = chain / "sft", chain / "reward"
     assert eval_cli(str(sft), str(reward)) == 0
@@ -133,9 +136,9 @@ def test_cli_eval_writes_manifests_and_model_index(chain, capsys):
     rows = data_lib.load_data(schema.DataSection(path=str(ROOT / "data/preferences_eval.jsonl"), max_rows=8),
                               "preference").train
     with torch.no_grad():
-        chosen = scoring.reward_scores(model, tokenizer, rows["prompt"], rows["chosen"])
-        rejected = scoring.reward_scores(model, tokenizer, rows["prompt"], rows["rejected"])
-    expected = scoring.pairwise_accuracy(chosen, rejected)
+        chosen = measures.reward_scores(model, tokenizer, rows["prompt"], rows["chosen"])
+        rejected = measures.reward_scores(model, tokenizer, rows["prompt"], rows["rejected"])
+    expected = measures.pairwise_accuracy(chosen, rejected)
     assert reward_eval["pairwise_accuracy"] == pytest.approx(expected["accuracy"])
     assert reward_eval["reward_margin"] == pytest.approx(expected["margin"], abs=1e-6)
     # the reward stage measured the same held-out pairs (its max_eval_rows) right after training
@@ -143,7 +146,7 @@ def test_cli_eval_writes_manifests_and_model_index(chain, capsys):
     assert reward_eval["reward_margin"] == pytest.approx(manifest(reward)["metrics"]["eval_margin"], abs=1e-6)
     card = model_index_values(reward)
     assert card["pairwise_accuracy"] == pytest.approx(expected["accuracy"])
-    meta, body = evaluation.split_card((reward / "README.md").read_text())
+    meta, body = artifacts.split_card((reward / "README.md").read_text())
     assert meta["model-index"][0]["results"][0]["task"]["type"] == "text-classification"
     assert "## Lineage" in body and meta["license"]
 
@@ -189,7 +192,7 @@ def test_lm_eval_local_task_offline(chain, monkeypatch):
     monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
     sft = chain / "sft"
     assert eval_cli(str(sft), "--tasks", "addition_loglik,addition",
-                    "--include-path", str(ROOT / "pipeline/lm_eval_tasks"), "--limit", "3") == 0
+                    "--include-path", str(ROOT / "pipeline/eval/lm_eval_tasks"), "--limit", "3") == 0
     values = manifest(sft)["evaluation"]
     assert 0.0 <= values["addition_loglik/acc"] <= 1.0
     assert values["addition_loglik/perplexity"] > 1.0
@@ -211,7 +214,8 @@ def test_win_rate_needs_judge_and_reference(chain, capsys):
 
 def test_perplexity_on_preference_data_scores_the_chosen_answers(chain):
     from pipeline import data as data_lib
-    from pipeline import models, schema, scoring
+    from pipeline import models, schema
+    from pipeline.eval import measures
 
     sft, file = chain / "sft", str(ROOT / "data/preferences_eval.jsonl")
     assert eval_cli(str(sft), "--metric", "perplexity", "--data", file, "--limit", "4") == 0
@@ -219,8 +223,8 @@ def test_perplexity_on_preference_data_scores_the_chosen_answers(chain):
     model = models.load_causal_lm(str(sft), schema.ModelSection(path=str(sft)))
     tokenizer = models.load_tokenizer(str(sft))
     rows = data_lib.load_data(schema.DataSection(path=file, max_rows=4), "preference").train
-    logps = scoring.completion_logprobs(model, tokenizer, rows["prompt"], rows["chosen"])
-    tokens = sum(len(tokenizer(scoring.render(tokenizer, p, c)[1], add_special_tokens=False)["input_ids"])
+    logps = measures.completion_logprobs(model, tokenizer, rows["prompt"], rows["chosen"])
+    tokens = sum(len(tokenizer(measures.render(tokenizer, p, c)[1], add_special_tokens=False)["input_ids"])
                  for p, c in zip(rows["prompt"], rows["chosen"]))
     assert got["eval_loss"] == pytest.approx(-sum(logps) / tokens, rel=1e-5)
     assert manifest(sft)["evaluation_datasets"]["perplexity"] == file
@@ -230,7 +234,7 @@ def test_seeded_sampling_repeats_its_draws_and_leaves_the_global_stream_alone():
     """Before/after sampled measures draw the same random numbers, and training after them draws what it would."""
     import torch
 
-    from pipeline.scoring import seeded_sampling
+    from pipeline.eval.measures import seeded_sampling
 
     torch.manual_seed(7)
     expected_next = torch.rand(3)

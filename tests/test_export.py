@@ -29,7 +29,7 @@ NEW_TOKENS = 16
 
 
 def export_extra_installed() -> bool:
-    from pipeline import gguf
+    from pipeline.tools import gguf
     from pipeline.errors import PipelineError
 
     try:
@@ -183,8 +183,8 @@ def jinja_render(template: str):
 
 
 def go_render(template: str, messages: list[dict[str, str]]) -> str:
-    """Render the only Go-template forms `pipeline.gguf.go_template` writes: literals, `{{ "{{" }}`, `.Content`, the
-    role branches in `range .Messages`, and the first-message-is-not-system condition."""
+    """Render the only Go-template forms `pipeline.tools.gguf.go_template` writes: literals, `{{ "{{" }}`, `.Content`,
+    the role branches in `range .Messages`, and the first-message-is-not-system condition."""
     import re
 
     head = re.match(r'^(?:\{\{ if or \(not \.Messages\) \(ne \(index \.Messages 0\)\.Role "system"\) \}\}(.*?)'
@@ -202,7 +202,7 @@ def go_render(template: str, messages: list[dict[str, str]]) -> str:
 
 @pytest.mark.parametrize("template", [CHATML, DEFAULT_SYSTEM, BRACES], ids=["chatml", "default-system", "braces"])
 def test_ollama_template_renders_what_the_chat_template_renders(template):
-    from pipeline import gguf
+    from pipeline.tools import gguf
 
     render = jinja_render(template)
     go = gguf.ollama_template(render)
@@ -216,7 +216,7 @@ def test_ollama_template_renders_what_the_chat_template_renders(template):
 
 
 def test_a_template_that_changes_the_content_is_left_to_ollama():
-    from pipeline import gguf
+    from pipeline.tools import gguf
 
     assert gguf.ollama_template(jinja_render(TRIMS)) is None
     assert gguf.ollama_template(jinja_render("{{ messages[0].content }}{{ no_such_function() }}")) is None
@@ -225,7 +225,7 @@ def test_a_template_that_changes_the_content_is_left_to_ollama():
 def test_pre_tokenizer_is_gpt2_only_for_plain_byte_level(tmp_path):
     from tokenizers import Tokenizer, models, normalizers, pre_tokenizers
 
-    from pipeline import gguf
+    from pipeline.tools import gguf
     from pipeline.stages import tokenizer as tokenizer_stage
 
     ours = tokenizer_stage.build(["one two three"] * 20, 300, 1, "chatml", 64)
@@ -246,7 +246,7 @@ def test_pre_tokenizer_is_gpt2_only_for_plain_byte_level(tmp_path):
 
 
 def test_missing_converter_is_one_line_naming_the_extra(tmp_path, monkeypatch, capfd):
-    from pipeline import gguf
+    from pipeline.tools import gguf
     from pipeline.__main__ import main
 
     monkeypatch.delenv(gguf.CONVERTER_ENV, raising=False)
@@ -268,7 +268,7 @@ def test_missing_converter_is_one_line_naming_the_extra(tmp_path, monkeypatch, c
 def test_recipe_with_export_fails_before_training_without_the_extra(tmp_path, monkeypatch, capfd):
     from conftest import tiny_lora_chain_recipe
 
-    from pipeline import gguf
+    from pipeline.tools import gguf
     from pipeline.__main__ import main
 
     monkeypatch.delenv(gguf.CONVERTER_ENV, raising=False)
@@ -317,7 +317,7 @@ def tiny_exports(tiny_chain, tmp_path_factory):
 
 @needs_export
 def test_export_artifact_holds_gguf_modelfile_card_and_lineage(tiny_exports):
-    from pipeline import gguf
+    from pipeline.tools import gguf
 
     sft = tiny_exports / "sft"
     for stage, quant in QUANT_STAGES.items():

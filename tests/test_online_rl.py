@@ -53,7 +53,7 @@ def test_reward_functions_pair_model_with_its_tokenizer():
     cfg = SimpleNamespace(rewards=rules({"type": "exact_match"}))
     model, tokenizer = object(), object()
     funcs, classes = online_rl.reward_functions(cfg, model, tokenizer)
-    # the reward model is wrapped so TRL scores it exactly as the reward stage trained it (scoring.reward_text)
+    # the reward model is wrapped so TRL scores it as the reward stage trained it (measures.reward_text)
     assert funcs[0].func is online_rl.reward_model_score and funcs[0].keywords == {"model": model, "tokenizer": tokenizer}
     assert classes == [None, None]
     assert funcs[1](prompts=[[]], completions=["= 3"], answer=["3"]) == [1.0]

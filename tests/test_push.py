@@ -195,7 +195,7 @@ def test_incomplete_artifact_and_bad_card_are_clear_errors(hub, tmp_path, capfd)
     (tmp_path / "half").mkdir()
     assert main(["push", str(tmp_path / "half"), "org/half"]) == 2
     assert "not a complete artifact" in capfd.readouterr().err
-    from pipeline import hub as hub_module
+    from pipeline.tools import hub as hub_module
     from pipeline.artifacts import open_artifact
     from pipeline.schema import HubTarget
 
@@ -239,7 +239,8 @@ def test_server_rejects_invalid_card_yaml(hub):
 
 
 def test_card_refresh_keeps_metrics_current():
-    from pipeline.hub import refresh_card, split_card
+    from pipeline.artifacts import split_card
+    from pipeline.tools.hub import refresh_card
 
     card = ("---\nlicense: mit\nbase_model: /abs/local/path\ntags: [hf-pipeline]\n---\n"
             "# x\n\n## Metrics\n\n| a | 1 |\n\n## Usage\n")

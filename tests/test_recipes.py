@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import docs_gen, registry
+from pipeline import registry
+from pipeline.tools import docs_gen
 from pipeline.recipe import load_recipe
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -68,7 +69,7 @@ def test_quickstart_export_reuses_the_quickstart_artifacts(monkeypatch):
 
 
 def test_docs_are_generated_from_the_schema():
-    assert docs_gen.is_current(), "docs/recipes.md is stale: run python -m pipeline.docs_gen"
+    assert docs_gen.is_current(), "docs/recipes.md is stale: run python -m pipeline.tools.docs_gen"
 
 
 def test_docs_list_every_stage_kind_and_field():

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import report
+from pipeline.tools import report
 from pipeline.artifacts import read_manifest, update_manifest
 
 

@@ -12,7 +12,7 @@ from typing import Any
 
 import torch
 
-from pipeline import scoring
+from pipeline.eval import measures
 from pipeline.rl import rewards as rule_lib
 from pipeline.rl.logprobs import token_logprobs
 
@@ -35,7 +35,7 @@ class Rollout:
 
 def encode_prompts(tokenizer, rows: list[dict[str, Any]]) -> list[list[int]]:
     """Token ids of each row's chat prompt with the generation prompt (tokenised once, reused every step)."""
-    return [tokenizer(scoring.render(tokenizer, row["prompt"])[0], add_special_tokens=False)["input_ids"]
+    return [tokenizer(measures.render(tokenizer, row["prompt"])[0], add_special_tokens=False)["input_ids"]
             for row in rows]
 
 
@@ -228,7 +228,7 @@ def score(reward_model, tokenizer, batch: Rollout, cfg, reward_tokenizer=None) -
     if reward_model is not None:
         completions = [[{"role": "assistant", "content": t}] for t in batch.texts]
         prompts = [row["prompt"] for row in batch.rows]
-        values = scoring.reward_scores(reward_model, reward_tokenizer or tokenizer, prompts, completions,
+        values = measures.reward_scores(reward_model, reward_tokenizer or tokenizer, prompts, completions,
                                        batch_size=cfg.forward_batch_size)
         total += torch.tensor(values, device=device)
     if cfg.rewards:

@@ -6,14 +6,15 @@ after, plus the implicit-reward accuracy against the reference.
 from __future__ import annotations
 
 from pipeline import data as data_lib
-from pipeline import models, scoring, training
+from pipeline import models, training
+from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
 from pipeline.stages.sft import load_policy
 
 
 def logprob_margin(model, tokenizer, dataset) -> tuple[list[float], list[float]]:
-    chosen = scoring.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["chosen"])
-    rejected = scoring.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["rejected"])
+    chosen = measures.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["chosen"])
+    rejected = measures.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["rejected"])
     return chosen, rejected
 
 
@@ -31,7 +32,7 @@ def run(ctx: StageContext) -> StageResult:
     ref_chosen = ref_rejected = None
     if loaded.eval is not None:
         ref_chosen, ref_rejected = logprob_margin(model, tokenizer, loaded.eval)
-        before = scoring.pairwise_accuracy(ref_chosen, ref_rejected)
+        before = measures.pairwise_accuracy(ref_chosen, ref_rejected)
         metrics.update(eval_margin_before=before["margin"], eval_preference_accuracy_before=before["accuracy"])
     peft_config = models.lora_config(cfg.lora) if cfg.lora else None
     trainer = DPOTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer,
@@ -40,8 +41,8 @@ def run(ctx: StageContext) -> StageResult:
     metrics["train_loss"] = output.training_loss
     if loaded.eval is not None:
         chosen, rejected = logprob_margin(trainer.model, tokenizer, loaded.eval)
-        after = scoring.pairwise_accuracy(chosen, rejected)
-        implicit = scoring.pairwise_accuracy([c - r for c, r in zip(chosen, ref_chosen)],
+        after = measures.pairwise_accuracy(chosen, rejected)
+        implicit = measures.pairwise_accuracy([c - r for c, r in zip(chosen, ref_chosen)],
                                              [c - r for c, r in zip(rejected, ref_rejected)])
         metrics.update(eval_margin_after=after["margin"], eval_preference_accuracy_after=after["accuracy"],
                        eval_reward_accuracy=implicit["accuracy"], eval_reward_margin=cfg.beta * implicit["margin"])

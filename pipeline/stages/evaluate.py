@@ -2,13 +2,15 @@
 (usually a reference like ${ppo}). Its own artifact is a report folder holding results.json; the numbers also go
 into the evaluated artifact's manifest (`evaluation`) and its model card's model-index.
 
-Runs inside `python -m pipeline run recipe.yaml` (see pipeline.evaluation for the one-off CLI); nothing at import.
+Runs inside `python -m pipeline run recipe.yaml` (`python -m pipeline eval` runs the same evaluations on any
+artifact); nothing at import.
 """
 from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline import artifacts, evaluation
+from pipeline import artifacts
+from pipeline.eval import evals
 from pipeline.artifacts import write_json_atomic
 from pipeline.stage import StageContext, StageResult
 
@@ -22,13 +24,13 @@ def resolved_evals(ctx: StageContext):
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config
     path = ctx.resolve(cfg.model.path)
-    results = evaluation.evaluate_artifact(path, resolved_evals(ctx), cfg.batch_size)
+    results = evals.evaluate_artifact(path, resolved_evals(ctx), cfg.batch_size)
     metrics = {r.key: r.value for r in results}
     if ctx.is_main:
         write_json_atomic(Path(ctx.output_dir) / "results.json",
                           {"model": path, "results": [r.__dict__ for r in results]})
         if artifacts.open_artifact(path) is not None:
-            evaluation.record(path, results)
+            evals.record(path, results)
     datasets = sorted({r.dataset for r in results if not r.dataset.startswith("lm-eval:")})
     return StageResult(metrics=metrics, base_model=path, datasets=datasets, library_name="hf-pipeline",
                        pipeline_tag=None, tags=["evaluation", "report"], extra={"evaluated": path})

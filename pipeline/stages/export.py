@@ -6,7 +6,8 @@ In a recipe (`kind: export`, `model: ${sft}`), or alone on any artifact or model
 
 A LoRA adapter is merged into its base first (a base held as a .gguf is loaded through its file); a model given as
 `{path, gguf_file}` is dequantised by transformers and converted again. The conversion is llama.cpp's own
-(`pipeline.gguf`, the optional `export` extra). The main process converts; other ranks wait at the runner's barrier.
+(`pipeline.tools.gguf`, the optional `export` extra). The main process converts; other ranks wait at the runner's
+barrier.
 """
 from __future__ import annotations
 
@@ -15,8 +16,8 @@ import re
 import tempfile
 from pathlib import Path
 
-from pipeline import gguf, models, schema
-from pipeline.errors import PipelineError
+from pipeline import models, schema
+from pipeline.tools import gguf
 from pipeline.stage import StageContext, StageResult
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja",
@@ -156,35 +157,3 @@ def card_text(info: dict) -> str | None:
         + ". `Modelfile` carries the chat template and stop tokens for Ollama.", "",
         "```bash", "ollama create my-model -f Modelfile && ollama run my-model",
         f"llama-cli -m {name} -cnv", "```", ""])
-
-
-# --------------------------------------------------------------------------------------------------------- CLI
-
-
-def main(args) -> int:
-    """`python -m pipeline export ARTIFACT --format gguf --quant Q --output DIR`: a one-stage recipe run through the
-    runner (manifest, card, atomic folder), always rebuilt."""
-    from pipeline import recipe as recipe_lib
-    from pipeline import runner
-
-    output = Path(args.output).expanduser().resolve()
-    if not schema.STAGE_NAME_PATTERN.match(output.name):
-        raise PipelineError(f"--output {args.output}: the folder name must use letters, digits, '_' and '-' only",
-                            key="--output", fix="e.g. --output outputs/quickstart/sft-gguf")
-    local = Path(args.artifact).expanduser()
-    stage = {"kind": "export", "model": {"path": str(local.resolve()) if local.exists() else args.artifact},
-             "format": args.format, "quant": args.quant}
-    if args.gguf_file:
-        stage["model"]["gguf_file"] = args.gguf_file
-    if args.tokenizer_pre:
-        stage["tokenizer_pre"] = args.tokenizer_pre
-    data = {"name": "export", "output_dir": str(output.parent), "stages": {output.name: stage}}
-    recipe = recipe_lib.parse_recipe(data, Path("<python -m pipeline export>"))
-    runner.run_recipe(recipe, force={"all"}, report=False)
-    for scratch in (".tmp", ".work"):  # the runner's scratch folders beside the artifact, once empty
-        try:
-            (output.parent / scratch).rmdir()
-        except OSError:
-            pass
-    print(f"wrote {output}", flush=True)
-    return 0

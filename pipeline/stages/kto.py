@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Callable
 
 from pipeline import data as data_lib
-from pipeline import models, scoring, training
+from pipeline import models, training
+from pipeline.eval import measures
 from pipeline.errors import DataError
 from pipeline.stage import StageContext, StageResult
 from pipeline.stages.dpo import logprob_margin
@@ -105,9 +106,9 @@ def load_kto_data(section, seed: int) -> data_lib.LoadedData:
 def held_out_metrics(model, tokenizer, dataset, suffix: str) -> dict[str, float]:
     """Pairs: chosen-over-rejected log-prob margin and accuracy. Unpaired: desirable minus undesirable mean log-prob."""
     if "chosen" in dataset.column_names:
-        result = scoring.pairwise_accuracy(*logprob_margin(model, tokenizer, dataset))
+        result = measures.pairwise_accuracy(*logprob_margin(model, tokenizer, dataset))
         return {f"eval_margin_{suffix}": result["margin"], f"eval_preference_accuracy_{suffix}": result["accuracy"]}
-    logps = scoring.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["completion"])
+    logps = measures.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["completion"])
     good = [lp for lp, label in zip(logps, dataset["label"]) if label]
     bad = [lp for lp, label in zip(logps, dataset["label"]) if not label]
     if not good or not bad:

@@ -12,7 +12,8 @@ import functools
 from typing import Any, Sequence
 
 from pipeline import data as data_lib
-from pipeline import models, scoring, training
+from pipeline import models, training
+from pipeline.eval import answers, measures
 from pipeline.errors import PipelineError
 from pipeline.rl.rewards import rule_rewards
 from pipeline.stage import StageContext, StageResult
@@ -39,7 +40,7 @@ def reward_model_score(prompts: list, completions: list, model=None, tokenizer=N
     """A TRL reward function: the learned reward model's score of each (prompt, completion)."""
     as_messages = [p if isinstance(p, list) else [{"role": "user", "content": str(p)}] for p in prompts]
     answers = [[{"role": "assistant", "content": completion_text(c)}] for c in completions]
-    return scoring.reward_scores(model, tokenizer, as_messages, answers, batch_size=len(answers))
+    return measures.reward_scores(model, tokenizer, as_messages, answers, batch_size=len(answers))
 
 
 def load_reward_model(ctx: StageContext):
@@ -57,7 +58,7 @@ def load_reward_model(ctx: StageContext):
 def reward_functions(cfg, reward_model, reward_tokenizer) -> tuple[list, list]:
     """(reward_funcs, reward_processing_classes) for the TRL trainer; TRL sums them with weight 1 each."""
     funcs, classes = [], []
-    if reward_model is not None:  # scored as the reward stage trained it (scoring.reward_text)
+    if reward_model is not None:  # scored as the reward stage trained it (measures.reward_text)
         # TRL logs it as rewards/reward_model_score/*
         funcs.append(functools.partial(reward_model_score, model=reward_model, tokenizer=reward_tokenizer))
         classes.append(None)
@@ -99,11 +100,11 @@ def evaluate(model, tokenizer, dataset, cfg, reward_model, reward_tokenizer, suf
     at the training temperature, `eval_samples` answers per prompt (`eval_sampled_reward_*`, ...): the distribution
     the trainer optimises, drawn from `seed` so that before and after compare like with like."""
     prompts, rows = dataset["prompt"], list(dataset)
-    greedy = scoring.generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
+    greedy = measures.generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
     metrics = answer_measures(greedy, prompts, rows, cfg, reward_model, reward_tokenizer, suffix, "")
     repeated = [i for i in range(len(rows)) for _ in range(cfg.eval_samples)]
-    with scoring.seeded_sampling(seed):
-        sampled = scoring.generate(model, tokenizer, [prompts[i] for i in repeated],
+    with measures.seeded_sampling(seed):
+        sampled = measures.generate(model, tokenizer, [prompts[i] for i in repeated],
                                    max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature)
     metrics.update(answer_measures(sampled, [prompts[i] for i in repeated], [rows[i] for i in repeated], cfg,
                                    reward_model, reward_tokenizer, suffix, "sampled_"))
@@ -116,14 +117,14 @@ def answer_measures(predictions: list[str], prompts: list, rows: list[dict], cfg
     metrics: dict[str, float] = {}
     if reward_model is not None:
         completions = [[{"role": "assistant", "content": p}] for p in predictions]
-        scores = scoring.reward_scores(reward_model, reward_tokenizer, prompts, completions)
+        scores = measures.reward_scores(reward_model, reward_tokenizer, prompts, completions)
         metrics[f"eval_{prefix}reward_{suffix}"] = sum(scores) / len(scores)
     if cfg.rewards:
         rules = rule_rewards(cfg.rewards, predictions, rows)
         metrics[f"eval_{prefix}rule_reward_{suffix}"] = sum(rules) / len(rules)
     answered = [(p, row["answer"]) for p, row in zip(predictions, rows) if row.get("answer") is not None]
     if answered:
-        metrics[f"eval_{prefix}exact_match_{suffix}"] = scoring.exact_match(*map(list, zip(*answered)))
+        metrics[f"eval_{prefix}exact_match_{suffix}"] = answers.exact_match(*map(list, zip(*answered)))
     return metrics
 
 

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import data as data_lib
-from pipeline import models, scoring, tracking, training
+from pipeline import models, tracking, training
+from pipeline.eval import answers, measures
 from pipeline.rl import rollout as ro
 from pipeline.rl import trainer as tr
 from pipeline.stage import StageContext, StageResult
@@ -59,8 +60,8 @@ def evaluate(policy, reference, m: tr.Models, rows: list[dict[str, Any]], cfg, s
         rewards = ro.score(m.reward, m.tokenizer, batch, cfg, m.reward_tokenizer)
     out = {"reward": rewards.mean().item()}
     if has_answers(rows):
-        out["accuracy"] = scoring.exact_match(batch.texts, [row["answer"] for row in rows])
-    with scoring.seeded_sampling(seed):
+        out["accuracy"] = answers.exact_match(batch.texts, [row["answer"] for row in rows])
+    with measures.seeded_sampling(seed):
         out.update(sampled_evaluation(policy, reference, m, rows, cfg, synced))
     return out
 
@@ -88,7 +89,7 @@ def sampled_evaluation(policy, reference, m: tr.Models, rows: list[dict[str, Any
                 kls += sequence_kl(policy, reference, batch, cfg).tolist()
     out = {"sampled_reward": sum(rewards) / len(rewards)}
     if has_answers(rows):
-        out["sampled_accuracy"] = scoring.exact_match(texts, [row["answer"] for row in repeated])
+        out["sampled_accuracy"] = answers.exact_match(texts, [row["answer"] for row in repeated])
     if kls:
         out["kl"] = sum(kls) / len(kls)
     return out

@@ -5,7 +5,8 @@ dataset with packing on. Metrics: held-out loss and perplexity before and after.
 from __future__ import annotations
 
 from pipeline import data as data_lib
-from pipeline import models, scoring, training
+from pipeline import models, training
+from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
 
 
@@ -61,13 +62,13 @@ def run(ctx: StageContext) -> StageResult:
     eval_texts = loaded.eval["text"] if loaded.eval is not None else None
     metrics: dict = {"parameters": sum(p.numel() for p in model.parameters()), "train_rows": len(loaded.train)}
     if eval_texts:
-        metrics["eval_loss_before"] = scoring.lm_loss(model, tokenizer, eval_texts, max_length=cfg.train.max_length)
+        metrics["eval_loss_before"] = measures.lm_loss(model, tokenizer, eval_texts, max_length=cfg.train.max_length)
     output = training.train(trainer, ctx)
     metrics["train_loss"] = output.training_loss
     if eval_texts:
-        metrics["eval_loss_after"] = scoring.lm_loss(trainer.model, tokenizer, eval_texts,
+        metrics["eval_loss_after"] = measures.lm_loss(trainer.model, tokenizer, eval_texts,
                                                      max_length=cfg.train.max_length)
-        metrics["eval_perplexity_after"] = scoring.perplexity(metrics["eval_loss_after"])
+        metrics["eval_perplexity_after"] = measures.perplexity(metrics["eval_loss_after"])
     restore_end_of_sequence(trainer.model, tokenizer, chat_eos)
     models.save_trained(ctx, trainer, tokenizer, merge_lora=False)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,

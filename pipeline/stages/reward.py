@@ -5,21 +5,22 @@ weights (a LoRA adapter is merged) so PPO, GRPO, RLOO and evaluation load it wit
 from __future__ import annotations
 
 from pipeline import data as data_lib
-from pipeline import models, scoring, training
+from pipeline import models, training
+from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
 
 
 def pairwise(model, tokenizer, dataset) -> dict[str, float]:
-    chosen = scoring.reward_scores(model, tokenizer, dataset["prompt"], dataset["chosen"])
-    rejected = scoring.reward_scores(model, tokenizer, dataset["prompt"], dataset["rejected"])
-    return scoring.pairwise_accuracy(chosen, rejected)
+    chosen = measures.reward_scores(model, tokenizer, dataset["prompt"], dataset["chosen"])
+    rejected = measures.reward_scores(model, tokenizer, dataset["prompt"], dataset["rejected"])
+    return measures.pairwise_accuracy(chosen, rejected)
 
 
 def tokenized_pairs(dataset, tokenizer, max_length: int):
-    """`chosen_ids` / `rejected_ids` of each pair rendered by `scoring.reward_text`, the text the reward model is
+    """`chosen_ids` / `rejected_ids` of each pair rendered by `measures.reward_text`, the text the reward model is
     scored on everywhere else (TRL's RewardTrainer takes pre-tokenised pairs as they are)."""
     def encode(row):
-        return {side: tokenizer(scoring.reward_text(tokenizer, row["prompt"], row[name]),
+        return {side: tokenizer(measures.reward_text(tokenizer, row["prompt"], row[name]),
                                 add_special_tokens=False)["input_ids"][:max_length]
                 for side, name in (("chosen_ids", "chosen"), ("rejected_ids", "rejected"))}
 

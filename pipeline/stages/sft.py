@@ -7,7 +7,8 @@ when the eval data's last turn holds a checkable answer.
 from __future__ import annotations
 
 from pipeline import data as data_lib
-from pipeline import models, parallel, scoring, training
+from pipeline import models, parallel, training
+from pipeline.eval import answers, measures
 from pipeline.stage import StageContext, StageResult
 
 
@@ -33,8 +34,8 @@ def completion_loss(model, tokenizer, dataset) -> float:
     """Mean per-token NLL of the held-out completions."""
     if dataset is None or len(dataset) == 0:
         return float("nan")
-    logps = scoring.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["completion"])
-    tokens = [len(tokenizer(scoring.render(tokenizer, p, c)[1], add_special_tokens=False)["input_ids"])
+    logps = measures.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["completion"])
+    tokens = [len(tokenizer(measures.render(tokenizer, p, c)[1], add_special_tokens=False)["input_ids"])
               for p, c in zip(dataset["prompt"], dataset["completion"])]
     return -sum(logps) / max(sum(tokens), 1)
 
@@ -43,11 +44,11 @@ def held_out_accuracy(model, tokenizer, dataset, max_new_tokens: int = 16) -> fl
     """Exact match of greedy answers vs the reference completion's number, when there is one."""
     if dataset is None or len(dataset) == 0:
         return None
-    answers = [scoring.extract_answer(c[-1]["content"]) for c in dataset["completion"]]
-    if not all(a and a.lstrip("-").isdigit() for a in answers):
+    references = answers.reference_answers(dataset["completion"])
+    if references is None:
         return None
-    predictions = scoring.generate(model, tokenizer, dataset["prompt"], max_new_tokens=max_new_tokens)
-    return scoring.exact_match(predictions, answers)
+    predictions = measures.generate(model, tokenizer, dataset["prompt"], max_new_tokens=max_new_tokens)
+    return answers.exact_match(predictions, references)
 
 
 def packing_strategy(model) -> str:

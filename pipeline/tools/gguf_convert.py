@@ -1,9 +1,9 @@
 """Run llama.cpp's own `convert_hf_to_gguf.py`, with one addition: a pre-tokenizer it cannot recognise can be named.
 
-Launched by `pipeline.gguf.convert` in a child process (the converter configures logging and calls `sys.exit`):
+Launched by `pipeline.tools.gguf.convert` in a child process (the converter configures logging and calls `sys.exit`):
 
-    python -m pipeline.gguf_convert --llama-cpp DIR [--tokenizer-pre NAME] [--override-pre] -- MODEL_DIR --outfile F
-        --outtype f16
+    python -m pipeline.tools.gguf_convert --llama-cpp DIR [--tokenizer-pre NAME] [--override-pre] -- MODEL_DIR
+        --outfile F --outtype f16
 
 DIR is a llama.cpp source tree (`convert_hf_to_gguf.py`, `conversion/`, `gguf-py/`); everything after `--` is the
 converter's own command line. The converter names a BPE tokenizer's pre-tokenizer (`tokenizer.ggml.pre`) by hashing
@@ -21,9 +21,9 @@ from pathlib import Path
 
 def _parse(argv: list[str]) -> tuple[argparse.Namespace, list[str]]:
     if "--" not in argv:
-        raise SystemExit("usage: python -m pipeline.gguf_convert --llama-cpp DIR [...] -- CONVERTER ARGS")
+        raise SystemExit("usage: python -m pipeline.tools.gguf_convert --llama-cpp DIR [...] -- CONVERTER ARGS")
     split = argv.index("--")
-    parser = argparse.ArgumentParser(prog="python -m pipeline.gguf_convert")
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.gguf_convert")
     parser.add_argument("--llama-cpp", required=True, type=Path)
     parser.add_argument("--tokenizer-pre", default=None)
     parser.add_argument("--override-pre", action="store_true")

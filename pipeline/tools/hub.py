@@ -31,7 +31,6 @@ WEIGHTS = ("model.safetensors", "model.safetensors.index.json", "adapter_model.s
 SKIP_NAMES = {".gitattributes"}
 RELATIONS = {"peft": "adapter", "gguf": "quantized"}  # the card's base_model_relation by library; else finetune
 LOCAL_ONLY = re.compile(r"^train(\.rank\d+)?\.log$")  # the stage's library output (local paths): never pushed
-FRONT_MATTER = re.compile(r"^---\s*\n(.*?)\n---\s*\n?", re.S)
 
 
 # ------------------------------------------------------------------------------------------------------ inputs
@@ -149,25 +148,9 @@ def _warn(message: str) -> None:
 # -------------------------------------------------------------------------------------------------------- card
 
 
-def split_card(text: str) -> tuple[dict[str, Any], str]:
-    """(YAML metadata, markdown body) of a model card; an unreadable header counts as empty metadata."""
-    match = FRONT_MATTER.match(text)
-    if not match:
-        return {}, text
-    try:
-        meta = yaml.safe_load(match.group(1)) or {}
-    except yaml.YAMLError:
-        meta = None
-    if not isinstance(meta, dict):
-        _warn("README.md metadata is not a YAML mapping; it is replaced by fresh metadata (license and datasets "
-              "must be added back by hand)")
-        meta = {}
-    return meta, text[match.end():]
-
-
 def refresh_card(text: str, manifest: dict[str, Any], info: dict[str, Any]) -> str:
     """The card with Hub-valid metadata (base_model as a repo id or absent) and current metrics from the manifest."""
-    meta, body = split_card(text)
+    meta, body = artifacts.split_card(text, warn=_warn)
     meta.pop("base_model", None)
     if info["base_model"]:
         meta["base_model"] = info["base_model"]
@@ -245,20 +228,3 @@ def _commit_folder(folder: Path, target: schema.HubTarget, message: str, token: 
         first = artifacts.scrub(str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__)
         raise PipelineError(f"push to {target.repo_id} failed: {first}", key="push",
                             fix="check the repo id, the token's write access and the model card") from None
-
-
-# --------------------------------------------------------------------------------------------------------- CLI
-
-
-def main(args) -> int:
-    """`python -m pipeline push ARTIFACT REPO_ID [--private/--no-private] [--revision BRANCH] [--merge]`."""
-    from pydantic import ValidationError
-
-    artifact = artifacts.open_artifact(args.artifact)
-    check_complete(artifact, args.artifact)
-    try:
-        target = schema.HubTarget(repo_id=args.repo_id, private=args.private, revision=args.revision)
-    except ValidationError as exc:
-        raise PipelineError(exc.errors()[0]["msg"], key="repo_id", fix="use a repo id like 'user/name'") from None
-    push_artifact(artifact, target, merge=args.merge)
-    return 0

@@ -97,7 +97,7 @@ class Chat:
         return len(self.prompt_ids(messages))
 
     def prompt_ids(self, messages: list[Message]) -> list[int]:
-        from pipeline.scoring import render
+        from pipeline.eval.measures import render
 
         return self.tokenizer(render(self.tokenizer, messages)[0], add_special_tokens=False)["input_ids"]
 
@@ -176,22 +176,3 @@ def interactive(chat: Chat, lines: TextIO, prompt_out: TextIO | None = None) -> 
             chat.ask(text)
             turns += 1
     return turns
-
-
-def main(args) -> int:
-    """`python -m pipeline chat ARTIFACT [--prompt TEXT] ...` (see the module docstring)."""
-    if args.max_new_tokens <= 0:
-        raise PipelineError("--max-new-tokens must be positive", key="--max-new-tokens", fix="e.g. 256")
-    if args.temperature < 0:
-        raise PipelineError("--temperature must be >= 0", key="--temperature", fix="0 for greedy decoding")
-    model, tokenizer = load(args.artifact)
-    chat = Chat(model, tokenizer, system=args.system, max_new_tokens=args.max_new_tokens,
-                temperature=args.temperature, context_tokens=args.context_tokens)
-    if args.context_tokens is not None and args.context_tokens <= args.max_new_tokens:
-        raise PipelineError("--context-tokens must be larger than --max-new-tokens", key="--context-tokens",
-                            fix=f"e.g. --context-tokens {args.max_new_tokens * 4}")
-    if args.prompt is not None:
-        chat.ask(args.prompt)
-        return 0
-    interactive(chat, sys.stdin, sys.stderr if sys.stdin.isatty() else None)
-    return 0

@@ -1,16 +1,13 @@
 """Measurements on held-out data shared by stages, evaluation and PPO: language-model loss, sequence log-probs
-of completions, reward-model scores, pairwise accuracy, greedy answers and exact match.
+of completions, reward-model scores, pairwise accuracy and greedy answers (checked by `pipeline.eval.answers`).
 
 Pure evaluation code (no training), batched, under `torch.no_grad`. Called at run time; nothing runs at import.
 """
 from __future__ import annotations
 
 import math
-import re
 from contextlib import contextmanager
-from typing import Any, Iterable, Iterator
-
-NUMBER = re.compile(r"-?\d+")
+from typing import Iterable, Iterator
 
 
 def _batches(items: list, size: int) -> Iterable[list]:
@@ -163,14 +160,3 @@ def seeded_sampling(seed: int) -> Iterator[None]:
     with torch.random.fork_rng(devices=range(torch.cuda.device_count()) if torch.cuda.is_initialized() else []):
         torch.manual_seed(seed)
         yield
-
-
-def extract_answer(text: str) -> str | None:
-    """The last number in a completion (the checkable answer of the project's tasks), else the stripped text."""
-    found = NUMBER.findall(text)
-    return found[-1] if found else (text.strip() or None)
-
-
-def exact_match(predictions: list[str], answers: list[Any]) -> float:
-    hits = [extract_answer(p) == str(a).strip() for p, a in zip(predictions, answers)]
-    return sum(hits) / max(len(hits), 1)

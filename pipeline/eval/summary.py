@@ -1,6 +1,6 @@
 """A stage's measures read from its metrics: held-out `X_before` paired with `X_after` (or plain `X`, as the reward
 stage names its after-values), and the other measured values. Shared by the console's summary line
-(pipeline.runner) and the report's bar charts (pipeline.report); nothing runs at import.
+(pipeline.runner) and the report's bar charts (pipeline.tools.report); nothing runs at import.
 """
 from __future__ import annotations
 

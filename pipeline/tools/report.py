@@ -13,7 +13,8 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts, measures
+from pipeline import artifacts
+from pipeline.eval import summary
 
 ASSETS = "report_assets"
 
@@ -190,7 +191,7 @@ def plot_rl(manifest: dict[str, Any], path: Path) -> Path | None:
 def plot_measures(manifest: dict[str, Any], path: Path) -> Path | None:
     """Each held-out measure before -> after as a pair of bars (one small chart per measure, since their scales
     differ); None when the stage has no before/after pair."""
-    pairs = measures.before_after(manifest.get("metrics") or {})
+    pairs = summary.before_after(manifest.get("metrics") or {})
     if not pairs:
         return None
     plt = _pyplot()
@@ -332,9 +333,3 @@ def write_report(output_dir: str | Path, recipe_name: str | None = None) -> Path
     report = output_dir / "report.md"
     report.write_text(_markdown(title, stages, sections))
     return report
-
-
-def main(args) -> int:
-    """`python -m pipeline report OUTPUT`."""
-    print(write_report(args.output_dir))
-    return 0

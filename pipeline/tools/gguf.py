@@ -86,13 +86,13 @@ def convert(model_dir: Path, outfile: Path, outtype: str, *, tokenizer_pre: str 
     """Run llama.cpp's converter on a Hugging Face folder (config.json, safetensors, tokenizer files) in a child
     process; a failure is one PipelineError line with the converter's last message."""
     folder = converter_dir()
-    command = [sys.executable, "-m", "pipeline.gguf_convert", "--llama-cpp", str(folder)]
+    command = [sys.executable, "-m", "pipeline.tools.gguf_convert", "--llama-cpp", str(folder)]
     if tokenizer_pre:
         command += ["--tokenizer-pre", tokenizer_pre] + (["--override-pre"] if override_pre else [])
     command += ["--", str(model_dir), "--outfile", str(outfile), "--outtype", outtype]
     if model_name:
         command += ["--model-name", model_name]  # general.name, which llama.cpp and Ollama show
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[1]),
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parents[2]),
                                                         os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
     done = subprocess.run(command, capture_output=True, text=True, env=env, timeout=CONVERT_TIMEOUT_S)
     if done.returncode != 0 or not outfile.is_file():

@@ -1,7 +1,7 @@
 """Generate the field tables of docs/recipes.md from the pydantic schema, so the docs cannot drift from the code.
 
-    python -m pipeline.docs_gen            # rewrite the generated block of docs/recipes.md
-    python -m pipeline.docs_gen --check    # exit 1 if docs/recipes.md is out of date (used by tests/test_recipes.py)
+    python -m pipeline.tools.docs_gen          # rewrite the generated block of docs/recipes.md
+    python -m pipeline.tools.docs_gen --check  # exit 1 if docs/recipes.md is out of date (tests/test_recipes.py)
 
 Only the text between the BEGIN/END markers is generated; the rest of the page is written by hand. Nothing runs at
 import; only pydantic and the schema are imported.
@@ -18,9 +18,9 @@ from pydantic_core import PydanticUndefined
 
 from pipeline import registry, schema
 
-BEGIN = "<!-- BEGIN GENERATED FIELD TABLES (python -m pipeline.docs_gen) -->"
+BEGIN = "<!-- BEGIN GENERATED FIELD TABLES (python -m pipeline.tools.docs_gen) -->"
 END = "<!-- END GENERATED FIELD TABLES -->"
-DOC = Path(__file__).resolve().parents[1] / "docs" / "recipes.md"
+DOC = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
 SECTIONS = (("Recipe header", schema.RecipeHeader), ("`defaults:`", schema.Defaults),
             ("`model:` section", schema.ModelSection), ("`lora:` section", schema.LoraSection),
             ("`data:` section", schema.DataSection), ("`train:` section", schema.TrainSection),
@@ -120,14 +120,14 @@ def is_current(path: Path = DOC) -> bool:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m pipeline.docs_gen", description=__doc__.splitlines()[0])
+    parser = argparse.ArgumentParser(prog="python -m pipeline.tools.docs_gen", description=__doc__.splitlines()[0])
     parser.add_argument("--check", action="store_true", help="exit 1 if the docs are out of date")
     parser.add_argument("--path", type=Path, default=DOC)
     args = parser.parse_args(argv)
     if args.check:
         if is_current(args.path):
             return 0
-        print(f"{args.path} is out of date: run python -m pipeline.docs_gen", file=sys.stderr)
+        print(f"{args.path} is out of date: run python -m pipeline.tools.docs_gen", file=sys.stderr)
         return 1
     text = args.path.read_text() if args.path.exists() else ""
     args.path.write_text(splice(text, generate()))
