@@ -218,6 +218,21 @@ def per_row(fn, batch: Rollout, size: int):
     return join(outputs)
 
 
+def logprobs(model, batch: Rollout, cfg) -> torch.Tensor:
+    """Per-token log-probs of the batch's responses under `model` (at the sampling temperature), computed in
+    micro-batches of `forward_batch_size` episodes."""
+    return per_row(lambda part: policy_forward(model, part, cfg.temperature)[0], batch, cfg.forward_batch_size)
+
+
+def reference_logprobs(policy, reference, batch: Rollout, cfg) -> torch.Tensor:
+    """`logprobs` under the frozen reference: `reference` for full fine-tuning, or, when it is None (LoRA), the
+    policy itself with its adapter disabled (one copy of the weights)."""
+    if reference is not None:
+        return logprobs(reference, batch, cfg)
+    with policy.disable_adapter():
+        return logprobs(policy, batch, cfg)
+
+
 def score(reward_model, tokenizer, batch: Rollout, cfg, reward_tokenizer=None) -> torch.Tensor:
     """Reward-model score + rule rewards, minus `missing_eos_penalty` where the response hit the length limit.
 

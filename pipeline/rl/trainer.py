@@ -159,14 +159,6 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------------------------------ experience
 
-    def _reference_logprobs(self, batch: ro.Rollout) -> torch.Tensor:
-        policy = self.accelerator.unwrap_model(self.m.policy)
-        if self.m.reference is not None:
-            return self._per_row(lambda part: ro.policy_forward(self.m.reference, part, self.cfg.temperature)[0],
-                                 batch)
-        with policy.disable_adapter():
-            return self._per_row(lambda part: ro.policy_forward(policy, part, self.cfg.temperature)[0], batch)
-
     def _per_row(self, fn, batch: ro.Rollout) -> torch.Tensor:
         """`fn` over micro-batches of `forward_batch_size` episodes (similar prompt lengths together), in row order."""
         return ro.per_row(fn, batch, self.cfg.forward_batch_size)
@@ -185,8 +177,9 @@ class PPOTrainer:
         times["time/generation"] = time.perf_counter() - started
         started = time.perf_counter()
         with torch.no_grad(), self.accelerator.autocast():  # no_grad, not inference_mode (FSDP2)
-            old_logprobs = self._per_row(lambda part: ro.policy_forward(policy, part, cfg.temperature)[0], batch)
-            ref_logprobs = self._reference_logprobs(batch)
+            old_logprobs = ro.logprobs(policy, batch, cfg)
+            unwrapped = self.accelerator.unwrap_model(self.m.policy)
+            ref_logprobs = ro.reference_logprobs(unwrapped, self.m.reference, batch, cfg)
             values = self._per_row(self.m.critic, batch)
             batch.scores = ro.score(self.m.reward, self.m.tokenizer, batch, cfg, self.m.reward_tokenizer)
         times["time/scoring"] = time.perf_counter() - started

@@ -9,13 +9,27 @@ from pipeline import data as data_lib
 from pipeline import models, training
 from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.sft import load_policy
+from pipeline.stages.common import load_policy, preference_logprobs, run_trainer, tags
 
 
-def logprob_margin(model, tokenizer, dataset) -> tuple[list[float], list[float]]:
-    chosen = measures.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["chosen"])
-    rejected = measures.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["rejected"])
-    return chosen, rejected
+def held_out_measures(tokenizer, dataset, beta: float):
+    """Before: the chosen-over-rejected log-prob margin and preference accuracy, keeping the log-probs as the
+    reference's. After: the same, and the implicit reward (policy minus reference log-prob) accuracy and margin."""
+    reference: dict[str, list[float]] = {}
+
+    def measure(model, phase: str) -> dict:
+        chosen, rejected = preference_logprobs(model, tokenizer, dataset)
+        result = measures.pairwise_accuracy(chosen, rejected)
+        metrics = {f"eval_margin_{phase}": result["margin"], f"eval_preference_accuracy_{phase}": result["accuracy"]}
+        if phase == "before":
+            reference.update(chosen=chosen, rejected=rejected)
+            return metrics
+        implicit = measures.pairwise_accuracy([c - r for c, r in zip(chosen, reference["chosen"])],
+                                              [c - r for c, r in zip(rejected, reference["rejected"])])
+        return {**metrics, "eval_reward_accuracy": implicit["accuracy"],
+                "eval_reward_margin": beta * implicit["margin"]}
+
+    return measure
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -28,25 +42,10 @@ def run(ctx: StageContext) -> StageResult:
     args = DPOConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length, beta=cfg.beta,
                      loss_type=[cfg.loss_type], precompute_ref_log_probs=cfg.precompute_ref_log_probs,
                      padding_free=False)
-    metrics: dict = {"train_pairs": len(loaded.train)}
-    ref_chosen = ref_rejected = None
-    if loaded.eval is not None:
-        ref_chosen, ref_rejected = logprob_margin(model, tokenizer, loaded.eval)
-        before = measures.pairwise_accuracy(ref_chosen, ref_rejected)
-        metrics.update(eval_margin_before=before["margin"], eval_preference_accuracy_before=before["accuracy"])
     peft_config = models.lora_config(cfg.lora) if cfg.lora else None
-    trainer = DPOTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer,
-                         peft_config=peft_config)
-    output = training.train(trainer, ctx)
-    metrics["train_loss"] = output.training_loss
-    if loaded.eval is not None:
-        chosen, rejected = logprob_margin(trainer.model, tokenizer, loaded.eval)
-        after = measures.pairwise_accuracy(chosen, rejected)
-        implicit = measures.pairwise_accuracy([c - r for c, r in zip(chosen, ref_chosen)],
-                                             [c - r for c, r in zip(rejected, ref_rejected)])
-        metrics.update(eval_margin_after=after["margin"], eval_preference_accuracy_after=after["accuracy"],
-                       eval_reward_accuracy=implicit["accuracy"], eval_reward_margin=cfg.beta * implicit["margin"])
-    library = models.save_trained(ctx, trainer, tokenizer)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
-                       library_name=library, log_history=training.log_history(trainer),
-                       tags=["dpo"] + (["lora"] if cfg.lora else []))
+    return run_trainer(
+        ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_pairs": len(loaded.train)},
+        measure=held_out_measures(tokenizer, loaded.eval, cfg.beta) if loaded.eval is not None else None,
+        make_trainer=lambda: DPOTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer,
+                                        peft_config=peft_config),
+        base_model=base, tags=tags(ctx, "dpo"))

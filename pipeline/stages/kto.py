@@ -15,8 +15,7 @@ from pipeline import models, training
 from pipeline.eval import measures
 from pipeline.errors import DataError
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.dpo import logprob_margin
-from pipeline.stages.sft import load_policy
+from pipeline.stages.common import load_policy, preference_logprobs, run_trainer, tags
 
 
 def is_unpaired(section, path: str, split: str) -> bool:
@@ -106,7 +105,7 @@ def load_kto_data(section, seed: int) -> data_lib.LoadedData:
 def held_out_metrics(model, tokenizer, dataset, suffix: str) -> dict[str, float]:
     """Pairs: chosen-over-rejected log-prob margin and accuracy. Unpaired: desirable minus undesirable mean log-prob."""
     if "chosen" in dataset.column_names:
-        result = measures.pairwise_accuracy(*logprob_margin(model, tokenizer, dataset))
+        result = measures.pairwise_accuracy(*preference_logprobs(model, tokenizer, dataset))
         return {f"eval_margin_{suffix}": result["margin"], f"eval_preference_accuracy_{suffix}": result["accuracy"]}
     logps = measures.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["completion"])
     good = [lp for lp, label in zip(logps, dataset["label"]) if label]
@@ -126,16 +125,11 @@ def run(ctx: StageContext) -> StageResult:
                      loss_type=cfg.loss_type, desirable_weight=cfg.desirable_weight,
                      undesirable_weight=cfg.undesirable_weight)
     labels = loaded.train["label"]
-    metrics: dict = {"train_rows": len(labels), "train_desirable": sum(map(bool, labels))}
-    if loaded.eval is not None:
-        metrics.update(held_out_metrics(model, tokenizer, loaded.eval, "before"))
-    trainer = KTOTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer,
-                         peft_config=models.lora_config(cfg.lora) if cfg.lora else None)
-    output = training.train(trainer, ctx)
-    metrics["train_loss"] = output.training_loss
-    if loaded.eval is not None:
-        metrics.update(held_out_metrics(trainer.model, tokenizer, loaded.eval, "after"))
-    library = models.save_trained(ctx, trainer, tokenizer)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
-                       library_name=library, log_history=training.log_history(trainer),
-                       tags=["kto"] + (["lora"] if cfg.lora else []))
+    return run_trainer(
+        ctx, tokenizer=tokenizer, model=model, loaded=loaded,
+        metrics={"train_rows": len(labels), "train_desirable": sum(map(bool, labels))},
+        measure=(lambda m, phase: held_out_metrics(m, tokenizer, loaded.eval, phase)) if loaded.eval is not None
+        else None,
+        make_trainer=lambda: KTOTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer,
+                                        peft_config=models.lora_config(cfg.lora) if cfg.lora else None),
+        base_model=base, tags=tags(ctx, "kto"))

@@ -17,7 +17,7 @@ from pipeline.eval import answers, measures
 from pipeline.errors import PipelineError
 from pipeline.rl.rewards import rule_rewards
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.sft import load_policy
+from pipeline.stages.common import load_policy, run_trainer, tags
 
 TRAINER_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")  # TRL extras, not data columns
 
@@ -87,15 +87,15 @@ def trainer_config(ctx: StageContext, config_cls, **extra: Any):
                       log_completions=False, **extra)
 
 
-def held_out(loaded, limit: int):
+def eval_prompts(loaded, limit: int):
     """The first `limit` held-out prompts, or None when the data has no eval split."""
     if loaded.eval is None or len(loaded.eval) == 0:
         return None
     return loaded.eval.select(range(min(limit, len(loaded.eval))))
 
 
-def evaluate(model, tokenizer, dataset, cfg, reward_model, reward_tokenizer, suffix: str,
-             seed: int) -> dict[str, float]:
+def measure_policy(model, tokenizer, dataset, cfg, reward_model, reward_tokenizer, suffix: str,
+                   seed: int) -> dict[str, float]:
     """Held-out prompts answered greedily (`eval_reward_*`, `eval_rule_reward_*`, `eval_exact_match_*`) and sampled
     at the training temperature, `eval_samples` answers per prompt (`eval_sampled_reward_*`, ...): the distribution
     the trainer optimises, drawn from `seed` so that before and after compare like with like."""
@@ -128,6 +128,20 @@ def answer_measures(predictions: list[str], prompts: list, rows: list[dict], cfg
     return metrics
 
 
+def held_out_measures(ctx: StageContext, tokenizer, evalset, reward_model, reward_tokenizer):
+    """`measure_policy` before and after training (on the process's device), and the number of prompts after."""
+    def measure(model, phase: str) -> dict[str, Any]:
+        if phase == "before":
+            model.to(ctx.state.device)
+            if reward_model is not None:
+                reward_model.to(ctx.state.device)
+        metrics = measure_policy(model, tokenizer, evalset, ctx.config, reward_model, reward_tokenizer, phase,
+                                 ctx.seed)
+        return metrics if phase == "before" else {**metrics, "eval_prompts": len(evalset)}
+
+    return measure
+
+
 def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_extra: Any) -> StageResult:
     """Train the policy with `trainer_cls` (GRPOTrainer or RLOOTrainer) and save it like the `sft` stage."""
     cfg = ctx.config
@@ -135,24 +149,15 @@ def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_ex
     model, tokenizer, base = load_policy(ctx)
     reward_model, reward_tokenizer = load_reward_model(ctx)
     loaded = data_lib.load_data(cfg.data, "prompts", seed=ctx.seed)
-    evalset = held_out(loaded, cfg.eval_prompts)
-    metrics: dict[str, Any] = {"train_prompts": len(loaded.train)}
-    if evalset is not None:
-        device = ctx.state.device
-        model.to(device)
-        if reward_model is not None:
-            reward_model.to(device)
-        metrics.update(evaluate(model, tokenizer, evalset, cfg, reward_model, reward_tokenizer, "before", ctx.seed))
+    evalset = eval_prompts(loaded, cfg.eval_prompts)
     funcs, classes = reward_functions(cfg, reward_model, reward_tokenizer)
-    trainer = trainer_cls(model=model, reward_funcs=funcs, args=trainer_config(ctx, config_cls, **config_extra),
-                          train_dataset=loaded.train, processing_class=tokenizer, reward_processing_classes=classes,
-                          peft_config=models.lora_config(cfg.lora) if cfg.lora else None)
-    output = training.train(trainer, ctx)
-    metrics["train_loss"] = output.training_loss
-    if evalset is not None:
-        metrics.update(evaluate(trainer.model, tokenizer, evalset, cfg, reward_model, reward_tokenizer, "after", ctx.seed))
-        metrics["eval_prompts"] = len(evalset)
-    library = models.save_trained(ctx, trainer, tokenizer)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
-                       library_name=library, log_history=training.log_history(trainer),
-                       tags=[tag] + (["lora"] if cfg.lora else []))
+    return run_trainer(
+        ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_prompts": len(loaded.train)},
+        measure=held_out_measures(ctx, tokenizer, evalset, reward_model, reward_tokenizer) if evalset is not None
+        else None,
+        make_trainer=lambda: trainer_cls(model=model, reward_funcs=funcs,
+                                         args=trainer_config(ctx, config_cls, **config_extra),
+                                         train_dataset=loaded.train, processing_class=tokenizer,
+                                         reward_processing_classes=classes,
+                                         peft_config=models.lora_config(cfg.lora) if cfg.lora else None),
+        base_model=base, tags=tags(ctx, tag))

@@ -16,7 +16,7 @@ from pipeline.eval import answers, measures
 from pipeline.rl import rollout as ro
 from pipeline.rl import trainer as tr
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.sft import load_policy
+from pipeline.stages.common import load_policy, tags
 
 
 def build_models(ctx: StageContext, policy, tokenizer) -> tr.Models:
@@ -44,12 +44,13 @@ def build_models(ctx: StageContext, policy, tokenizer) -> tr.Models:
                      reward_tokenizer=None if same_vocab else reward_tokenizer)
 
 
-def evaluate(policy, reference, m: tr.Models, rows: list[dict[str, Any]], cfg, seed: int,
-             synced: bool = False) -> dict[str, float]:
+def evaluate(policy, m: tr.Models, rows: list[dict[str, Any]], cfg, seed: int, synced: bool = False,
+             kl: bool = False) -> dict[str, float]:
     """The policy on held-out prompts: greedy answers (mean reward, exact match) and answers sampled at the training
-    temperature, `eval_samples` per prompt (`sampled_reward`, `sampled_accuracy`, and the KL to `reference` when
-    given), drawn from `seed` so that before and after compare like with like. Rewards are the stage's own (reward
-    model + rules). Every rank evaluates the same prompts; `synced` when the policy is sharded (FSDP)."""
+    temperature, `eval_samples` per prompt (`sampled_reward`, `sampled_accuracy`, and with `kl` the KL to the frozen
+    reference `m.reference`), drawn from `seed` so that before and after compare like with like. Rewards are the
+    stage's own (reward model + rules). Every rank evaluates the same prompts; `synced` when the policy is sharded
+    (FSDP)."""
     if not rows:
         return {}
     import torch
@@ -62,7 +63,7 @@ def evaluate(policy, reference, m: tr.Models, rows: list[dict[str, Any]], cfg, s
     if has_answers(rows):
         out["accuracy"] = answers.exact_match(batch.texts, [row["answer"] for row in rows])
     with measures.seeded_sampling(seed):
-        out.update(sampled_evaluation(policy, reference, m, rows, cfg, synced))
+        out.update(sampled_evaluation(policy, m, rows, cfg, synced, kl))
     return out
 
 
@@ -70,9 +71,9 @@ def has_answers(rows: list[dict[str, Any]]) -> bool:
     return all(row.get("answer") is not None for row in rows)
 
 
-def sampled_evaluation(policy, reference, m: tr.Models, rows: list[dict[str, Any]], cfg,
-                       synced: bool = False) -> dict[str, float]:
-    """Mean reward, exact match and (with a reference) KL of `eval_samples` sampled answers per prompt, generated in
+def sampled_evaluation(policy, m: tr.Models, rows: list[dict[str, Any]], cfg, synced: bool = False,
+                       kl: bool = False) -> dict[str, float]:
+    """Mean reward, exact match and (with `kl`) KL of `eval_samples` sampled answers per prompt, generated in
     batches of `rollout_batch_size`. KL: mean over answers of the sum over tokens of log pi(y) - log ref(y)."""
     import torch
 
@@ -85,8 +86,8 @@ def sampled_evaluation(policy, reference, m: tr.Models, rows: list[dict[str, Any
         texts += batch.texts
         with torch.no_grad():  # not inference_mode: FSDP2 reuses the gathered weights in training
             rewards += ro.score(m.reward, m.tokenizer, batch, cfg, m.reward_tokenizer).tolist()
-            if reference is not None:
-                kls += sequence_kl(policy, reference, batch, cfg).tolist()
+            if kl:
+                kls += sequence_kl(policy, m.reference, batch, cfg).tolist()
     out = {"sampled_reward": sum(rewards) / len(rewards)}
     if has_answers(rows):
         out["sampled_accuracy"] = answers.exact_match(texts, [row["answer"] for row in repeated])
@@ -96,19 +97,10 @@ def sampled_evaluation(policy, reference, m: tr.Models, rows: list[dict[str, Any
 
 
 def sequence_kl(policy, reference, batch, cfg):
-    """Per answer: the sum over its tokens of log pi(y) - log ref(y) (`reference` may be "adapter-disabled": the
-    policy's own base under its LoRA adapter)."""
-    def logprobs(model):
-        """Per-token log-probs of the sampled responses, in micro-batches of `forward_batch_size`."""
-        return ro.per_row(lambda part: ro.policy_forward(model, part, cfg.temperature)[0], batch,
-                          cfg.forward_batch_size)
-
-    logp = logprobs(policy)
-    if reference == "adapter-disabled":
-        with policy.disable_adapter():
-            ref = logprobs(policy)
-    else:
-        ref = logprobs(reference)
+    """Per answer: the sum over its tokens of log pi(y) - log ref(y) (`reference` None: the policy's own base under
+    its LoRA adapter)."""
+    logp = ro.logprobs(policy, batch, cfg)
+    ref = ro.reference_logprobs(policy, reference, batch, cfg)
     return ((logp - ref) * batch.response_mask).sum(1)
 
 
@@ -183,7 +175,6 @@ def run(ctx: StageContext) -> StageResult:
                             trackers=tracking.accelerate_trackers(ctx),
                             tracker_config=tracking.flat(tracking.resolved_config(ctx)))
     policy = trainer.accelerator.unwrap_model(trainer.m.policy)
-    reference = "adapter-disabled" if m.reference is None else m.reference
     resumed = trainer.load_checkpoint()
     if ctx.attempts is not None:
         ctx.attempts.resumed_from(trainer.state.step)
@@ -192,9 +183,9 @@ def run(ctx: StageContext) -> StageResult:
     if resumed and trainer.state.before is not None:  # the starting policy was measured before the interruption
         before = trainer.state.before
     else:
-        before = trainer.state.before = evaluate(policy, None, m, held_out, cfg, ctx.seed, trainer.sharded)
+        before = trainer.state.before = evaluate(policy, m, held_out, cfg, ctx.seed, trainer.sharded)
     history = trainer.train(progress=progress_display(ctx, trainer), after_checkpoint=after_checkpoint(ctx))
-    after = evaluate(policy, reference, m, held_out, cfg, ctx.seed, trainer.sharded)
+    after = evaluate(policy, m, held_out, cfg, ctx.seed, trainer.sharded, kl=True)
     metrics = {"train_prompts": len(loaded.train), "eval_prompts": len(held_out), "steps": trainer.state.step,
                "episodes": trainer.state.step * cfg.rollout_batch_size}
     metrics.update({f"eval_{k}_before": v for k, v in before.items()})
@@ -208,5 +199,5 @@ def run(ctx: StageContext) -> StageResult:
                                    parallel.weights_digest(policy), key=f"stages.{ctx.name}")
     library = models.save_gathered(ctx, trainer.accelerator, trainer.m.policy, tokenizer)
     return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
-                       library_name=library, log_history=history, tags=["ppo"] + (["lora"] if cfg.lora else []))
+                       library_name=library, log_history=history, tags=tags(ctx, "ppo"))
 

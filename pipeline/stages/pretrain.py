@@ -8,6 +8,7 @@ from pipeline import data as data_lib
 from pipeline import models, training
 from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
+from pipeline.stages.common import run_trainer
 
 
 def load_model_and_tokenizer(ctx: StageContext):
@@ -47,6 +48,16 @@ def restore_end_of_sequence(model, tokenizer, saved: tuple[str, object, object])
         model.generation_config.eos_token_id = generation_eos
 
 
+def held_out_measures(tokenizer, texts: list[str], max_length: int):
+    """Held-out loss before and after, and the perplexity after."""
+    def measure(model, phase: str) -> dict:
+        loss = measures.lm_loss(model, tokenizer, texts, max_length=max_length)
+        return {"eval_loss_before": loss} if phase == "before" else {
+            "eval_loss_after": loss, "eval_perplexity_after": measures.perplexity(loss)}
+
+    return measure
+
+
 def run(ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
@@ -58,18 +69,11 @@ def run(ctx: StageContext) -> StageResult:
                      max_length=cfg.train.max_length, packing=packing, packing_strategy="wrapped",
                      eos_token=document_separator(tokenizer), completion_only_loss=False)
     chat_eos = end_of_sequence(model, tokenizer)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer)
     eval_texts = loaded.eval["text"] if loaded.eval is not None else None
-    metrics: dict = {"parameters": sum(p.numel() for p in model.parameters()), "train_rows": len(loaded.train)}
-    if eval_texts:
-        metrics["eval_loss_before"] = measures.lm_loss(model, tokenizer, eval_texts, max_length=cfg.train.max_length)
-    output = training.train(trainer, ctx)
-    metrics["train_loss"] = output.training_loss
-    if eval_texts:
-        metrics["eval_loss_after"] = measures.lm_loss(trainer.model, tokenizer, eval_texts,
-                                                     max_length=cfg.train.max_length)
-        metrics["eval_perplexity_after"] = measures.perplexity(metrics["eval_loss_after"])
-    restore_end_of_sequence(trainer.model, tokenizer, chat_eos)
-    models.save_trained(ctx, trainer, tokenizer, merge_lora=False)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
-                       log_history=training.log_history(trainer), tags=["pretraining"])
+    return run_trainer(
+        ctx, tokenizer=tokenizer, model=model, loaded=loaded,
+        metrics={"parameters": sum(p.numel() for p in model.parameters()), "train_rows": len(loaded.train)},
+        measure=held_out_measures(tokenizer, eval_texts, cfg.train.max_length) if eval_texts else None,
+        make_trainer=lambda: SFTTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer),
+        before_save=lambda trainer: restore_end_of_sequence(trainer.model, tokenizer, chat_eos),
+        merge_lora=False, base_model=base, library_name="transformers", tags=["pretraining"])

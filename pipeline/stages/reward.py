@@ -8,6 +8,7 @@ from pipeline import data as data_lib
 from pipeline import models, training
 from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
+from pipeline.stages.common import run_trainer
 
 
 def pairwise(model, tokenizer, dataset) -> dict[str, float]:
@@ -27,6 +28,17 @@ def tokenized_pairs(dataset, tokenizer, max_length: int):
     return dataset.map(encode, remove_columns=dataset.column_names)
 
 
+def held_out_measures(tokenizer, dataset):
+    """Pairwise accuracy and margin of the reward model on the held-out pairs (after: plain names, and the count)."""
+    def measure(model, phase: str) -> dict:
+        result = pairwise(model, tokenizer, dataset)
+        if phase == "before":
+            return {"eval_accuracy_before": result["accuracy"], "eval_margin_before": result["margin"]}
+        return {"eval_accuracy": result["accuracy"], "eval_margin": result["margin"], "eval_pairs": len(dataset)}
+
+    return measure
+
+
 def run(ctx: StageContext) -> StageResult:
     from trl import RewardConfig, RewardTrainer
 
@@ -42,20 +54,12 @@ def run(ctx: StageContext) -> StageResult:
                                 too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
     args = RewardConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length,
                         center_rewards_coefficient=cfg.center_rewards_coefficient)
-    metrics: dict = {"train_pairs": len(loaded.train)}
-    if loaded.eval is not None:
-        before = pairwise(model, tokenizer, loaded.eval)
-        metrics.update(eval_accuracy_before=before["accuracy"], eval_margin_before=before["margin"])
     peft_config = models.lora_config(cfg.lora, task_type="SEQ_CLS") if cfg.lora else None
-    trainer = RewardTrainer(model=model, args=args, processing_class=tokenizer,
-                            train_dataset=tokenized_pairs(loaded.train, tokenizer, cfg.train.max_length),
-                            peft_config=peft_config)
-    output = training.train(trainer, ctx)
-    metrics["train_loss"] = output.training_loss
-    if loaded.eval is not None:
-        after = pairwise(trainer.model, tokenizer, loaded.eval)
-        metrics.update(eval_accuracy=after["accuracy"], eval_margin=after["margin"], eval_pairs=len(loaded.eval))
-    models.save_trained(ctx, trainer, tokenizer, merge_lora=True)
-    return StageResult(metrics=metrics, base_model=path, datasets=loaded.sources, held_out=loaded.held_out,
-                       pipeline_tag="text-classification", log_history=training.log_history(trainer),
-                       tags=["reward-model"])
+    return run_trainer(
+        ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_pairs": len(loaded.train)},
+        measure=held_out_measures(tokenizer, loaded.eval) if loaded.eval is not None else None,
+        make_trainer=lambda: RewardTrainer(model=model, args=args, processing_class=tokenizer,
+                                           train_dataset=tokenized_pairs(loaded.train, tokenizer, cfg.train.max_length),
+                                           peft_config=peft_config),
+        merge_lora=True, base_model=path, library_name="transformers", pipeline_tag="text-classification",
+        tags=["reward-model"])

@@ -7,27 +7,10 @@ when the eval data's last turn holds a checkable answer.
 from __future__ import annotations
 
 from pipeline import data as data_lib
-from pipeline import models, parallel, training
+from pipeline import models, training
 from pipeline.eval import answers, measures
 from pipeline.stage import StageContext, StageResult
-
-
-def load_policy(ctx: StageContext, key: str = "model"):
-    """The stage's starting causal LM (adapters merged) and its tokenizer."""
-    cfg = ctx.config
-    section = getattr(cfg, key)
-    path = ctx.resolve(section.path)
-    tokenizer = models.load_tokenizer(ctx.resolve(getattr(cfg, "tokenizer", None)) or path,
-                                      trust_remote_code=section.trust_remote_code, gguf_file=section.gguf_file)
-    if not tokenizer.chat_template:
-        from pipeline.errors import PipelineError
-
-        raise PipelineError(f"the tokenizer at {path} has no chat template", key=f"stages.{ctx.name}.{key}",
-                            fix="train it with the `tokenizer` stage, or use an instruct model's tokenizer")
-    model = models.load_causal_lm(path, section, tp_size=parallel.tensor_parallel_size(ctx))
-    if getattr(cfg, "lora", None) is not None:
-        models.check_lora_targets(model, cfg.lora)
-    return model, tokenizer, path
+from pipeline.stages.common import load_policy, run_trainer, tags
 
 
 def completion_loss(model, tokenizer, dataset) -> float:
@@ -63,6 +46,16 @@ def use_packing(setting: bool | None, model) -> bool:
     return setting if setting is not None else packing_strategy(model) == "bfd"
 
 
+def held_out_measures(tokenizer, dataset):
+    """Completion loss before and after; exact match of greedy answers after, when the answers are checkable."""
+    def measure(model, phase: str) -> dict:
+        metrics = {f"eval_loss_{phase}": completion_loss(model, tokenizer, dataset)}
+        accuracy = held_out_accuracy(model, tokenizer, dataset) if phase == "after" else None
+        return metrics if accuracy is None else {**metrics, "eval_exact_match": accuracy}
+
+    return measure
+
+
 def run(ctx: StageContext) -> StageResult:
     from trl import SFTConfig, SFTTrainer
 
@@ -73,20 +66,10 @@ def run(ctx: StageContext) -> StageResult:
     args = SFTConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length,
                      packing=use_packing(cfg.train.packing, model), packing_strategy=packing_strategy(model),
                      completion_only_loss=cfg.completion_only_loss, eos_token=tokenizer.eos_token)
-    metrics: dict = {"train_rows": len(loaded.train)}
-    if loaded.eval is not None:
-        metrics["eval_loss_before"] = completion_loss(model, tokenizer, loaded.eval)
     peft_config = models.lora_config(cfg.lora) if cfg.lora else None
-    trainer = SFTTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer,
-                         peft_config=peft_config)
-    output = training.train(trainer, ctx)
-    metrics["train_loss"] = output.training_loss
-    if loaded.eval is not None:
-        metrics["eval_loss_after"] = completion_loss(trainer.model, tokenizer, loaded.eval)
-        accuracy = held_out_accuracy(trainer.model, tokenizer, loaded.eval)
-        if accuracy is not None:
-            metrics["eval_exact_match"] = accuracy
-    library = models.save_trained(ctx, trainer, tokenizer)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
-                       library_name=library, log_history=training.log_history(trainer),
-                       tags=["sft"] + (["lora"] if cfg.lora else []))
+    return run_trainer(
+        ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_rows": len(loaded.train)},
+        measure=held_out_measures(tokenizer, loaded.eval) if loaded.eval is not None else None,
+        make_trainer=lambda: SFTTrainer(model=model, args=args, train_dataset=loaded.train,
+                                        processing_class=tokenizer, peft_config=peft_config),
+        base_model=base, tags=tags(ctx, "sft"))

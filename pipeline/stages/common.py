@@ -1,0 +1,68 @@
+"""What the stage modules share, so no stage imports another: loading the starting policy, the held-out
+preference log-probs, and the course every transformers/TRL trainer stage follows (`run_trainer`):
+
+    measure the starting model -> build the trainer -> train (resuming) -> measure the trained model -> save -> result
+
+Called by stage modules at run time; nothing runs at import.
+"""
+from __future__ import annotations
+
+from typing import Any, Callable
+
+from pipeline import models, parallel, training
+from pipeline.data import LoadedData
+from pipeline.errors import PipelineError
+from pipeline.eval import measures
+from pipeline.stage import StageContext, StageResult
+
+Measure = Callable[[Any, str], dict[str, Any]]  # (model, "before" | "after") -> held-out metrics
+
+
+def load_policy(ctx: StageContext, key: str = "model"):
+    """The stage's starting causal LM (adapters merged), its tokenizer and its path (the card's base model)."""
+    cfg = ctx.config
+    section = getattr(cfg, key)
+    path = ctx.resolve(section.path)
+    tokenizer = models.load_tokenizer(ctx.resolve(getattr(cfg, "tokenizer", None)) or path,
+                                      trust_remote_code=section.trust_remote_code, gguf_file=section.gguf_file)
+    if not tokenizer.chat_template:
+        raise PipelineError(f"the tokenizer at {path} has no chat template", key=f"stages.{ctx.name}.{key}",
+                            fix="train it with the `tokenizer` stage, or use an instruct model's tokenizer")
+    model = models.load_causal_lm(path, section, tp_size=parallel.tensor_parallel_size(ctx))
+    if getattr(cfg, "lora", None) is not None:
+        models.check_lora_targets(model, cfg.lora)
+    return model, tokenizer, path
+
+
+def preference_logprobs(model, tokenizer, dataset) -> tuple[list[float], list[float]]:
+    """Summed log-probs of each held-out pair's chosen and of its rejected completion."""
+    chosen = measures.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["chosen"])
+    rejected = measures.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["rejected"])
+    return chosen, rejected
+
+
+def tags(ctx: StageContext, *names: str) -> list[str]:
+    """The card's tags: the stage's own, then 'lora' when it trains an adapter."""
+    return [*names] + (["lora"] if getattr(ctx.config, "lora", None) else [])
+
+
+def run_trainer(ctx: StageContext, *, tokenizer, model, make_trainer: Callable[[], Any], loaded: LoadedData,
+                metrics: dict[str, Any], measure: Measure | None = None, merge_lora: bool | None = None,
+                before_save: Callable[[Any], None] | None = None, **result: Any) -> StageResult:
+    """Measure `model` with `measure(model, "before")`, build the trainer, train it (resuming from the stage's last
+    checkpoint), measure `trainer.model` with `measure(..., "after")`, save it into the artifact folder and return
+    the StageResult (`result`: its other fields, e.g. base_model, tags, pipeline_tag). `measure` is None when there
+    are no held-out rows; `before_save(trainer)` runs just before saving."""
+    if measure is not None:
+        metrics.update(measure(model, "before"))
+    trainer = make_trainer()
+    output = training.train(trainer, ctx)
+    metrics["train_loss"] = output.training_loss
+    if measure is not None:
+        metrics.update(measure(trainer.model, "after"))
+    if before_save is not None:
+        before_save(trainer)
+    library = models.save_trained(ctx, trainer, tokenizer, merge_lora=merge_lora)
+    result.setdefault("library_name", library)
+    return StageResult(metrics=metrics, datasets=loaded.sources, held_out=loaded.held_out,
+                       log_history=training.log_history(trainer), **result)
