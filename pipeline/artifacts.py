@@ -3,7 +3,8 @@
 Every stage writes `OUTPUT/<stage>/` through `ArtifactWriter`: files go to `OUTPUT/.tmp/<stage>-<fp>/`, the manifest
 is written last, then the folder is renamed into place. A folder at `OUTPUT/<stage>` with a readable manifest is
 therefore always complete; a crash leaves at most a temporary folder, which the next run finishes or discards.
-Used by `pipeline.runner`; nothing runs at import.
+The runner hands each finished stage to `commit_stage`, which writes its manifest, card and logs and commits it.
+Nothing runs at import.
 """
 from __future__ import annotations
 
@@ -18,9 +19,14 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
 import yaml
+
+if TYPE_CHECKING:
+    from pipeline.recipe import Recipe
+    from pipeline.schema import StageBase
+    from pipeline.stage import StageResult
 
 log = logging.getLogger("pipeline")
 
@@ -351,3 +357,102 @@ def split_card(text: str, warn: Callable[[str], None] | None = None) -> tuple[di
 
 def _fmt(value: Any) -> str:
     return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+# ------------------------------------------------------------------------------------------------ stage artifacts
+
+
+def copy_logs(work_dir: Path, folder: Path) -> None:
+    """The stage's train.log (and other ranks' train.rank<N>.log) into its artifact, secrets scrubbed. They are not
+    inputs of anything: fingerprints and skipping read only the manifest."""
+    for log_file in sorted(Path(work_dir).glob("train*.log")):
+        text = log_file.read_text(encoding="utf-8", errors="replace")
+        (Path(folder) / log_file.name).write_text(scrub(text), encoding="utf-8")
+
+
+TIMING_KEYS = {"train_runtime", "step_time"}  # plus "*_per_second" and "time/*": wall-clock, not results
+
+
+def is_timing_key(key: str) -> bool:
+    """A log entry's wall-clock measurement (the Trainer's train_runtime and throughputs, TRL's step_time, PPO's
+    time/*): it differs between two runs of the same stage, so it is kept out of `log_history`."""
+    return key in TIMING_KEYS or key.endswith("_per_second") or key.startswith("time/")
+
+
+def split_timing(log_history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """(entries without their timing keys, the timing keys of each entry that has some, with its step)."""
+    results, timings = [], []
+    for entry in log_history:
+        results.append({k: v for k, v in entry.items() if not is_timing_key(k)})
+        timing = {k: v for k, v in entry.items() if is_timing_key(k)}
+        if timing:
+            timings.append({"step": entry.get("step"), **timing})
+    return results, timings
+
+
+def stage_manifest(recipe: Recipe, name: str, config: StageBase, parents: dict[str, Artifact], result: StageResult,
+                   durations: dict[str, Any]) -> dict[str, Any]:
+    """The artifact's manifest. Everything but `created_at`, the durations, `attempts` and `timing` is the same
+    whether the stage ran once or was killed and resumed."""
+    log_history, timing = split_timing(result.log_history)
+    return {
+        "manifest_version": MANIFEST_VERSION,
+        "recipe": recipe.name,
+        "recipe_file": str(recipe.path),
+        "stage": name,
+        "kind": config.kind,
+        "produces": config.produced_kind(),
+        "config": config.model_dump(mode="json"),
+        "resolved_references": {p: str(a.path.resolve()) for p, a in parents.items()},
+        "parents": [{"stage": p, "kind": a.manifest.get("kind"), "fingerprint": a.fingerprint,
+                     "path": str(a.path.resolve())} for p, a in parents.items()],
+        "lineage": lineage(parents, result.lineage),
+        "seed": recipe.stage_seed(name),
+        "metrics": result.metrics,
+        "base_model": result.base_model,
+        "datasets": result.datasets,
+        **({"held_out": result.held_out} if result.held_out else {}),
+        "log_history": log_history,
+        "duration_s": durations["duration_s"],  # every attempt's time
+        "last_attempt_duration_s": durations["last_attempt_duration_s"],
+        "attempts": durations["attempts"],
+        "timing": {"log_history": timing},
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "libraries": library_versions(),
+        **result.extra,
+    }
+
+
+def lineage(parents: dict[str, Artifact], extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
+    """All ancestors, nearest first, each once: the parents' chains, then `extra` (a StageResult's `lineage`)."""
+    seen, chain = set(), []
+    chains = [[{"stage": artifact.manifest["stage"], "kind": artifact.manifest.get("kind"),
+                "fingerprint": artifact.fingerprint}] + artifact.manifest.get("lineage", [])
+              for artifact in parents.values()]
+    for entries in chains + [extra or []]:
+        for entry in entries:
+            if entry["fingerprint"] not in seen:
+                seen.add(entry["fingerprint"])
+                chain.append(entry)
+    return chain
+
+
+def stage_card(recipe: Recipe, name: str, config: StageBase, parents: dict[str, Artifact], result: StageResult) -> str:
+    """The artifact's model card (README.md)."""
+    return model_card(
+        name=f"{recipe.name}/{name}", stage=name, kind=config.kind, recipe=recipe.name,
+        base_model=result.base_model, datasets=result.datasets, license_=recipe.header.license,
+        metrics=result.metrics, lineage=lineage(parents, result.lineage), pipeline_tag=result.pipeline_tag,
+        library_name=result.library_name, extra_tags=result.tags, text=result.card_text)
+
+
+def commit_stage(writer: ArtifactWriter, work_dir: Path, *, recipe: Recipe, name: str, config: StageBase,
+                 parents: dict[str, Artifact], result: StageResult, durations: dict[str, Any], state) -> Artifact:
+    """Turn a finished stage into its committed artifact (main process): the manifest (with the launch's world
+    size), the model card and the logs go into the writer's folder, which is then moved into place."""
+    manifest = stage_manifest(recipe, name, config, parents, result, durations)
+    manifest["world_size"] = state.num_processes
+    manifest["distributed_type"] = getattr(state.distributed_type, "value", str(state.distributed_type))
+    (writer.tmp / "README.md").write_text(stage_card(recipe, name, config, parents, result))
+    copy_logs(work_dir, writer.tmp)
+    return writer.commit(manifest)

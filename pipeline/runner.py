@@ -7,18 +7,18 @@ from __future__ import annotations
 
 import logging
 import shutil
-import time
-from pathlib import Path
 from typing import Any
 
 from pipeline import artifacts, parallel, registry, schema, tracking
-from pipeline.eval import summary
 from pipeline.artifacts import Artifact, ArtifactWriter
 from pipeline.attempts import AttemptLog
 from pipeline.console import Console, capture, log_name
 from pipeline.errors import PipelineError
+from pipeline.eval import summary
 from pipeline.recipe import Recipe
 from pipeline.stage import StageContext, StageResult
+from pipeline.tools import hub
+from pipeline.tools.report import write_report
 
 log = logging.getLogger("pipeline")
 
@@ -38,15 +38,20 @@ def _barrier(state) -> None:
         state.wait_for_everyone()
 
 
+def fingerprinted(recipe: Recipe):
+    """(stage, its config, its fingerprint, its complete artifact or None) for each stage in order, computed as the
+    loop reaches it (so an artifact written by an earlier stage of the same run is seen)."""
+    fingerprints: dict[str, str] = {}
+    for name, config in recipe.stages.items():
+        fingerprints[name] = stage_fingerprint(recipe, name, config, fingerprints)
+        yield name, config, fingerprints[name], artifacts.open_artifact(recipe.output_dir / name)
+
+
 def plan(recipe: Recipe, force: set[str] | None = None) -> list[tuple[str, str, str]]:
     """(stage, fingerprint, 'run' | 'skip') for each stage, without training: what `run` would do."""
     force = force or set()
-    fingerprints: dict[str, str] = {}
     rows = []
-    for name, config in recipe.stages.items():
-        fp = stage_fingerprint(recipe, name, config, fingerprints)
-        fingerprints[name] = fp
-        existing = artifacts.open_artifact(recipe.output_dir / name)
+    for name, _, fp, existing in fingerprinted(recipe):
         fresh = existing is not None and existing.fingerprint == fp and name not in force and "all" not in force
         rows.append((name, fp, "skip" if fresh else "run"))
     return rows
@@ -66,12 +71,8 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
     done: dict[str, Artifact] = {}
     reused: set[str] = set()  # stages whose existing artifact this run reuses
     drift_warned = announced = False
-    fingerprints: dict[str, str] = {}
     total = len(recipe.stages)
-    for index, (name, config) in enumerate(recipe.stages.items(), start=1):
-        fp = stage_fingerprint(recipe, name, config, fingerprints)
-        fingerprints[name] = fp
-        existing = artifacts.open_artifact(recipe.output_dir / name)
+    for index, (name, config, fp, existing) in enumerate(fingerprinted(recipe), start=1):
         forced = name in force or "all" in force
         selected = only is None or name in only
         parallel.check_ranks_agree(state, f"stage '{name}' (fingerprint, artifact found)",
@@ -126,10 +127,8 @@ def _warn_drift(manifests: list[dict[str, Any]], console: Console) -> bool:
 
 def _write_report(recipe: Recipe) -> None:
     """OUTPUT/report.md and report.html (pipeline.tools.report); a failure here never fails the run."""
-    from pipeline.tools import report
-
     try:
-        path = report.write_report(recipe.output_dir, recipe.name)
+        path = write_report(recipe.output_dir, recipe.name)
         print(f"report: {path}", flush=True)
     except Exception as exc:  # noqa: BLE001 - the artifacts are done; the report is a convenience
         log.warning("could not write the run report: %s", exc)
@@ -180,13 +179,8 @@ def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, don
     _barrier(state)
 
     if state.is_main_process:
-        manifest = _manifest(recipe, name, config, fp, parents, result, durations)
-        manifest["world_size"] = state.num_processes
-        manifest["distributed_type"] = getattr(state.distributed_type, "value", str(state.distributed_type))
-        card = _card(recipe, name, config, parents, result)
-        (writer.tmp / "README.md").write_text(card)
-        copy_logs(work_dir, writer.tmp)
-        writer.commit(manifest)
+        artifacts.commit_stage(writer, work_dir, recipe=recipe, name=name, config=config, parents=parents,
+                               result=result, durations=durations, state=state)
         shutil.rmtree(work_dir, ignore_errors=True)
     _barrier(state)
     artifact = artifacts.open_artifact(output_dir / name)
@@ -197,18 +191,8 @@ def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, don
                             key=f"stages.{name}", fix="the output folder must be on a filesystem every rank shares")
     target = config.push_to_hub or _recipe_push_target(recipe, name)
     if target is not None and state.is_main_process:
-        from pipeline.tools import hub
-
         hub.push_artifact(artifact, target)
     return artifact
-
-
-def copy_logs(work_dir: Path, folder: Path) -> None:
-    """The stage's train.log (and other ranks' train.rank<N>.log) into its artifact, secrets scrubbed. They are not
-    inputs of anything: fingerprints and skipping read only the manifest."""
-    for log_file in sorted(Path(work_dir).glob("train*.log")):
-        text = log_file.read_text(encoding="utf-8", errors="replace")
-        (Path(folder) / log_file.name).write_text(artifacts.scrub(text), encoding="utf-8")
 
 
 def _train(ctx: StageContext) -> tuple[StageResult, dict[str, Any]]:
@@ -236,77 +220,3 @@ def _seed_everything(seed: int) -> None:
     set_seed(seed)
 
 
-TIMING_KEYS = {"train_runtime", "step_time"}  # plus "*_per_second" and "time/*": wall-clock, not results
-
-
-def is_timing_key(key: str) -> bool:
-    """A log entry's wall-clock measurement (the Trainer's train_runtime and throughputs, TRL's step_time, PPO's
-    time/*): it differs between two runs of the same stage, so it is kept out of `log_history`."""
-    return key in TIMING_KEYS or key.endswith("_per_second") or key.startswith("time/")
-
-
-def split_timing(log_history: list[dict[str, Any]]) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """(entries without their timing keys, the timing keys of each entry that has some, with its step)."""
-    results, timings = [], []
-    for entry in log_history:
-        results.append({k: v for k, v in entry.items() if not is_timing_key(k)})
-        timing = {k: v for k, v in entry.items() if is_timing_key(k)}
-        if timing:
-            timings.append({"step": entry.get("step"), **timing})
-    return results, timings
-
-
-def _manifest(recipe: Recipe, name: str, config: schema.StageBase, fp: str, parents: dict[str, Artifact],
-              result: StageResult, durations: dict[str, Any]) -> dict[str, Any]:
-    """The artifact's manifest. Everything but `created_at`, the durations, `attempts` and `timing` is the same
-    whether the stage ran once or was killed and resumed."""
-    log_history, timing = split_timing(result.log_history)
-    return {
-        "manifest_version": artifacts.MANIFEST_VERSION,
-        "recipe": recipe.name,
-        "recipe_file": str(recipe.path),
-        "stage": name,
-        "kind": config.kind,
-        "produces": config.produced_kind(),
-        "config": config.model_dump(mode="json"),
-        "resolved_references": {p: str(a.path.resolve()) for p, a in parents.items()},
-        "parents": [{"stage": p, "kind": a.manifest.get("kind"), "fingerprint": a.fingerprint,
-                     "path": str(a.path.resolve())} for p, a in parents.items()],
-        "lineage": _lineage(parents, result.lineage),
-        "seed": recipe.stage_seed(name),
-        "metrics": result.metrics,
-        "base_model": result.base_model,
-        "datasets": result.datasets,
-        **({"held_out": result.held_out} if result.held_out else {}),
-        "log_history": log_history,
-        "duration_s": durations["duration_s"],  # every attempt's time
-        "last_attempt_duration_s": durations["last_attempt_duration_s"],
-        "attempts": durations["attempts"],
-        "timing": {"log_history": timing},
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "libraries": artifacts.library_versions(),
-        **result.extra,
-    }
-
-
-def _lineage(parents: dict[str, Artifact], extra: list[dict[str, Any]] | None = None) -> list[dict[str, Any]]:
-    """All ancestors, nearest first, each once: the parents' chains, then `extra` (a StageResult's `lineage`)."""
-    seen, chain = set(), []
-    chains = [[{"stage": artifact.manifest["stage"], "kind": artifact.manifest.get("kind"),
-                "fingerprint": artifact.fingerprint}] + artifact.manifest.get("lineage", [])
-              for artifact in parents.values()]
-    for entries in chains + [extra or []]:
-        for entry in entries:
-            if entry["fingerprint"] not in seen:
-                seen.add(entry["fingerprint"])
-                chain.append(entry)
-    return chain
-
-
-def _card(recipe: Recipe, name: str, config: schema.StageBase, parents: dict[str, Artifact],
-          result: StageResult) -> str:
-    return artifacts.model_card(
-        name=f"{recipe.name}/{name}", stage=name, kind=config.kind, recipe=recipe.name,
-        base_model=result.base_model, datasets=result.datasets, license_=recipe.header.license,
-        metrics=result.metrics, lineage=_lineage(parents, result.lineage), pipeline_tag=result.pipeline_tag,
-        library_name=result.library_name, extra_tags=result.tags, text=result.card_text)

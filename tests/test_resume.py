@@ -19,7 +19,7 @@ import torch
 import yaml
 
 from pipeline.attempts import AttemptLog
-from pipeline.runner import split_timing
+from pipeline.artifacts import split_timing
 from pipeline.training import whole_run_loss
 from resilience_common import ROOT, assert_same_manifests, cli, snapshot, tiny_recipe, weights, write_recipe
 
