@@ -19,14 +19,14 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import yaml
 
-if TYPE_CHECKING:
-    from pipeline.recipe import Recipe
-    from pipeline.schema import StageBase
-    from pipeline.stage import StageResult
+from pipeline.errors import SecurityError
+from pipeline.recipe import Recipe, looks_local
+from pipeline.schema import StageBase
+from pipeline.stage import StageResult
 
 log = logging.getLogger("pipeline")
 
@@ -101,8 +101,6 @@ def _strip_non_result(value: Any) -> Any:
 
 def local_files_in(value: Any) -> list[Path]:
     """Local files named anywhere in a stage config (data paths, include paths), for fingerprinting."""
-    from pipeline.recipe import looks_local
-
     found: list[Path] = []
     if isinstance(value, dict):
         for item in value.values():
@@ -210,8 +208,6 @@ def write_json_atomic(path: Path, data: Any) -> None:
 
 def inside(root: Path, target: Path) -> Path:
     """`target` if it lies strictly inside `root` (after resolving '..' and links), else a SecurityError."""
-    from pipeline.errors import SecurityError
-
     base, resolved = Path(root).resolve(), Path(target).resolve()
     if resolved == base or base not in resolved.parents:
         raise SecurityError(f"refusing to write {target}: it is outside the output folder {root}", key="stages",

@@ -43,14 +43,27 @@ def remote_code_flag(section: schema.ModelSection | None) -> bool:
     return False
 
 
+def bf16_supported() -> bool:
+    """The one precision rule behind every 'auto': bfloat16 where a CUDA device supports it, else float32."""
+    import torch
+
+    return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+
+
+def mixed_precision(setting: str) -> str:
+    """`train.mixed_precision` with 'auto' resolved by `bf16_supported` ('bf16' or 'no')."""
+    if setting != "auto":
+        return setting
+    return "bf16" if bf16_supported() else "no"
+
+
 def torch_dtype(section: schema.ModelSection | None):
+    """`model.dtype` as a torch dtype; 'auto' by `bf16_supported`."""
     import torch
 
     name = section.dtype if section else "auto"
     if name == "auto":
-        if torch.cuda.is_available() and torch.cuda.is_bf16_supported():
-            return torch.bfloat16
-        return torch.float32
+        return torch.bfloat16 if bf16_supported() else torch.float32
     return getattr(torch, name)
 
 

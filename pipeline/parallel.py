@@ -17,6 +17,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from pipeline.artifacts import file_digest
 from pipeline.errors import PipelineError
 
 SIZE_KEYS = ("dp_replicate", "dp_shard", "tp", "cp")
@@ -144,8 +145,6 @@ def _short(value: Any) -> str:
 
 def files_digest(folder: Path) -> str:
     """sha256 over the names and bytes of an artifact's files (weights, tokenizer, config), as this rank sees them."""
-    from pipeline.artifacts import file_digest
-
     digest = hashlib.sha256()
     for path in sorted(p for p in Path(folder).rglob("*") if p.is_file()):
         digest.update(str(path.relative_to(folder)).encode())

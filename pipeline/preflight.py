@@ -20,7 +20,9 @@ from typing import Any
 
 from pipeline import schema
 from pipeline.errors import DataError, PipelineError, RecipeError
+from pipeline.models import check_safe_weights
 from pipeline.recipe import Recipe, looks_local
+from pipeline.tools import gguf
 
 NOT_AVAILABLE: dict[str, str] = {}
 CHAT_KINDS = {"sft", "dpo", "kto", "reward", "ppo", "grpo", "rloo"}
@@ -97,8 +99,6 @@ def _artifact(recipe: Recipe, stage: str) -> Path | None:
 
 
 def _check_weights(recipe: Recipe, name: str, config: schema.StageBase) -> None:
-    from pipeline.models import check_safe_weights
-
     model = getattr(config, "model", None)
     folder = _folder(model.path) if isinstance(model, schema.ModelSection) else None
     if folder is not None:
@@ -116,8 +116,6 @@ def _check_export_tools(recipe: Recipe, name: str, config: schema.StageBase) -> 
     """An `export` stage needs the optional `export` extra: say so before the stages ahead of it train."""
     if not isinstance(config, schema.ExportStage):
         return
-    from pipeline.tools import gguf
-
     try:
         gguf.require(config.quant)
     except PipelineError as exc:

@@ -7,21 +7,17 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import signal
 from pathlib import Path
 from typing import Any
 
-from pipeline import schema, tracking
+from pipeline import faults, models, parallel, schema, tracking
+from pipeline.console import FIGURES, figures
 from pipeline.errors import TrainingError
 
 
 def precision_flags(section: schema.TrainSection) -> dict[str, bool]:
-    import torch
-
-    mode = section.mixed_precision
-    if mode == "auto":
-        mode = "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
+    """TrainingArguments' bf16/fp16 flags from `train.mixed_precision` ('auto' resolved by models.mixed_precision)."""
+    mode = models.mixed_precision(section.mixed_precision)
     return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
 
 
@@ -66,8 +62,6 @@ def trainer_kwargs(ctx, section: schema.TrainSection, **overrides: Any) -> dict[
 def _parallel_kwargs(ctx, section: schema.TrainSection) -> dict[str, Any]:
     """The recipe's `parallelism:` section as a ParallelismConfig, and a clear error for Liger without its package."""
     import importlib.util
-
-    from pipeline import parallel
 
     if section.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
         raise TrainingError("train.use_liger_kernel is on but the liger-kernel package is not installed",
@@ -140,8 +134,6 @@ def console_progress(ctx, kind: str):
         return None
     from transformers import TrainerCallback
 
-    from pipeline.console import FIGURES, figures
-
     class ConsoleProgress(TrainerCallback):
         display = None
 
@@ -199,69 +191,14 @@ def nan_guard(stage: str | None = None):
     return NanGuard()
 
 
-KILL_HOOK = "PIPELINE_TEST_KILL_AT"  # "<stage>:<step>": SIGKILL this process after that optimizer step (tests only)
-NAN_HOOK = "PIPELINE_TEST_NAN_AT"  # "<stage>:<step>": report a NaN loss from that step on (tests only)
-
-
-def kill_hook(stage: str):
-    """A callback that SIGKILLs the process after step N of `stage` when PIPELINE_TEST_KILL_AT asks (crash tests)."""
-    wanted = os.environ.get(KILL_HOOK, "")
-    name, _, step = wanted.rpartition(":")
-    if name != stage or not step.isdigit():
-        return None
-    from transformers import TrainerCallback
-
-    class KillAt(TrainerCallback):
-        """Dies after the checkpoint of a save step, or after the log line of any other step."""
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step >= int(step):
-                os.kill(os.getpid(), signal.SIGKILL)
-
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if state.global_step >= int(step) and state.global_step % args.save_steps:
-                os.kill(os.getpid(), signal.SIGKILL)
-
-    return KillAt()
-
-
-def kill_after_checkpoint(stage: str):
-    """For loops of our own (PPO): a function(step) that SIGKILLs this process once the checkpoint of step N of
-    `stage` is written, when PIPELINE_TEST_KILL_AT asks (crash tests); None otherwise."""
-    name, _, step = os.environ.get(KILL_HOOK, "").rpartition(":")
-    if name != stage or not step.isdigit():
-        return None
-
-    def kill(saved_step: int) -> None:
-        if saved_step >= int(step):
-            os.kill(os.getpid(), signal.SIGKILL)
-
-    return kill
-
-
-def nan_hook(stage: str):
-    """A callback that turns the logged loss into NaN from step N of `stage` (PIPELINE_TEST_NAN_AT, tests only)."""
-    name, _, step = os.environ.get(NAN_HOOK, "").rpartition(":")
-    if name != stage or not step.isdigit():
-        return None
-    from transformers import TrainerCallback
-
-    class NanAt(TrainerCallback):
-        def on_log(self, args, state, control, logs=None, **kwargs):
-            if logs is not None and "loss" in logs and state.global_step >= int(step):
-                logs["loss"] = float("nan")
-
-    return NanAt()
-
-
 def train(trainer, ctx) -> Any:
     """Run `trainer.train()`, resuming from the stage's last checkpoint if a previous run was killed. The returned
     TrainOutput's `training_loss`, like the `train_loss` of the trainer's last log entry (rewritten here), is the
     mean over every step of the stage, those of killed attempts included."""
     attempts = getattr(ctx, "attempts", None)
     # the attempt log first: the kill hook (crash tests) dies in on_save, after the checkpoint is recorded
-    for hook in (attempt_progress(attempts), token_count(trainer), nan_hook(ctx.name), nan_guard(ctx.name),
-                 console_progress(ctx, getattr(getattr(ctx, "config", None), "kind", "")), kill_hook(ctx.name)):
+    for hook in (attempt_progress(attempts), token_count(trainer), faults.nan_hook(ctx.name), nan_guard(ctx.name),
+                 console_progress(ctx, getattr(getattr(ctx, "config", None), "kind", "")), faults.kill_hook(ctx.name)):
         if hook is not None:
             trainer.add_callback(hook)
     tracking.attach(trainer, ctx)
@@ -297,8 +234,6 @@ def whole_run_output(trainer, output, resumed: int):
 
 def check_weights_agree(trainer, ctx) -> None:
     """Under DDP every rank must end with identical weights; FSDP, ZeRO-3 and TP shard them, so those are skipped."""
-    from pipeline import models, parallel
-
     if ctx.state.num_processes <= 1 or models.is_sharded(trainer.accelerator):
         return
 

@@ -17,6 +17,8 @@ from typing import Any
 
 import torch
 
+from pipeline import models
+from pipeline.console import Console
 from pipeline.errors import TrainingError
 from pipeline.models import is_sharded
 from pipeline.rl import advantages as adv
@@ -83,9 +85,8 @@ class TrainState:
 
 
 def mixed_precision(setting: str) -> str:
-    if setting == "auto":
-        return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
-    return setting if torch.cuda.is_available() else "no"
+    """Accelerate's mixed precision for PPO: `train.mixed_precision` (see models.mixed_precision), 'no' on CPU."""
+    return models.mixed_precision(setting) if torch.cuda.is_available() else "no"
 
 
 
@@ -334,8 +335,6 @@ class PPOTrainer:
         """The progress display: the one given, or the default console's (shown on the main process only)."""
         if hasattr(progress, "update"):
             return progress
-        from pipeline.console import Console
-
         console = Console.for_process(main=bool(progress) and self.accelerator.is_main_process)
         return console.progress(self.total_steps, "ppo", self.state.step, self.cfg.rollout_batch_size)
 

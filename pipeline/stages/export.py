@@ -16,7 +16,7 @@ import re
 import tempfile
 from pathlib import Path
 
-from pipeline import models, schema
+from pipeline import artifacts, models, schema
 from pipeline.tools import gguf
 from pipeline.stage import StageContext, StageResult
 
@@ -135,8 +135,6 @@ def parameter_count(file: Path) -> int:
 
 def source_lineage(source: str) -> list[dict]:
     """An artifact named by path (not `${stage}`): itself and its lineage, so the export's manifest keeps the chain."""
-    from pipeline import artifacts
-
     found = artifacts.open_artifact(source) if Path(source).is_dir() else None
     if found is None:
         return []

@@ -11,7 +11,8 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import data as data_lib
-from pipeline import models, tracking, training
+from pipeline import faults, models, parallel, tracking, training
+from pipeline.errors import PipelineError
 from pipeline.eval import answers, measures
 from pipeline.rl import rollout as ro
 from pipeline.rl import trainer as tr
@@ -113,9 +114,6 @@ def refuse_sharding(ctx: StageContext) -> None:
     """PPO runs with whole models per rank (one process, DDP, ZeRO-1/2) or sharded by FSDP. DeepSpeed ZeRO-3 and
     tensor/context parallelism would need their own generation and gathering code, so such a launch stops here,
     before any model is loaded."""
-    from pipeline import parallel
-    from pipeline.errors import PipelineError
-
     sharding = parallel.sharding_in_launch(getattr(ctx.recipe.header, "parallelism", None))
     if sharding is None or ctx.state.num_processes <= 1:
         return
@@ -132,8 +130,6 @@ def refuse_sharding(ctx: StageContext) -> None:
 
 def check_batches_split(ctx: StageContext) -> None:
     """Each rank samples its share of every rollout batch and minibatch, so both must divide by the ranks."""
-    from pipeline.errors import PipelineError
-
     world, cfg = ctx.state.num_processes, ctx.config
     for key in ("rollout_batch_size", "mini_batch_size"):
         value = getattr(cfg, key)
@@ -145,7 +141,7 @@ def check_batches_split(ctx: StageContext) -> None:
 def after_checkpoint(ctx: StageContext):
     """What runs once every rank is past a PPO checkpoint of `step`: the attempt log records it, then the crash
     tests' kill hook (PIPELINE_TEST_KILL_AT) may end the process."""
-    kill = training.kill_after_checkpoint(ctx.name)
+    kill = faults.kill_after_checkpoint(ctx.name)
 
     def after(step: int) -> None:
         if ctx.attempts is not None:
@@ -193,8 +189,6 @@ def run(ctx: StageContext) -> StageResult:
     if "kl" in after:
         metrics["kl"] = after["kl"]
     if ctx.state.num_processes > 1 and not trainer.sharded:  # DDP: every rank must end with the same policy
-        from pipeline import parallel
-
         parallel.check_ranks_agree(ctx.state, f"the trained weights of stage '{ctx.name}'",
                                    parallel.weights_digest(policy), key=f"stages.{ctx.name}")
     library = models.save_gathered(ctx, trainer.accelerator, trainer.m.policy, tokenizer)

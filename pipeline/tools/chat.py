@@ -14,7 +14,9 @@ import sys
 from pathlib import Path
 from typing import Callable, TextIO
 
+from pipeline import models
 from pipeline.errors import PipelineError
+from pipeline.eval.measures import render
 
 Message = dict[str, str]
 EXIT, RESET = "/exit", "/reset"
@@ -45,8 +47,6 @@ def window_messages(messages: list[Message], count_tokens: Callable[[list[Messag
 def load(path: str):
     """(model, tokenizer) for a full checkpoint or a LoRA adapter (loaded on its base), in eval mode."""
     from transformers import AutoModelForCausalLM
-
-    from pipeline import models
 
     folder = Path(path)
     if not (folder / "config.json").exists() and not models.is_adapter(folder):
@@ -97,8 +97,6 @@ class Chat:
         return len(self.prompt_ids(messages))
 
     def prompt_ids(self, messages: list[Message]) -> list[int]:
-        from pipeline.eval.measures import render
-
         return self.tokenizer(render(self.tokenizer, messages)[0], add_special_tokens=False)["input_ids"]
 
     def ask(self, text: str) -> str:

@@ -21,7 +21,7 @@ from typing import Any
 
 import yaml
 
-from pipeline import artifacts, schema
+from pipeline import artifacts, models, schema
 from pipeline.artifacts import Artifact
 from pipeline.errors import PipelineError
 
@@ -129,8 +129,6 @@ def _rewrite_adapter_config(path: Path, base_id: str, revision: str | None) -> N
 def _merge_into(adapter: Path, folder: Path) -> None:
     """Merge a LoRA adapter into its (local) base and save full safetensors weights plus the tokenizer."""
     from transformers import AutoTokenizer
-
-    from pipeline import models
 
     model = models.load_adapter(adapter, merge=True)
     model.save_pretrained(folder, safe_serialization=True)
