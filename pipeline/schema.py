@@ -34,14 +34,20 @@ def _path_shorthand(value: Any) -> Any:
 class ModelSection(Strict):
     """Which model a stage starts from: an artifact reference, a local folder or a Hub id; or a config to build."""
 
-    path: str | None = None
-    architecture: Literal["llama", "qwen2", "mistral", "gpt2"] = "llama"
+    path: str | None = Field(None, description=(
+        "artifact reference (`${stage}`), local folder or Hub id to start from; an adapter is loaded on its "
+        "base"))
+    architecture: Literal["llama", "qwen2", "mistral", "gpt2"] = Field("llama", description=(
+        "model family built from `config` (ignored when `path` is set)"))
     config: dict[str, Any] | None = Field(default=None, description="architecture config to initialise from scratch")
-    gguf_file: str | None = None
-    revision: str | None = None
-    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
-    attn_implementation: str | None = None
-    trust_remote_code: bool = False
+    gguf_file: str | None = Field(None, description="load this .gguf file from `path` (dequantised by transformers)")
+    revision: str | None = Field(None, description="Hub branch, tag or commit of `path`")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
+        "weights' dtype; auto: bfloat16 where a CUDA device supports it, else float32"))
+    attn_implementation: str | None = Field(None, description=(
+        "transformers attention kernel, e.g. sdpa, eager or flash_attention_2 (null: the default)"))
+    trust_remote_code: bool = Field(False, description=(
+        "run Python code shipped with the model repository (off: refused)"))
 
     @model_validator(mode="after")
     def _one_source(self):
@@ -53,11 +59,13 @@ class ModelSection(Strict):
 class LoraSection(Strict):
     """LoRA adapter settings (peft). `merge: true` writes a merged full model instead of an adapter."""
 
-    r: int = Field(16, gt=0)
-    alpha: int = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] = "all-linear"
-    merge: bool = False
+    r: int = Field(16, gt=0, description="adapter rank")
+    alpha: int = Field(32, gt=0, description="scaling numerator (the update is scaled by alpha / r)")
+    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description=(
+        "module names to adapt (e.g. [q_proj, v_proj]) or every linear layer"))
+    merge: bool = Field(False, description=(
+        "save the base with the adapter merged in (full weights) instead of the adapter"))
 
 
 class DataSection(Strict):
@@ -108,36 +116,43 @@ class DataSection(Strict):
 class TrainSection(Strict):
     """Optimisation settings shared by every trainable stage (mapped onto transformers' TrainingArguments)."""
 
-    learning_rate: float = Field(2e-5, gt=0)
-    epochs: float = Field(1.0, gt=0)
-    max_steps: int = Field(-1, ge=-1)
-    batch_size: int = Field(8, gt=0)
-    eval_batch_size: int | None = Field(default=None, gt=0)
-    grad_accum: int = Field(1, gt=0)
-    max_length: int = Field(512, gt=0)
-    warmup_ratio: float = Field(0.0, ge=0, lt=1)
-    weight_decay: float = Field(0.0, ge=0)
-    lr_scheduler: str = "linear"
-    optim: str = "adamw_torch"
-    max_grad_norm: float = Field(1.0, gt=0)
-    logging_steps: int = Field(10, gt=0)
-    save_steps: int = Field(100, gt=0)
-    save_total_limit: int = Field(2, gt=0)
-    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = "auto"
-    gradient_checkpointing: bool = False
-    use_liger_kernel: bool = False
+    learning_rate: float = Field(2e-5, gt=0, description="peak learning rate (the policy's, for PPO)")
+    epochs: float = Field(1.0, gt=0, description="passes over the training rows (ignored when `max_steps` > 0)")
+    max_steps: int = Field(-1, ge=-1, description="optimizer steps to run; -1: as many as `epochs` give")
+    batch_size: int = Field(8, gt=0, description="rows per device per step (GRPO/RLOO: completions)")
+    eval_batch_size: int | None = Field(default=None, gt=0, description=(
+        "rows per device in the trainer's evaluation (null: `batch_size`)"))
+    grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step (PPO: per minibatch)")
+    max_length: int = Field(512, gt=0, description=(
+        "tokens per training sequence; longer sft and preference rows are bad rows (`data.on_bad_rows`)"))
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="linear warm-up over this fraction of the steps")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    lr_scheduler: str = Field("linear", description="transformers scheduler name: linear, cosine, constant, ...")
+    optim: str = Field("adamw_torch", description="transformers optimizer name")
+    max_grad_norm: float = Field(1.0, gt=0, description="gradient clipping norm")
+    logging_steps: int = Field(10, gt=0, description=(
+        "log loss, learning rate and grad norm every N steps (not part of the fingerprint)"))
+    save_steps: int = Field(100, gt=0, description=(
+        "checkpoint every N steps, for resuming a killed run (not part of the fingerprint)"))
+    save_total_limit: int = Field(2, gt=0, description=(
+        "checkpoints kept in the work folder (not part of the fingerprint)"))
+    mixed_precision: Literal["auto", "no", "bf16", "fp16"] = Field("auto", description=(
+        "auto: bf16 on a CUDA device that supports it, else full precision"))
+    gradient_checkpointing: bool = Field(False, description=(
+        "recompute activations in the backward pass (less memory, slower)"))
+    use_liger_kernel: bool = Field(False, description="Liger fused kernels (needs the liger-kernel package)")
     packing: bool | None = Field(default=None,
                                  description="null: on for pretrain; for sft only with FlashAttention (padding-free)")
-    num_workers: int = Field(0, ge=0)
+    num_workers: int = Field(0, ge=0, description="data loader worker processes (not part of the fingerprint)")
 
 
 class HubTarget(Strict):
     """Where to push an artifact: repo id, visibility, branch."""
 
-    repo_id: str
-    private: bool = True
-    revision: str | None = None
-    commit_message: str | None = None
+    repo_id: str = Field(description="Hub model repo, 'user/name' or 'org/name'")
+    private: bool = Field(True, description="create the repo private")
+    revision: str | None = Field(None, description="branch to push to (a recipe-level target: the stage's name)")
+    commit_message: str | None = Field(None, description="the Hub commit's message (null: one naming the stage)")
 
     @field_validator("repo_id")
     @classmethod
@@ -157,10 +172,11 @@ class StageBase(Strict):
     produces: ClassVar[str] = CAUSAL_LM
     references: ClassVar[dict[str, tuple[str, ...]]] = {}
 
-    kind: str
-    description: str | None = None
-    push_to_hub: HubTarget | None = None
-    seed: int | None = None
+    kind: str = Field(description="which stage this is (the headings below)")
+    description: str | None = Field(None, description="free text for people (not part of the fingerprint)")
+    push_to_hub: HubTarget | None = Field(None, description=(
+        "push the artifact after the stage (a repo id, or {repo_id, private, revision})"))
+    seed: int | None = Field(None, description="this stage's seed (null: the recipe's `seed`)")
     report_to: Tracker | list[Tracker] | None = Field(
         default=None, description="this stage's trackers (null: the recipe's `report_to`); " + REPORT_TO_HELP)
 
@@ -180,7 +196,8 @@ class StageBase(Strict):
 class ModelStage(StageBase):
     """A stage that starts from a model: `model:` (reference, folder, Hub id or a config to build)."""
 
-    model: ModelSection
+    model: ModelSection = Field(description=(
+        "the model to start from: `{path: ...}` or just a reference, folder or Hub id"))
 
     _model = field_validator("model", mode="before")(lambda cls, v: _path_shorthand(v))
 
@@ -188,9 +205,10 @@ class ModelStage(StageBase):
 class TrainedStage(ModelStage):
     """A stage that trains its model on a dataset, optionally through a LoRA adapter."""
 
-    lora: LoraSection | None = None
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
+    lora: LoraSection | None = Field(None, description=(
+        "train a LoRA adapter instead of the full weights (null: full fine-tuning)"))
+    data: DataSection = Field(description="the training rows and their held-out rows")
+    train: TrainSection = Field(default_factory=TrainSection, description="optimisation settings")
 
 
 _ANY_MODEL = (CAUSAL_LM,)
@@ -200,24 +218,26 @@ class TokenizerStage(StageBase):
     """Train a byte-level BPE tokenizer with a chat template."""
 
     produces: ClassVar[str] = TOKENIZER
-    kind: Literal["tokenizer"]
-    data: DataSection
-    vocab_size: int = Field(8000, ge=300)
-    min_frequency: int = Field(2, ge=1)
-    text_fields: list[str] = Field(default_factory=lambda: ["text"])
-    chat_template: str = "chatml"
-    model_max_length: int = Field(2048, gt=0)
+    kind: Literal["tokenizer"] = Field(description="`tokenizer`")
+    data: DataSection = Field(description="text to train the tokenizer on")
+    vocab_size: int = Field(8000, ge=300, description="vocabulary size, special tokens included")
+    min_frequency: int = Field(2, ge=1, description="a merge must occur this often")
+    text_fields: list[str] = Field(default_factory=lambda: ["text"], description="columns whose text is used")
+    chat_template: str = Field("chatml", description="`chatml`, or a Jinja chat template")
+    model_max_length: int = Field(2048, gt=0, description="the tokenizer's model_max_length")
 
 
 class PretrainStage(ModelStage):
     """Causal LM from a config (Llama by default) or continued pretraining; packing on."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"tokenizer": (TOKENIZER, CAUSAL_LM), "model.path": _ANY_MODEL}
-    kind: Literal["pretrain"]
-    tokenizer: str | None = None
-    data: DataSection
-    train: TrainSection = Field(default_factory=TrainSection)
-    text_field: str = "text"
+    kind: Literal["pretrain"] = Field(description="`pretrain`")
+    tokenizer: str | None = Field(None, description=(
+        "tokenizer artifact or folder (default: the model's); required when building from `config`"))
+    data: DataSection = Field(description="text rows (`text_field`); `eval_path` etc. give the held-out text")
+    train: TrainSection = Field(default_factory=TrainSection, description=(
+        "optimisation settings; `packing` defaults to on"))
+    text_field: str = Field("text", description="the column holding each document's text")
 
     @model_validator(mode="after")
     def _tokenizer_for_scratch(self):
@@ -230,9 +250,10 @@ class SftStage(TrainedStage):
     """Supervised fine-tuning, full or LoRA, on messages or prompt/completion data; loss on completions."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL, "tokenizer": (TOKENIZER, CAUSAL_LM)}
-    kind: Literal["sft"]
-    tokenizer: str | None = None
-    completion_only_loss: bool = True
+    kind: Literal["sft"] = Field(description="`sft`")
+    tokenizer: str | None = Field(None, description=(
+        "tokenizer artifact or folder (default: the model's); needs a chat template"))
+    completion_only_loss: bool = Field(True, description="loss on the completion tokens only (off: on the prompt too)")
 
 
 class RewardStage(TrainedStage):
@@ -241,30 +262,32 @@ class RewardStage(TrainedStage):
     produces: ClassVar[str] = REWARD_MODEL
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": (CAUSAL_LM, REWARD_MODEL),
                                                         "tokenizer": (TOKENIZER, CAUSAL_LM)}
-    kind: Literal["reward"]
-    tokenizer: str | None = None
-    center_rewards_coefficient: float | None = None
+    kind: Literal["reward"] = Field(description="`reward`")
+    tokenizer: str | None = Field(None, description="tokenizer artifact or folder (default: the model's)")
+    center_rewards_coefficient: float | None = Field(None, description=(
+        "TRL's penalty pulling the mean reward towards 0 (null: off)"))
 
 
 class DpoStage(TrainedStage):
     """Direct preference optimisation (TRL DPOTrainer); reference = the input model or the base under LoRA."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
-    kind: Literal["dpo"]
-    beta: float = Field(0.1, gt=0)
-    loss_type: str = "sigmoid"
-    precompute_ref_log_probs: bool = False
+    kind: Literal["dpo"] = Field(description="`dpo`")
+    beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference (higher: closer to it)")
+    loss_type: str = Field("sigmoid", description="TRL DPO loss: sigmoid, ipo, hinge, ...")
+    precompute_ref_log_probs: bool = Field(False, description=(
+        "compute the reference's log-probs once before training (saves memory)"))
 
 
 class KtoStage(TrainedStage):
     """KTO (TRL KTOTrainer) on unpaired or paired preference data."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
-    kind: Literal["kto"]
-    beta: float = Field(0.1, gt=0)
-    loss_type: Literal["kto", "apo_zero_unpaired"] = "kto"
-    desirable_weight: float = Field(1.0, gt=0)
-    undesirable_weight: float = Field(1.0, gt=0)
+    kind: Literal["kto"] = Field(description="`kto`")
+    beta: float = Field(0.1, gt=0, description="deviation from the reference")
+    loss_type: Literal["kto", "apo_zero_unpaired"] = Field("kto", description="kto, or apo_zero_unpaired")
+    desirable_weight: float = Field(1.0, gt=0, description="weight of the desirable rows (to balance unequal counts)")
+    undesirable_weight: float = Field(1.0, gt=0, description="weight of the undesirable rows")
 
     @model_validator(mode="after")
     def _kl_batch(self):
@@ -277,7 +300,7 @@ class MergeStage(ModelStage):
     """Merge a LoRA adapter artifact into its base, writing a full model."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
-    kind: Literal["merge"]
+    kind: Literal["merge"] = Field(description="`merge`")
 
 
 class ExportStage(ModelStage):
@@ -285,7 +308,7 @@ class ExportStage(ModelStage):
 
     produces: ClassVar[str] = GGUF
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
-    kind: Literal["export"]
+    kind: Literal["export"] = Field(description="`export`")
     format: Literal["gguf"] = Field("gguf", description="file format: GGUF, which llama.cpp and Ollama run")
     quant: Literal["f16", "q8_0", "q4_k_m"] = Field(
         "q8_0", description="f16: 16-bit floats; q8_0: 8-bit (about half the size, nearly lossless); q4_k_m: llama.cpp "
@@ -300,10 +323,12 @@ class ExportStage(ModelStage):
 class RuleReward(Strict):
     """A rule-based reward computed from the data: exact match on a known answer, or a length penalty."""
 
-    type: Literal["exact_match", "contains_answer", "length_penalty"]
-    field: str = "answer"
-    weight: float = 1.0
-    target_length: int | None = None
+    type: Literal["exact_match", "contains_answer", "length_penalty"] = Field(description=(
+        "exact_match: 1 when the completion's last number equals the row's `field`; contains_answer: 1 when "
+        "`field` occurs in it; length_penalty: -(characters beyond `target_length`) / target_length"))
+    field: str = Field("answer", description="the data column holding the answer")
+    weight: float = Field(1.0, description="this rule's reward is multiplied by it; the rules are summed")
+    target_length: int | None = Field(None, description="length_penalty: characters allowed before the penalty starts")
 
 
 class PpoStage(TrainedStage):
@@ -311,41 +336,49 @@ class PpoStage(TrainedStage):
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL, "reward_model": (REWARD_MODEL,),
                                                         "value_model": (REWARD_MODEL,)}
-    kind: Literal["ppo"]
-    reward_model: str
+    kind: Literal["ppo"] = Field(description="`ppo`")
+    reward_model: str = Field(description=(
+        "`reward` stage artifact (or sequence-classification folder) scoring each (prompt, response); another "
+        "tokenizer than the policy's is handled by decoding and re-encoding"))
     value_model: str | None = Field(default=None, description="critic init; default: the reward model")
     value_head: bool = Field(False, description="a linear value head on the policy instead of a critic")
-    rewards: list[RuleReward] = Field(default_factory=list)
-    total_episodes: int = Field(256, gt=0)
-    rollout_batch_size: int = Field(16, gt=0)
-    mini_batch_size: int = Field(8, gt=0)
-    ppo_epochs: int = Field(2, gt=0)
+    rewards: list[RuleReward] = Field(default_factory=list, description=(
+        "rule rewards added to the reward model's score"))
+    total_episodes: int = Field(256, gt=0, description=(
+        "sampled responses in the run; steps = total_episodes / rollout_batch_size"))
+    rollout_batch_size: int = Field(16, gt=0, description="prompts sampled per PPO step (shared by all processes)")
+    mini_batch_size: int = Field(8, gt=0, description="episodes per optimiser step (shared by all processes)")
+    ppo_epochs: int = Field(2, gt=0, description="passes over each rollout batch")
     forward_batch_size: int = Field(8, gt=0, description="episodes per forward pass, grouped by prompt length: "
                                     "the no-grad scoring passes (old and reference log-probs, values, reward "
                                     "scores) and, in one process, the update's forward/backward pieces (gradients "
                                     "accumulate to the minibatch's); smaller: less memory and padding (1-2 is "
                                     "fastest on CPU at a real vocabulary), larger: fewer calls (tiny models, GPUs)")
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    top_k: int = Field(0, ge=0)
-    top_p: float = Field(1.0, gt=0, le=1)
-    gamma: float = Field(1.0, ge=0, le=1)
-    lam: float = Field(0.95, ge=0, le=1)
-    clip_range: float = Field(0.2, gt=0)
-    clip_range_value: float = Field(0.2, gt=0)
-    vf_coef: float = Field(0.1, ge=0)
-    kl_coef: float = Field(0.05, ge=0)
-    kl_estimator: Literal["k1", "k2", "k3"] = "k1"
-    adaptive_kl: bool = False
-    target_kl: float = Field(6.0, gt=0)
-    kl_horizon: int = Field(10000, gt=0)
-    whiten_rewards: bool = False
-    reward_normalization: bool = True
-    missing_eos_penalty: float | None = 1.0
-    stop_strings: list[str] = Field(default_factory=list)
-    entropy_coef: float = Field(0.0, ge=0)
-    value_learning_rate: float | None = Field(default=None, gt=0)
-    eval_prompts: int = Field(64, gt=0)
+    max_new_tokens: int = Field(32, gt=0, description="response length limit")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use the same")
+    top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0: all)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1: all)")
+    gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda")
+    clip_range: float = Field(0.2, gt=0, description="PPO ratio clip")
+    clip_range_value: float = Field(0.2, gt=0, description="value clip")
+    vf_coef: float = Field(0.1, ge=0, description="weight of the value loss")
+    kl_coef: float = Field(0.05, ge=0, description="per-token KL penalty coefficient (initial value when adaptive)")
+    kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description=(
+        "k1 = log r, k2 = (log r)^2 / 2, k3 = exp(-log r) - 1 + log r"))
+    adaptive_kl: bool = Field(False, description="Ziegler et al.'s adaptive KL coefficient")
+    target_kl: float = Field(6.0, gt=0, description="adaptive KL: the KL the coefficient steers towards")
+    kl_horizon: int = Field(10000, gt=0, description="adaptive KL: horizon of the coefficient's updates")
+    whiten_rewards: bool = Field(False, description="whiten the per-token rewards (mean kept)")
+    reward_normalization: bool = Field(True, description="standardise sequence scores within each rollout batch")
+    missing_eos_penalty: float | None = Field(1.0, description=(
+        "subtracted from the score of a response that hit max_new_tokens without EOS (null: off)"))
+    stop_strings: list[str] = Field(default_factory=list, description=(
+        "responses are cut after the first stop string (as after EOS); tokens after it are masked"))
+    entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
+    value_learning_rate: float | None = Field(default=None, gt=0, description=(
+        "critic learning rate (null: `train.learning_rate`)"))
+    eval_prompts: int = Field(64, gt=0, description="held-out prompts used for the before/after metrics")
     eval_samples: int = Field(4, gt=0, description="answers sampled per held-out prompt for the sampled reward, "
                                                    "exact match and KL, before and after training")
 
@@ -354,13 +387,16 @@ class OnlineRLStage(TrainedStage):
     """Fields shared by TRL's online trainers (GRPO, RLOO)."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL, "reward_model": (REWARD_MODEL,)}
-    reward_model: str | None = None
-    rewards: list[RuleReward] = Field(default_factory=list)
-    num_generations: int = Field(4, ge=2)
-    max_new_tokens: int = Field(32, gt=0)
-    temperature: float = Field(1.0, gt=0)
-    beta: float = Field(0.04, ge=0)
-    eval_prompts: int = Field(64, gt=0)
+    reward_model: str | None = Field(None, description=(
+        "`reward` stage artifact (or sequence-classification folder); scored with its own tokenizer"))
+    rewards: list[RuleReward] = Field(default_factory=list, description=(
+        "rule rewards, summed into one TRL reward function (at least one of these two is required)"))
+    num_generations: int = Field(4, ge=2, description=(
+        "completions per prompt (the group); batch_size x grad_accum x processes must be a multiple"))
+    max_new_tokens: int = Field(32, gt=0, description="completion length limit, also for the held-out answers")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature")
+    beta: float = Field(0.04, ge=0, description="KL coefficient against the reference model (0: no reference kept)")
+    eval_prompts: int = Field(64, gt=0, description="held-out prompts used for the before/after metrics")
     eval_samples: int = Field(4, gt=0, description="answers sampled per held-out prompt for the sampled reward and "
                                                    "exact match, before and after training")
 
@@ -374,26 +410,27 @@ class OnlineRLStage(TrainedStage):
 class GrpoStage(OnlineRLStage):
     """Group-relative policy optimisation (TRL GRPOTrainer)."""
 
-    kind: Literal["grpo"]
+    kind: Literal["grpo"] = Field(description="`grpo`")
 
 
 class RlooStage(OnlineRLStage):
     """REINFORCE leave-one-out (TRL RLOOTrainer)."""
 
-    kind: Literal["rloo"]
+    kind: Literal["rloo"] = Field(description="`rloo`")
 
 
 class EvalSection(Strict):
     """One evaluation: which metric, on which data."""
 
-    metric: Literal["perplexity", "pairwise_accuracy", "win_rate", "exact_match", "lm_eval"]
-    data: DataSection | None = None
-    reward_model: str | None = None
-    reference: str | None = None
-    tasks: list[str] = Field(default_factory=list)
-    include_path: str | None = None
-    limit: int | None = Field(default=None, gt=0)
-    max_new_tokens: int = Field(32, gt=0)
+    metric: Literal["perplexity", "pairwise_accuracy", "win_rate", "exact_match", "lm_eval"] = Field(description=(
+        "what to measure (docs/evaluation.md)"))
+    data: DataSection | None = Field(None, description="held-out rows (null: the evaluated artifact's own eval data)")
+    reward_model: str | None = Field(None, description="win_rate: the reward model that judges")
+    reference: str | None = Field(None, description="win_rate: the policy to compare against")
+    tasks: list[str] = Field(default_factory=list, description="lm_eval: task names (local YAML tasks included)")
+    include_path: str | None = Field(None, description="lm_eval: a folder of extra task YAMLs")
+    limit: int | None = Field(default=None, gt=0, description="at most this many rows (lm_eval: per task)")
+    max_new_tokens: int = Field(32, gt=0, description="greedy answer length for exact_match and win_rate")
 
 
 class EvaluateStage(ModelStage):
@@ -403,41 +440,43 @@ class EvaluateStage(ModelStage):
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": (CAUSAL_LM, REWARD_MODEL),
                                                         "evals.reward_model": (REWARD_MODEL,),
                                                         "evals.reference": (CAUSAL_LM,)}
-    kind: Literal["evaluate"]
-    evals: list[EvalSection] = Field(min_length=1)
-    batch_size: int = Field(16, gt=0)
+    kind: Literal["evaluate"] = Field(description="`evaluate`")
+    evals: list[EvalSection] = Field(min_length=1, description="the evaluations to run")
+    batch_size: int = Field(16, gt=0, description="rows per forward pass")
 
 
 class ParallelismSection(Strict):
     """Accelerate ParallelismConfig sizes; -1 on dp_shard means 'the rest'."""
 
-    dp_replicate: int = Field(1, ge=1)
-    dp_shard: int = Field(1, ge=-1)
-    tp: int = Field(1, ge=1)
-    cp: int = Field(1, ge=1)
+    dp_replicate: int = Field(1, ge=1, description="data-parallel replicas")
+    dp_shard: int = Field(1, ge=-1, description="FSDP shards (-1: the processes left over)")
+    tp: int = Field(1, ge=1, description="tensor-parallel size")
+    cp: int = Field(1, ge=1, description="context-parallel size")
 
 
 class Defaults(Strict):
     """Sections merged into every stage that has them; a stage's own values win."""
 
-    train: dict[str, Any] = Field(default_factory=dict)
-    lora: dict[str, Any] | None = None
+    train: dict[str, Any] = Field(default_factory=dict, description="`train:` keys every trainable stage starts from")
+    lora: dict[str, Any] | None = Field(None, description="`lora:` keys merged into every stage that sets `lora`")
 
 
 class RecipeHeader(Strict):
     """Recipe-level fields; `stages` is validated per stage kind by `pipeline.recipe`."""
 
-    name: str
-    description: str | None = None
-    output_dir: str | None = None
-    seed: int = 42
-    license: str = "apache-2.0"
-    defaults: Defaults = Field(default_factory=Defaults)
-    push_to_hub: HubTarget | None = None
-    parallelism: ParallelismSection | None = None
+    name: str = Field(description="the recipe's name: the output folder's default name and the card's prefix")
+    description: str | None = Field(None, description="free text for people")
+    output_dir: str | None = Field(None, description="where artifacts go (default: outputs/<name>)")
+    seed: int = Field(42, description="every stage's seed, unless the stage sets its own")
+    license: str = Field("apache-2.0", description="license in every model card")
+    defaults: Defaults = Field(default_factory=Defaults, description="sections merged into every stage that has them")
+    push_to_hub: HubTarget | None = Field(None, description="push every stage to this repo, one branch per stage")
+    parallelism: ParallelismSection | None = Field(None, description=(
+        "Accelerate ParallelismConfig sizes (docs/scaling.md)"))
     report_to: Tracker | list[Tracker] = Field(default="none", description="every stage's trackers unless the "
                                                "stage sets its own; " + REPORT_TO_HELP)
-    stages: dict[str, dict[str, Any]]
+    stages: dict[str, dict[str, Any]] = Field(description=(
+        "stage name -> its settings (`kind:` and that kind's fields), run in dependency order"))
 
     _hub = field_validator("push_to_hub", mode="before")(lambda cls, v: _hub_shorthand(v))
 
