@@ -16,7 +16,6 @@ import os
 import re
 import shutil
 import time
-from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Callable
@@ -26,7 +25,7 @@ import yaml
 from pipeline.errors import SecurityError
 from pipeline.recipe import Recipe, looks_local
 from pipeline.schema import StageBase
-from pipeline.stage import StageResult
+from pipeline.stage import Artifact, StageResult
 
 log = logging.getLogger("pipeline")
 
@@ -143,26 +142,6 @@ def scrub(value: Any) -> Any:
 
 
 # -------------------------------------------------------------------------------------------------------- reading
-
-
-@dataclass
-class Artifact:
-    """A complete artifact folder and its manifest."""
-
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def fingerprint(self) -> str:
-        return self.manifest["fingerprint"]
-
-    @property
-    def produces(self) -> str:
-        return self.manifest.get("produces", "causal-lm")
-
-    @property
-    def is_adapter(self) -> bool:
-        return (self.path / "adapter_config.json").exists()
 
 
 def read_manifest(folder: Path) -> dict[str, Any] | None:

@@ -331,7 +331,20 @@ class RuleReward(Strict):
     target_length: int | None = Field(None, description="length_penalty: characters allowed before the penalty starts")
 
 
-class PpoStage(TrainedStage):
+class RLStage(TrainedStage):
+    """Fields every online RL stage has (PPO, GRPO, RLOO): rule rewards, sampling, and the held-out measurement."""
+
+    rewards: list[RuleReward] = Field(default_factory=list, description=(
+        "rule rewards, added to the reward model's score (GRPO/RLOO: at least one of the two is required)"))
+    max_new_tokens: int = Field(32, gt=0, description="response length limit, also for the held-out greedy answers")
+    temperature: float = Field(1.0, gt=0, description="sampling temperature (PPO's log-probs use the same)")
+    eval_prompts: int = Field(64, gt=0, description="held-out prompts used for the before/after metrics")
+    eval_samples: int = Field(4, gt=0, description=(
+        "answers sampled per held-out prompt for the sampled reward, exact match and (PPO) KL, before and after "
+        "training"))
+
+
+class PpoStage(RLStage):
     """Our PPO on Accelerate: policy (+value head or critic), frozen reference, learned reward model."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL, "reward_model": (REWARD_MODEL,),
@@ -342,8 +355,6 @@ class PpoStage(TrainedStage):
         "tokenizer than the policy's is handled by decoding and re-encoding"))
     value_model: str | None = Field(default=None, description="critic init; default: the reward model")
     value_head: bool = Field(False, description="a linear value head on the policy instead of a critic")
-    rewards: list[RuleReward] = Field(default_factory=list, description=(
-        "rule rewards added to the reward model's score"))
     total_episodes: int = Field(256, gt=0, description=(
         "sampled responses in the run; steps = total_episodes / rollout_batch_size"))
     rollout_batch_size: int = Field(16, gt=0, description="prompts sampled per PPO step (shared by all processes)")
@@ -354,8 +365,6 @@ class PpoStage(TrainedStage):
                                     "scores) and, in one process, the update's forward/backward pieces (gradients "
                                     "accumulate to the minibatch's); smaller: less memory and padding (1-2 is "
                                     "fastest on CPU at a real vocabulary), larger: fewer calls (tiny models, GPUs)")
-    max_new_tokens: int = Field(32, gt=0, description="response length limit")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature; log-probs use the same")
     top_k: int = Field(0, ge=0, description="sample from the k most likely tokens (0: all)")
     top_p: float = Field(1.0, gt=0, le=1, description="nucleus sampling mass (1: all)")
     gamma: float = Field(1.0, ge=0, le=1, description="GAE discount")
@@ -378,27 +387,17 @@ class PpoStage(TrainedStage):
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
     value_learning_rate: float | None = Field(default=None, gt=0, description=(
         "critic learning rate (null: `train.learning_rate`)"))
-    eval_prompts: int = Field(64, gt=0, description="held-out prompts used for the before/after metrics")
-    eval_samples: int = Field(4, gt=0, description="answers sampled per held-out prompt for the sampled reward, "
-                                                   "exact match and KL, before and after training")
 
 
-class OnlineRLStage(TrainedStage):
+class OnlineRLStage(RLStage):
     """Fields shared by TRL's online trainers (GRPO, RLOO)."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL, "reward_model": (REWARD_MODEL,)}
     reward_model: str | None = Field(None, description=(
         "`reward` stage artifact (or sequence-classification folder); scored with its own tokenizer"))
-    rewards: list[RuleReward] = Field(default_factory=list, description=(
-        "rule rewards, summed into one TRL reward function (at least one of these two is required)"))
     num_generations: int = Field(4, ge=2, description=(
         "completions per prompt (the group); batch_size x grad_accum x processes must be a multiple"))
-    max_new_tokens: int = Field(32, gt=0, description="completion length limit, also for the held-out answers")
-    temperature: float = Field(1.0, gt=0, description="sampling temperature")
     beta: float = Field(0.04, ge=0, description="KL coefficient against the reference model (0: no reference kept)")
-    eval_prompts: int = Field(64, gt=0, description="held-out prompts used for the before/after metrics")
-    eval_samples: int = Field(4, gt=0, description="answers sampled per held-out prompt for the sampled reward and "
-                                                   "exact match, before and after training")
 
     @model_validator(mode="after")
     def _some_reward(self):

@@ -1,22 +1,39 @@
 """The stage contract, a leaf every stage module imports: `run(ctx: StageContext) -> StageResult`.
 
 A stage kind is a module under `pipeline/stages/` with that `run` function, registered with its config class in
-`pipeline.registry`; `pipeline.runner` builds the context, calls `run` and turns the result into an artifact
-(`pipeline.artifacts.commit_stage`). Nothing runs at import; only the recipe's light modules are imported.
+`pipeline.registry`; `pipeline.runner` builds the context (the parents as `Artifact`s), calls `run` and turns the
+result into an artifact (`pipeline.artifacts.commit_stage`). Nothing runs at import; it imports only the schema,
+the recipe and the console, none of which import it back.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from pipeline import schema
+from pipeline.console import Console
 from pipeline.recipe import Recipe, resolve_ref
 
-if TYPE_CHECKING:
-    from pipeline.artifacts import Artifact
-    from pipeline.attempts import AttemptLog
-    from pipeline.console import Console
+
+@dataclass
+class Artifact:
+    """A complete artifact folder and its manifest: what a stage receives of each parent (`ctx.parents`)."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def fingerprint(self) -> str:
+        return self.manifest["fingerprint"]
+
+    @property
+    def produces(self) -> str:
+        return self.manifest.get("produces", "causal-lm")
+
+    @property
+    def is_adapter(self) -> bool:
+        return (self.path / "adapter_config.json").exists()
 
 
 @dataclass
@@ -50,7 +67,7 @@ class StageContext:
     parents: dict[str, Artifact]
     seed: int
     state: Any  # accelerate.PartialState
-    attempts: AttemptLog | None = None  # this stage's attempt records: training stages report resumes and checkpoints
+    attempts: Any = None  # this stage's pipeline.attempts.AttemptLog: training stages report resumes and checkpoints
     console: Console | None = None  # the person's terminal: progress displays and the few lines meant for them
 
     def resolve(self, value: str | None) -> str | None:
