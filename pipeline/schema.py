@@ -315,6 +315,9 @@ class PpoStage(TrainedStage):
     reward_model: str
     value_model: str | None = Field(default=None, description="critic init; default: the reward model")
     value_head: bool = Field(False, description="a linear value head on the policy instead of a critic")
+    value_lora: bool = Field(False, description="train the critic as LoRA adapters (the stage's `lora:` settings, or "
+                                                "their defaults) and its score head instead of all its weights: "
+                                                "no optimiser state for its backbone (~1 GB less at 135M)")
     rewards: list[RuleReward] = Field(default_factory=list)
     total_episodes: int = Field(256, gt=0)
     rollout_batch_size: int = Field(16, gt=0)
@@ -348,6 +351,12 @@ class PpoStage(TrainedStage):
     eval_prompts: int = Field(64, gt=0)
     eval_samples: int = Field(4, gt=0, description="answers sampled per held-out prompt for the sampled reward, "
                                                    "exact match and KL, before and after training")
+
+    @model_validator(mode="after")
+    def _one_kind_of_critic(self):
+        if self.value_head and self.value_lora:
+            raise ValueError("`value_lora: true` adapts a separate critic, `value_head: true` has none: set one of them")
+        return self
 
 
 class OnlineRLStage(TrainedStage):
