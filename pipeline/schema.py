@@ -355,6 +355,9 @@ class PpoStage(RLStage):
         "tokenizer than the policy's is handled by decoding and re-encoding"))
     value_model: str | None = Field(default=None, description="critic init; default: the reward model")
     value_head: bool = Field(False, description="a linear value head on the policy instead of a critic")
+    value_lora: bool = Field(False, description="train the critic as LoRA adapters (the stage's `lora:` settings, or "
+                                                "their defaults) and its score head instead of all its weights: "
+                                                "no optimiser state for its backbone (~1 GB less at 135M)")
     total_episodes: int = Field(256, gt=0, description=(
         "sampled responses in the run; steps = total_episodes / rollout_batch_size"))
     rollout_batch_size: int = Field(16, gt=0, description="prompts sampled per PPO step (shared by all processes)")
@@ -387,6 +390,12 @@ class PpoStage(RLStage):
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
     value_learning_rate: float | None = Field(default=None, gt=0, description=(
         "critic learning rate (null: `train.learning_rate`)"))
+
+    @model_validator(mode="after")
+    def _one_kind_of_critic(self):
+        if self.value_head and self.value_lora:
+            raise ValueError("`value_lora: true` adapts a separate critic, `value_head: true` has none: set one of them")
+        return self
 
 
 class OnlineRLStage(RLStage):

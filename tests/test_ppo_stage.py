@@ -214,3 +214,38 @@ def test_update_in_micro_batches_equals_one_forward(tmp_path, tiny, lora):
         for key in ("reward/mean", "kl", "loss/policy", "loss/value", "policy/entropy"):
             assert a[key] == pytest.approx(b[key], abs=1e-5), key
     assert max((a - b).abs().max().item() for a, b in zip(whole_weights, micro_weights)) < 1e-5
+
+
+def test_lora_critic_trains_only_adapters_and_its_head(tmp_path, tiny):
+    """`value_lora: true`: the critic's backbone stays frozen (no optimiser state for it), its LoRA weights and
+    score head train, and the stage runs to an artifact."""
+    from pipeline import schema
+    from pipeline.models import load_reward_model
+    from pipeline.rl import trainer as tr
+    from pipeline.stages import ppo
+
+    critic = tr.Critic(ppo.critic_lora(load_reward_model(str(tiny / "reward")), schema.LoraSection(r=4)))
+    trainable = [name for name, p in critic.named_parameters() if p.requires_grad]
+    assert trainable and all("lora_" in name or "score" in name for name in trainable)
+    assert any("score" in name for name in trainable)
+    frozen = sum(p.numel() for p in critic.parameters() if not p.requires_grad)
+    assert frozen > sum(p.numel() for p in critic.parameters() if p.requires_grad)
+    artifact = run(write_recipe(tmp_path, tiny, lora={"r": 4, "alpha": 8, "dropout": 0.0}, value_lora=True))
+    history = artifact.manifest["log_history"]
+    assert [h["step"] for h in history] == [1, 2] and all(h["loss/value"] > 0 for h in history)
+
+
+def test_explicit_bf16_runs_on_cpu(tmp_path, tiny):
+    """`train.mixed_precision: bf16` holds on CPU (autocast), `auto` stays full precision there; a bf16 run's
+    losses are finite."""
+    from pipeline.rl import trainer as tr
+
+    if torch.cuda.is_available():
+        pytest.skip("checks the CPU rule")
+    assert tr.mixed_precision("auto") == "no" and tr.mixed_precision("fp16") == "no"
+    assert tr.mixed_precision("bf16") == "bf16"
+    artifact = run(write_recipe(tmp_path, tiny, train={"learning_rate": 1e-3, "save_steps": 1,
+                                                       "mixed_precision": "bf16"}))
+    history = artifact.manifest["log_history"]
+    assert len(history) == 2
+    assert all(torch.isfinite(torch.tensor([h["loss/policy"], h["loss/value"], h["kl"]])).all() for h in history)

@@ -30,11 +30,13 @@ CHECKPOINT = "ppo-checkpoint.pt"
 
 
 class Critic(torch.nn.Module):
-    """Per-token values from a sequence-classification model's backbone and its `score` head."""
+    """Per-token values from a sequence-classification model's backbone and its `score` head. Given a peft model
+    (LoRA on the backbone, the head in `modules_to_save`), it keeps the model peft wraps, whose layers carry the
+    adapters and the trainable head."""
 
     def __init__(self, model):
         super().__init__()
-        self.model = model
+        self.model = model.get_base_model() if hasattr(model, "get_base_model") else model
         self._no_split_modules = getattr(model, "_no_split_modules", None)  # FSDP shards the model's layers
 
     def forward(self, batch: ro.Rollout) -> torch.Tensor:
@@ -85,9 +87,23 @@ class TrainState:
 
 
 def mixed_precision(setting: str) -> str:
-    """Accelerate's mixed precision for PPO: `train.mixed_precision` (see models.mixed_precision), 'no' on CPU."""
-    return models.mixed_precision(setting) if torch.cuda.is_available() else "no"
+    """Accelerate's mixed precision for PPO: `train.mixed_precision` resolved as every stage does
+    (models.mixed_precision: `auto` is bf16 on a GPU that has it); an explicit `bf16` holds on CPU too (CPU autocast;
+    fast where the CPU has bf16 matrix units, e.g. AVX512-BF16 or AMX); `fp16` needs a GPU and falls back to full
+    precision without one."""
+    mode = models.mixed_precision(setting)
+    return "no" if mode == "fp16" and not torch.cuda.is_available() else mode
 
+
+
+def release_other_precision(precision: str) -> None:
+    """Accelerate keeps one process-wide state whose mixed precision cannot change; an earlier stage of the same
+    run (a Trainer under another `mixed_precision`) may have set it. Forget that state, keeping the process group."""
+    from accelerate.state import AcceleratorState
+
+    current = AcceleratorState._shared_state.get("_mixed_precision")
+    if current is not None and current != precision:
+        AcceleratorState._reset_state(reset_partial_state=False)
 
 
 class PPOTrainer:
@@ -101,8 +117,10 @@ class PPOTrainer:
 
         self.cfg, self.m, self.work_dir, self.seed = cfg, models, work_dir, seed
         self.tracker_config = tracker_config
-        self.accelerator = Accelerator(mixed_precision=mixed_precision(cfg.train.mixed_precision),
-                                       gradient_accumulation_steps=1, log_with=trackers or None)
+        precision = mixed_precision(cfg.train.mixed_precision)
+        release_other_precision(precision)
+        self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=1,
+                                       log_with=trackers or None)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.sharded = is_sharded(self.accelerator)  # FSDP: no rank holds whole weights
         self.rows = train_rows

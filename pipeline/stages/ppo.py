@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import data as data_lib
-from pipeline import faults, models, parallel, tracking, training
+from pipeline import faults, models, parallel, schema, tracking, training
 from pipeline.errors import PipelineError
 from pipeline.eval import answers, measures
 from pipeline.rl import rollout as ro
@@ -40,9 +40,16 @@ def build_models(ctx: StageContext, policy, tokenizer) -> tr.Models:
     else:
         critic_model = models.load_reward_model(ctx.resolve(cfg.value_model) or reward_path)
         critic_model.config.pad_token_id = tokenizer.pad_token_id
-        critic = tr.Critic(critic_model)
+        critic = tr.Critic(critic_lora(critic_model, cfg.lora) if cfg.value_lora else critic_model)
     return tr.Models(policy=policy, critic=critic, reward=reward, tokenizer=tokenizer, reference=reference,
                      reward_tokenizer=None if same_vocab else reward_tokenizer)
+
+
+def critic_lora(critic_model, section: schema.LoraSection | None):
+    """The critic with LoRA adapters on its backbone and a trainable copy of its score head (peft's SEQ_CLS task)."""
+    from peft import get_peft_model
+
+    return get_peft_model(critic_model, models.lora_config(section or schema.LoraSection(), task_type="SEQ_CLS"))
 
 
 def evaluate(policy, m: tr.Models, rows: list[dict[str, Any]], cfg, seed: int, synced: bool = False,
