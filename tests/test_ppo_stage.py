@@ -249,3 +249,30 @@ def test_explicit_bf16_runs_on_cpu(tmp_path, tiny):
     history = artifact.manifest["log_history"]
     assert len(history) == 2
     assert all(torch.isfinite(torch.tensor([h["loss/policy"], h["loss/value"], h["kl"]])).all() for h in history)
+
+
+def test_reward_model_under_a_lora_critic_stays_frozen(tiny):
+    """`value_lora` with the critic starting from the reward model keeps one copy of the weights: the reward model
+    is the critic's adapters-off view, and its scores stay the original model's however the adapters and the
+    critic's score head change."""
+    from pipeline import schema
+    from pipeline.models import load_reward_model
+    from pipeline.rl import trainer as tr
+    from pipeline.stages import ppo
+
+    original = load_reward_model(str(tiny / "reward"))
+    adapted = ppo.critic_lora(load_reward_model(str(tiny / "reward")), schema.LoraSection(r=4))
+    critic, reward = tr.Critic(adapted), tr.WithoutAdapters(adapted)
+    with torch.no_grad():
+        for name, param in critic.named_parameters():
+            if param.requires_grad:  # as if trained: adapters and the score head's trainable copy move
+                param.add_(torch.randn_like(param))
+    ids = torch.randint(3, 100, (2, 9))
+    with torch.no_grad():
+        adapters_on = adapted(input_ids=ids).logits
+        assert torch.allclose(reward(input_ids=ids).logits, original(input_ids=ids).logits, atol=1e-6)
+    assert not torch.allclose(adapters_on, original(input_ids=ids).logits, atol=1e-3)
+    shared = {id(p) for p in critic.parameters()}
+    assert all(id(p) in shared for p in reward.parameters())  # no second copy
+    reward.requires_grad_(False).eval().to("cpu")  # what the trainer does to frozen models: the critic still trains
+    assert any(p.requires_grad for p in critic.parameters())

@@ -48,6 +48,32 @@ class Critic(torch.nn.Module):
         return self.model.score(hidden[:, start:start + batch.response.shape[1]]).squeeze(-1).float()
 
 
+class WithoutAdapters:
+    """A peft model seen with its adapters off: the frozen model it was made from. Under `value_lora` the critic is
+    the reward model plus LoRA adapters, so the reward model costs no second copy of the weights. Not a module:
+    freezing, moving or switching modes of "the reward model" must not touch the critic's adapters."""
+
+    def __init__(self, peft_model):
+        self.peft_model = peft_model
+        self.config = peft_model.config
+
+    def __call__(self, *args, **kwargs):
+        with self.peft_model.disable_adapter():
+            return self.peft_model(*args, **kwargs)
+
+    def parameters(self):
+        return self.peft_model.parameters()
+
+    def requires_grad_(self, requires_grad: bool = True) -> "WithoutAdapters":
+        return self  # the adapters train with the critic; the rest is frozen by peft already
+
+    def eval(self) -> "WithoutAdapters":
+        return self
+
+    def to(self, *args, **kwargs) -> "WithoutAdapters":
+        return self  # the critic (the same weights) is placed by Accelerate
+
+
 class ValueHead(torch.nn.Module):
     """A linear value head on the policy's last hidden state (shares the policy's trunk)."""
 

@@ -37,6 +37,9 @@ def build_models(ctx: StageContext, policy, tokenizer) -> tr.Models:
         reference = tr.reference_copy(policy)
     if cfg.value_head:
         critic = tr.ValueHead(policy)
+    elif cfg.value_lora and same_vocab and ctx.resolve(cfg.value_model) in (None, reward_path):
+        adapted = critic_lora(reward, cfg.lora)  # one copy of the weights: the reward model is the adapters-off view
+        critic, reward = tr.Critic(adapted), tr.WithoutAdapters(adapted)
     else:
         critic_model = models.load_reward_model(ctx.resolve(cfg.value_model) or reward_path)
         critic_model.config.pad_token_id = tokenizer.pad_token_id
@@ -128,6 +131,10 @@ def refuse_sharding(ctx: StageContext) -> None:
         raise PipelineError(f"the ppo stage does not run under {sharding}", key=f"stages.{ctx.name}",
                             fix="launch it with FSDP2 (recipes/accelerate/fsdp2.yaml) or DDP; run the other "
                                 "stages with this launch and ppo separately with `--only`")
+    if ctx.config.value_lora:
+        raise PipelineError("value_lora: true shares the reward model's weights with the critic, which FSDP shards",
+                            key=f"stages.{ctx.name}.value_lora",
+                            fix="under FSDP leave value_lora off (a fully trained critic), or launch with DDP")
     if ctx.config.value_head:
         raise PipelineError("value_head: true shares the policy's trunk, which FSDP shards as a separate model",
                             key=f"stages.{ctx.name}.value_head",
