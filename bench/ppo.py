@@ -1,8 +1,9 @@
 """Benchmark: our PPO (pipeline.rl) against the old-TRL PPOTrainer anchor at the same settings, in one job.
 
-Launch: `.venv/bin/python bench/ppo.py [--only tiny|smollm2] [--steps N] [--quick]` (from the repo root; writes
-bench/results/ppo.json and bench/results/ppo.md; `--only` keeps the other part's stored results, `--quick` writes
-nothing and only proves every side runs).
+Launch: `.venv/bin/python bench/ppo.py [--only tiny|smollm2] [--steps N] [--quick] [--tables-only]` (from the repo
+root; writes bench/results/ppo.json and bench/results/ppo.md and the README's SmolLM2 block; `--only` keeps the other
+part's stored results, `--quick` writes nothing and only proves every side runs, `--tables-only` runs nothing and
+rewrites the tables from ppo.json).
 
 tiny: as in ../shared/anchors/old_trl_ppo.py: random-init tiny Llama with a local BPE tokenizer, hidden 128 / 2
 layers and 512 / 4 layers, 128 episodes, batch 8, response length 32, one PPO epoch, separate value and reward
@@ -544,21 +545,33 @@ README_ROWS = {"ours_lean": "ours: bf16, `value_lora`", "ours": "ours: full prec
 def readme_table(smol: dict) -> str:
     """The README's short form of the SmolLM2-sized rows: speed, memory and the ratios, from the results."""
     runs = smol["runs"]
-    before, anchor = runs.get("baseline", {}), runs.get("anchor", {})
+    before = runs.get("baseline", {})
     lines = [f"PPO at SmolLM2-135M's size and 49,152-token vocabulary (random init; rollout "
              f"{smol['settings']['rollout_batch_size']}, {smol['settings']['max_new_tokens']} new tokens, "
              f"{smol['settings']['ppo_epochs']} PPO epochs; `python bench/ppo.py --only smollm2`, "
              "[bench/results/ppo.md](bench/results/ppo.md)):", "",
-             "| side | episodes/s | peak RSS | x before | x old TRL |", "|---|---|---|---|---|"]
+             "| side | episodes/s | peak RSS | x before | x old TRL (same precision) |", "|---|---|---|---|---|"]
     for key, name in README_ROWS.items():
         run = runs.get(key, {})
         if "episodes_per_s" not in run:
             continue
+        anchor = runs.get("anchor_bf16" if key == "ours_lean" else "anchor", {})
         ratios = [f"{run['episodes_per_s'] / other['episodes_per_s']:.2f}x" if "episodes_per_s" in other
                   and key.startswith("ours") else "-" for other in (before, anchor)]
         lines.append(f"| {name} | {run['episodes_per_s']:.3f} | {run['peak_rss_mib'] / 1024:.2f} GiB | "
                      f"{ratios[0]} | {ratios[1]} |")
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + ["", goals_line(runs)]) + "\n"
+
+
+def goals_line(runs: dict) -> str:
+    """The issue's goals for the lean side (bf16, `value_lora`), held against the results."""
+    lean, before = runs.get("ours_lean", {}), runs.get("baseline", {})
+    if "episodes_per_s" not in lean or "episodes_per_s" not in before:
+        return "Goals: not measured."
+    peak, speedup = lean["peak_rss_mib"] / 1024, lean["episodes_per_s"] / before["episodes_per_s"]
+    verdict = lambda ok: "met" if ok else "not met"  # noqa: E731
+    return (f"Goals: peak RSS <= 3 GiB: {verdict(peak <= 3)} ({peak:.2f} GiB); >= 4x the pre-change code's "
+            f"episodes/s: {verdict(speedup >= 4)} ({speedup:.2f}x).")
 
 
 def update_readme(smol: dict) -> bool:
@@ -610,10 +623,18 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--only", choices=("tiny", "smollm2"), help="run one part; the other keeps its stored rows")
     parser.add_argument("--steps", type=int, default=SMOL_SETTINGS["steps"], help="PPO steps of each SmolLM2 side")
     parser.add_argument("--baseline", default=BASELINE, help="commit whose PPO code is the 'before' side ('' skips)")
+    parser.add_argument("--tables-only", action="store_true",
+                        help="rewrite ppo.md and the README block from the stored ppo.json, running nothing")
     parser.add_argument("--quick", action="store_true",
                         help="smoke run: SmolLM2 vocabulary and widths, 2 layers, 8 new tokens, 1 step; writes nothing")
     args = parser.parse_args(argv)
     out = ROOT / "bench" / "results"
+    if args.tables_only:
+        stored = json.loads((out / "ppo.json").read_text())
+        (out / "ppo.md").write_text(markdown(stored))
+        if "smollm2" in stored:
+            update_readme(stored["smollm2"])
+        return
     stored = json.loads((out / "ppo.json").read_text()) if (out / "ppo.json").exists() and args.only else {}
     results = {k: v for k, v in stored.items() if k != "machine"}
     if args.only != "smollm2" and not args.quick:

@@ -11,6 +11,9 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from pipeline.eval import metrics as metric_registry
+from pipeline.rl import rewards as rule_registry
+
 REF_PATTERN = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_\-]*)\}$")
 STAGE_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
 
@@ -20,6 +23,13 @@ REPORT_TO_HELP = ("experiment trackers that receive the training curves, the run
 
 # What a stage's artifact is; a reference is accepted where the consuming key lists the producer's kind.
 TOKENIZER, CAUSAL_LM, REWARD_MODEL, REPORT, GGUF = "tokenizer", "causal-lm", "reward-model", "report", "gguf"
+
+
+def _registered(value: str, names, what: str) -> str:
+    """`value` when it names an entry of a registry, else a one-line error with the choices."""
+    if value not in names:
+        raise ValueError(f"unknown {what} '{value}': choose from {', '.join(names)}")
+    return value
 
 
 class Strict(BaseModel):
@@ -323,12 +333,15 @@ class ExportStage(ModelStage):
 class RuleReward(Strict):
     """A rule-based reward computed from the data: exact match on a known answer, or a length penalty."""
 
-    type: Literal["exact_match", "contains_answer", "length_penalty"] = Field(description=(
-        "exact_match: 1 when the completion's last number equals the row's `field`; contains_answer: 1 when "
-        "`field` occurs in it; length_penalty: -(characters beyond `target_length`) / target_length"))
+    type: str = Field(description=(
+        "a rule registered in `pipeline.rl.rewards.RULES`: " + ", ".join(rule_registry.RULES) + " (exact_match: 1 "
+        "when the completion's last number equals the row's `field`; contains_answer: 1 when `field` occurs in it; "
+        "length_penalty: -(characters beyond `target_length`) / target_length)"))
     field: str = Field("answer", description="the data column holding the answer")
     weight: float = Field(1.0, description="this rule's reward is multiplied by it; the rules are summed")
     target_length: int | None = Field(None, description="length_penalty: characters allowed before the penalty starts")
+
+    _check_registered = field_validator("type")(lambda cls, value: _registered(value, rule_registry.RULES, "reward rule"))
 
 
 class RLStage(TrainedStage):
@@ -430,8 +443,9 @@ class RlooStage(OnlineRLStage):
 class EvalSection(Strict):
     """One evaluation: which metric, on which data."""
 
-    metric: Literal["perplexity", "pairwise_accuracy", "win_rate", "exact_match", "lm_eval"] = Field(description=(
-        "what to measure (docs/evaluation.md)"))
+    metric: str = Field(description=(
+        "what to measure: a metric registered in `pipeline.eval.metrics.METRICS` ("
+        + ", ".join(metric_registry.METRICS) + ") or lm_eval (benchmarks through lm-eval); see docs/evaluation.md"))
     data: DataSection | None = Field(None, description="held-out rows (null: the evaluated artifact's own eval data)")
     reward_model: str | None = Field(None, description="win_rate: the reward model that judges")
     reference: str | None = Field(None, description="win_rate: the policy to compare against")
@@ -439,6 +453,9 @@ class EvalSection(Strict):
     include_path: str | None = Field(None, description="lm_eval: a folder of extra task YAMLs")
     limit: int | None = Field(default=None, gt=0, description="at most this many rows (lm_eval: per task)")
     max_new_tokens: int = Field(32, gt=0, description="greedy answer length for exact_match and win_rate")
+
+    _check_registered = field_validator("metric")(
+        lambda cls, value: _registered(value, (*metric_registry.METRICS, "lm_eval"), "metric"))
 
 
 class EvaluateStage(ModelStage):

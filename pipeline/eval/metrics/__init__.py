@@ -4,7 +4,7 @@ A metric file holds `measure(model, tokenizer, section, spec, batch_size) -> val
 manifest's `evaluation`), `ROLE` ('policy' or 'judge': how the artifact is loaded), `TASK` (its Hub model-index task)
 and an `evaluate.Metric` with the formula, loaded by file path so it works offline:
 `pipeline.eval.metrics.load("win_rate")` is `evaluate.load("<this folder>/win_rate.py")`.
-A new metric: a file here, its name in `METRICS` and in `schema.EvalSection.metric`.
+A new metric: a file here and its name in `METRICS` (the schema checks `metric:` against it).
 
 Used by `pipeline.eval.evals`; nothing runs at import (evaluate is imported only when a metric is loaded).
 """
