@@ -214,6 +214,8 @@ def load_reward_model(path: str, section: schema.ModelSection | None = None, num
         raise PipelineError(f"{path} is a LoRA adapter; a reward model needs full weights", key="reward_model",
                             fix="set `lora.merge: true` on the reward stage, or add a `merge` stage")
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=num_labels, **kwargs)
+    if section.gguf_file:
+        model = _dequantised(model)
     if model.config.pad_token_id is None:
         model.config.pad_token_id = model.config.eos_token_id
     return model
