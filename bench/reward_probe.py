@@ -239,7 +239,7 @@ def render(results: dict) -> str:
     curves = results.get("curves", {})
     if curves:
         lines += ["## Learning curves (the reward stage, bf16 autocast on CPU)", "",
-                  "| run | train pairs | steps x batch | held-out pairs | acc before -> after | margin before -> "
+                  "| run (mode:lr:max_length:steps) | train pairs | steps x batch | held-out pairs scored (`max_eval_rows`) | acc before -> after | margin before -> "
                   "after | train loss | train s | wall s |", "|---|---|---|---|---|---|---|---|---|"]
         for spec, r in curves.items():
             if "error" in r:
@@ -248,7 +248,7 @@ def render(results: dict) -> str:
             lines.append(f"| {spec} | {r['train_pairs']} | {r['steps']} x {r['batch']} | {r['eval_pairs']} | "
                          f"{r['eval_accuracy_before']:.3f} -> {r['eval_accuracy']:.3f} | "
                          f"{r['eval_margin_before']:.3f} -> {r['eval_margin']:.3f} | {r['train_loss']:.4f} | "
-                         f"{r['train_runtime_s']} | {r['wall_s']} |")
+                         f"{r['train_runtime_s']:.0f} | {r['wall_s']:.0f} |")
         lines += ["", "Per log step (train loss / batch accuracy over the last 5 steps):", ""]
         for spec, r in curves.items():
             if "curve" in r:
