@@ -71,7 +71,9 @@ class LoraSection(Strict):
 
     r: int = Field(16, gt=0, description="adapter rank")
     alpha: int = Field(32, gt=0, description="scaling numerator (the update is scaled by alpha / r)")
-    dropout: float = Field(0.05, ge=0, lt=1, description="dropout on the adapter's input")
+    dropout: float = Field(0.05, ge=0, lt=1, description=(
+        "dropout on the adapter's input (PPO turns dropout off, as TRL's PPOTrainer does: its importance ratio "
+        "compares the update's log-probs with the rollout's)"))
     target_modules: list[str] | Literal["all-linear"] = Field("all-linear", description=(
         "module names to adapt (e.g. [q_proj, v_proj]) or every linear layer"))
     merge: bool = Field(False, description=(

@@ -276,3 +276,84 @@ def test_reward_model_under_a_lora_critic_stays_frozen(tiny):
     assert all(id(p) in shared for p in reward.parameters())  # no second copy
     reward.requires_grad_(False).eval().to("cpu")  # what the trainer does to frozen models: the critic still trains
     assert any(p.requires_grad for p in critic.parameters())
+
+
+def test_dropout_is_off_so_the_update_starts_at_the_rollouts_log_probs(tiny):
+    """With LoRA dropout 0.5 in the recipe, the update's log-probs (training mode, autograd on) at unchanged
+    weights equal the rollout's old log-probs: the importance ratio starts at exactly 1, as in TRL's PPOTrainer."""
+    from peft import get_peft_model
+
+    from pipeline import models, schema
+    from pipeline.models import load_causal_lm, load_reward_model, load_tokenizer
+    from pipeline.rl import rollout as ro
+    from pipeline.rl import trainer as tr
+
+    tokenizer = load_tokenizer(str(tiny / "sft"))
+    policy = load_causal_lm(str(tiny / "sft"), schema.ModelSection(path=str(tiny / "sft")))
+    policy = get_peft_model(policy, models.lora_config(schema.LoraSection(r=4, dropout=0.5)))
+    critic = ppo_critic_with_dropout(tiny)
+    m = tr.Models(policy=policy, critic=critic, reward=load_reward_model(str(tiny / "reward")), tokenizer=tokenizer)
+    cfg = schema.PpoStage(kind="ppo", model="unused", reward_model="unused", data={"path": "unused"},
+                          train={"save_steps": 10 ** 6}, total_episodes=4, rollout_batch_size=4, mini_batch_size=4,
+                          max_new_tokens=5)
+    rows = [{"prompt": [{"role": "user", "content": f"Add {i} and 2."}]} for i in range(4)]
+    trainer = tr.PPOTrainer(cfg, m, rows, None)
+    assert all(mod.p == 0 for mod in list(policy.modules()) + list(critic.modules())
+               if isinstance(mod, torch.nn.Dropout))
+    batch, _ = trainer.collect()
+    policy.train()
+    logprobs, _ = ro.policy_forward(policy, batch, cfg.temperature)
+    mask = batch.response_mask.bool()
+    assert torch.allclose(logprobs[mask], batch.extra["old_logprobs"][mask], atol=1e-6)
+
+
+def ppo_critic_with_dropout(tiny: Path):
+    from pipeline import schema
+    from pipeline.models import load_reward_model
+    from pipeline.rl import trainer as tr
+    from pipeline.stages import ppo
+
+    return tr.Critic(ppo.critic_lora(load_reward_model(str(tiny / "reward")), schema.LoraSection(r=4, dropout=0.5)))
+
+
+def test_frozen_weights_stored_in_bf16_give_the_same_autocast_results():
+    """`lower_frozen_weights` stores frozen linear layers in bf16, as CPU autocast casts them at every call: the
+    logits are bit-identical, the LoRA weights and the embedding (tied to the LM head) keep float32."""
+    from peft import get_peft_model
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline import models, schema
+    from pipeline.rl import trainer as tr
+
+    torch.manual_seed(0)
+    config = LlamaConfig(vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    policy = get_peft_model(LlamaForCausalLM(config), models.lora_config(schema.LoraSection(r=4, dropout=0.0)))
+    with torch.no_grad():
+        for name, param in policy.named_parameters():
+            if "lora_B" in name:  # as if trained: the adapters change the output
+                param.normal_()
+    ids = torch.randint(0, 96, (2, 7))
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        before = policy(input_ids=ids).logits
+        assert tr.lower_frozen_weights([policy, None], torch.bfloat16) == 2 * 7  # q k v o gate up down per layer
+        after = policy(input_ids=ids).logits
+    assert torch.equal(before, after)
+    dtypes = {name: p.dtype for name, p in policy.named_parameters()}
+    assert dtypes["base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight"] == torch.bfloat16
+    assert all(dtype == torch.float32 for name, dtype in dtypes.items() if "lora_" in name or "embed" in name)
+    assert policy.get_base_model().lm_head.weight.dtype == torch.float32
+    assert tr.lower_frozen_weights([policy], torch.bfloat16) == 0  # nothing left to lower
+
+
+def test_bf16_lora_ppo_merges_into_the_exact_base(tmp_path, tiny):
+    """A bf16 PPO run that merges its adapter keeps the policy's frozen weights in float32, so the merged model's
+    untouched layers equal the starting model's bit for bit (the reference, critic and reward run lowered)."""
+    artifact = run(write_recipe(tmp_path, tiny, lora={"r": 4, "alpha": 8, "dropout": 0.0, "merge": True,
+                                                      "target_modules": ["q_proj", "v_proj"]},
+                                train={"learning_rate": 1e-3, "save_steps": 1, "mixed_precision": "bf16"}))
+    merged, start = weights(Path(artifact.path)), weights(tiny / "sft")
+    name = "model.layers.0.mlp.down_proj.weight"
+    assert merged[name].dtype == torch.float32 and torch.equal(merged[name], start[name])
+    assert not torch.equal(merged["model.layers.0.self_attn.q_proj.weight"],
+                           start["model.layers.0.self_attn.q_proj.weight"])

@@ -132,6 +132,39 @@ def release_other_precision(precision: str) -> None:
         AcceleratorState._reset_state(reset_partial_state=False)
 
 
+def disable_dropout(*holders) -> None:
+    """Dropout off in every model PPO runs, as TRL's PPOTrainer does: the rollout's log-probs come from the policy
+    in eval mode, so with dropout on in the update the importance ratio would differ from 1 at unchanged weights and
+    clipping would measure dropout noise. (It also spares drawing a dropout mask at every LoRA layer.)"""
+    for holder in holders:
+        if isinstance(holder, torch.nn.Module):
+            for module in holder.modules():
+                if isinstance(module, torch.nn.Dropout):
+                    module.p = 0.0
+
+
+def lower_frozen_weights(holders, dtype: torch.dtype) -> int:
+    """Store the frozen `nn.Linear` weights and biases of `holders` in `dtype`, the run's autocast precision, and
+    return how many layers changed. Autocast casts them to `dtype` at every call anyway, so the results are the
+    same; what goes is that cast at every forward (and generation step), the low-precision copy autograd keeps for
+    the backward pass, and half their memory. Weights tied to an embedding stay as they are (embeddings run outside
+    autocast). Everything that runs these models afterwards must run under autocast. Only frozen layers change:
+    trainable weights and optimiser states keep full precision."""
+    modules = [m for h in holders if isinstance(h, torch.nn.Module) for m in h.modules()]
+    tied = {id(m.weight) for m in modules if isinstance(m, torch.nn.Embedding)}
+    lowered = 0
+    for module in {id(m): m for m in modules}.values():
+        if not isinstance(module, torch.nn.Linear) or id(module.weight) in tied:
+            continue
+        params = [p for p in (module.weight, module.bias) if p is not None]
+        if any(p.requires_grad for p in params) or all(p.dtype == dtype for p in params):
+            continue
+        for param in params:
+            param.data = param.data.to(dtype)
+        lowered += 1
+    return lowered
+
+
 class PPOTrainer:
     """Holds models, optimisers and the KL controller; `train()` runs `total_episodes` episodes. `trackers`
     (Accelerate tracker objects, pipeline.tracking.accelerate_trackers) receive `tracker_config` once and every
@@ -149,6 +182,11 @@ class PPOTrainer:
                                        log_with=trackers or None)
         self.rank, self.world = self.accelerator.process_index, self.accelerator.num_processes
         self.sharded = is_sharded(self.accelerator)  # FSDP: no rank holds whole weights
+        disable_dropout(models.policy, models.critic, models.reference, models.reward)
+        merged_later = cfg.lora is not None and cfg.lora.merge  # the policy's base must stay exact to merge into it
+        holders = [models.critic, models.reference, models.reward] + ([] if merged_later else [models.policy])
+        self.lowered = (lower_frozen_weights(holders, torch.bfloat16) if precision == "bf16" and not self.sharded
+                        else 0)
         self.rows = train_rows
         self.prompt_ids = ro.encode_prompts(models.tokenizer, train_rows)
         self.state = TrainState()
@@ -217,8 +255,9 @@ class PPOTrainer:
         policy = self.accelerator.unwrap_model(self.m.policy)
         policy.eval()
         started = time.perf_counter()
-        batch = ro.rollout(policy, self.m.tokenizer, rows, [self.prompt_ids[i] for i in idx], cfg,
-                           synced_gpus=self.sharded)
+        with self.accelerator.autocast():  # sampling at the run's precision (bf16 halves it on a CPU with AVX512-BF16)
+            batch = ro.rollout(policy, self.m.tokenizer, rows, [self.prompt_ids[i] for i in idx], cfg,
+                               synced_gpus=self.sharded)
         times["time/generation"] = time.perf_counter() - started
         started = time.perf_counter()
         with torch.no_grad(), self.accelerator.autocast():  # no_grad, not inference_mode (FSDP2)

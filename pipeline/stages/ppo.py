@@ -193,9 +193,11 @@ def run(ctx: StageContext) -> StageResult:
     if resumed and trainer.state.before is not None:  # the starting policy was measured before the interruption
         before = trainer.state.before
     else:
-        before = trainer.state.before = evaluate(policy, m, held_out, cfg, ctx.seed, trainer.sharded)
+        with trainer.accelerator.autocast():  # at the run's precision, as training samples and scores
+            before = trainer.state.before = evaluate(policy, m, held_out, cfg, ctx.seed, trainer.sharded)
     history = trainer.train(progress=progress_display(ctx, trainer), after_checkpoint=after_checkpoint(ctx))
-    after = evaluate(policy, m, held_out, cfg, ctx.seed, trainer.sharded, kl=True)
+    with trainer.accelerator.autocast():
+        after = evaluate(policy, m, held_out, cfg, ctx.seed, trainer.sharded, kl=True)
     metrics = {"train_prompts": len(loaded.train), "eval_prompts": len(held_out), "steps": trainer.state.step,
                "episodes": trainer.state.step * cfg.rollout_batch_size}
     metrics.update({f"eval_{k}_before": v for k, v in before.items()})
