@@ -51,7 +51,7 @@ SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hi
                num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
                rms_norm_eps=1e-5)
 SMOL_SETTINGS = dict(rollout_batch_size=16, mini_batch_size=8, ppo_epochs=2, max_new_tokens=48, max_length=256,
-                     learning_rate=1e-5, steps=2, forward_batch_size=2)  # 2: fastest on CPU here (1: 4% slower, 4: 3% slower)
+                     learning_rate=1e-5, steps=2, forward_batch_size=2)  # 2: fastest on CPU here (1 and 4: ~10% slower)
 # this tree's sides: today's defaults (full precision, the critic trains every weight), bf16 autocast on CPU, and
 # bf16 with the critic as LoRA adapters + score head (`value_lora`)
 OUR_VARIANTS = {"ours": {}, "ours_bf16": {"mixed_precision": "bf16"},
@@ -576,14 +576,9 @@ def goals_line(runs: dict) -> str:
 
 def update_readme(smol: dict) -> bool:
     """Copy `readme_table` into README.md between its markers; False when the markers are missing."""
-    text = README.read_text()
-    start, end = README_MARKERS
-    if start not in text or end not in text:
-        return False
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    README.write_text(f"{head}{start}\n{readme_table(smol)}{end}{tail}")
-    return True
+    from pipeline.tools.blocks import replace_between
+
+    return replace_between(README, *README_MARKERS, readme_table(smol))
 
 
 def markdown(results: dict) -> str:
