@@ -204,14 +204,9 @@ def markdown(summary: dict) -> str:
 
 def update_readme(table: str) -> bool:
     """Copy the results table into README.md between the quickstart markers; False when the markers are missing."""
-    text = README.read_text()
-    start, end = MARKERS
-    if start not in text or end not in text:
-        return False
-    head, rest = text.split(start, 1)
-    _, tail = rest.split(end, 1)
-    README.write_text(f"{head}{start}\n{table}{end}{tail}")
-    return True
+    from pipeline.tools.blocks import replace_between
+
+    return replace_between(README, *MARKERS, table)
 
 
 def measure_seed(seed: int, out: Path) -> dict:
