@@ -9,7 +9,7 @@ from __future__ import annotations
 import re
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 from pipeline.eval import metrics as metric_registry
 from pipeline.rl import rewards as rule_registry
@@ -104,6 +104,18 @@ class DataSection(Strict):
     train_on: Literal["last_turn", "all_turns"] = Field("last_turn", description=(
         "sft: the loss is on each conversation's last assistant turn, or on every assistant turn (one "
         "prompt/completion row per turn, with the conversation before it as the prompt)"))
+    _hold_out_seed: int = PrivateAttr(default=0)  # not recipe data: the seed evaluations draw `eval_rows` with
+
+    def seeded(self, seed: int) -> "DataSection":
+        """This section for an evaluation of a stage run with `seed`: the rows `eval_rows`/`eval_fraction` hold out
+        are drawn by that seed, so the evaluation reads exactly the rows the stage held out of training."""
+        copy = self.model_copy()
+        copy._hold_out_seed = seed
+        return copy
+
+    @property
+    def hold_out_seed(self) -> int:
+        return self._hold_out_seed
 
     @field_validator("path")
     @classmethod

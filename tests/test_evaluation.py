@@ -245,3 +245,26 @@ def test_seeded_sampling_repeats_its_draws_and_leaves_the_global_stream_alone():
         second = torch.rand(4)
     assert torch.equal(first, second)
     assert torch.equal(torch.rand(3), expected_next)
+
+
+def test_evaluations_read_the_rows_a_stage_held_out(tmp_path):
+    """An artifact whose stage held `eval_rows` out of its one file is evaluated on exactly those rows (drawn by
+    the stage's seed, recorded in its manifest), not on the file's first rows, which it trained on."""
+    from pipeline import data as data_lib
+    from pipeline import schema
+    from pipeline.eval import heldout
+
+    section = schema.DataSection(path=str(ROOT / "data" / "prompts.jsonl"), eval_rows=6)
+    held = data_lib.load_data(section, "prompts", seed=3)
+    folder = tmp_path / "artifact"
+    folder.mkdir()
+    (folder / "manifest.json").write_text(json.dumps({
+        "complete": True, "fingerprint": "f", "seed": 3, "produces": "causal-lm", "held_out": held.held_out,
+        "config": {"data": section.model_dump(mode="json")}}))
+    default = heldout.default_data(folder)
+    assert default.eval_rows == 6 and default.hold_out_seed == 3
+    got = heldout.read_eval_rows(default, "prompts")
+    assert [r["prompt"] for r in got] == [r["prompt"] for r in held.eval]
+    assert len(heldout.read_eval_rows(default, "prompts", limit=2)) == 2
+    first_rows = heldout.read_eval_rows(schema.DataSection(path=section.path), "prompts", limit=6)
+    assert [r["prompt"] for r in got] != [r["prompt"] for r in first_rows]

@@ -44,12 +44,26 @@ def default_data(path: str | Path) -> schema.DataSection | None:
     data = (artifact.manifest.get("config") or {}).get("data") if artifact else None
     if not isinstance(data, dict) or not data.get("path"):
         return None
+    section = schema.DataSection(**data)
+    if data_lib.holding_out(section):  # rows held out of the stage's own file: the ones its seed drew
+        held = artifact.manifest.get("held_out") or {}
+        return section.seeded(int(held.get("seed", artifact.manifest.get("seed") or 0)))
     return schema.DataSection(path=data.get("eval_path") or data["path"], fields=data.get("fields") or {},
-                              max_rows=data.get("max_eval_rows") if data.get("eval_path") else None)
+                              max_rows=data.get("max_eval_rows") if data.get("eval_path") else None,
+                              on_bad_rows=section.on_bad_rows)
 
 
 def read_eval_rows(section: schema.DataSection, shape: str, limit: int | None = None):
-    """The held-out rows of `section` (its eval file if it has one) in `shape`, at most `limit`."""
+    """The held-out rows of `section` in `shape`, at most `limit`: its eval file or split, or the rows its
+    `eval_rows`/`eval_fraction` hold out of `path` (drawn by `section.hold_out_seed`), else the rows of `path`."""
+    if data_lib.holding_out(section):
+        rows = data_lib.load_data(section.model_copy(update={"max_rows": None}), shape,
+                                  seed=section.hold_out_seed).eval
+        if rows is None:
+            raise DataError("none of the held-out rows is usable", file=section.path, key="data.eval_rows",
+                            fix="hold out more rows (`eval_rows`, `eval_fraction`)")
+        count = min(len(rows), limit or section.max_eval_rows or len(rows))
+        return rows.select(range(count))
     path = section.eval_path or section.path
     rows = limit or section.max_eval_rows or section.max_rows
     single = section.model_copy(update={"path": path, "eval_path": None, "eval_split": None, "eval_fraction": None,

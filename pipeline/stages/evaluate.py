@@ -16,9 +16,11 @@ from pipeline.stage import StageContext, StageResult
 
 
 def resolved_evals(ctx: StageContext):
-    """The stage's evals with `${stage}` references (reward_model, reference) turned into folders."""
+    """The stage's evals with `${stage}` references (reward_model, reference) turned into folders; rows an eval's
+    `data` holds out (`eval_rows`) are drawn by the stage's seed, as the stages that trained on that file drew them."""
     return [spec.model_copy(update={"reward_model": ctx.resolve(spec.reward_model),
-                                    "reference": ctx.resolve(spec.reference)}) for spec in ctx.config.evals]
+                                    "reference": ctx.resolve(spec.reference),
+                                    "data": spec.data and spec.data.seeded(ctx.seed)}) for spec in ctx.config.evals]
 
 
 def run(ctx: StageContext) -> StageResult:
