@@ -24,7 +24,7 @@ SHIPPED = {
     "real/qwen2.5-0.5b-reward-dpo.yaml",
     "real/qwen2.5-0.5b-chain.yaml",
     "real/smollm2-135m-gguf-sft.yaml",
-    "real/smollm2-hh.yaml",
+    "real/smollm2-hh-rlhf.yaml",
 }
 
 

