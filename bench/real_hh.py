@@ -98,6 +98,12 @@ def run_stages(out: Path, overrides: list[str]) -> dict:
             if done and stage in rows and rows[stage].get("fingerprint") == manifest(out, stage).get("fingerprint"):
                 print(f"{stage}: complete, kept its stored row", flush=True)
                 continue
+            if done:  # built by an earlier, interrupted bench before its row was stored: time from its manifest
+                rows[stage] = stage_row(out, stage, {"exit": 0, "wall_s": manifest(out, stage)["duration_s"],
+                                                     "peak_rss_mib": None})
+                stored_path.write_text(json.dumps(rows, indent=2))
+                print(f"{stage}: complete, row from its manifest (peak RSS not measured)", flush=True)
+                continue
             print(f"{stage}: running ...", flush=True)
             ran = run_stage(stage, out, overrides, log)
             if ran["exit"] != 0:
@@ -227,7 +233,8 @@ def stage_table(rows: dict) -> list[str]:
         if stage in rows:
             row = rows[stage]
             what, goal = effect(stage, row)
-            lines.append(f"| {stage} | {row['wall_s']:.0f} | {row['peak_rss_mib']} | {fmt(row.get('tokens_per_s'), 0)}"
+            rss = row["peak_rss_mib"] if row["peak_rss_mib"] is not None else "not measured (resumed)"
+            lines.append(f"| {stage} | {row['wall_s']:.0f} | {rss} | {fmt(row.get('tokens_per_s'), 0)}"
                          f" | {what} | {goal} |")
     return lines
 
@@ -265,8 +272,8 @@ def one_line(text: str) -> str:
 def markdown(results: dict) -> str:
     lines = ["# A real model on real data: SmolLM2-135M-Instruct on HH-RLHF harmless-base", "",
              f"`python bench/real_hh.py` ran `{results['recipe']}` stage by stage ({results['machine']}); "
-             f"{results['held_out']}. Each stage in its own process: wall time and peak RSS are that process's; "
-             "tokens/s is TRL's `num_tokens` over the training time (PPO: sampled response tokens per second).", ""]
+             f"{results['held_out']}. Each stage in its own process: wall time and peak RSS are that process's (a stage an "
+             "interrupted bench had finished keeps its manifest's duration); tokens/s is TRL's `num_tokens` over the training time (PPO: sampled response tokens per second).", ""]
     lines += stage_table(results["stages"]) + ["", "## DPO and PPO against the SFT policy", ""]
     lines += win_table(results) + ["", "## Three held-out prompts, each policy's greedy answer", ""]
     lines += sample_lines(results.get("compare") or {})

@@ -51,10 +51,33 @@ def bf16_supported() -> bool:
 
 
 def mixed_precision(setting: str) -> str:
-    """`train.mixed_precision` with 'auto' resolved by `bf16_supported` ('bf16' or 'no')."""
+    """`train.mixed_precision` with 'auto' resolved by `bf16_supported` ('bf16' or 'no'). An explicit 'bf16' holds on
+    CPU too (autocast); 'fp16' needs a CUDA GPU (see `check_precisions`)."""
+    if setting == "fp16" and not _cuda():
+        raise PipelineError(FP16_WITHOUT_GPU, key="train.mixed_precision", fix=FP16_FIX)
     if setting != "auto":
         return setting
     return "bf16" if bf16_supported() else "no"
+
+
+FP16_WITHOUT_GPU = "mixed precision fp16 needs a CUDA GPU and this machine has none"
+FP16_FIX = "use bf16 (autocast, on CPU too) or auto"
+
+
+def check_precisions(recipe) -> None:
+    """Before any stage runs: refuse a stage whose `train.mixed_precision` this machine cannot run (fp16 without a
+    CUDA GPU), naming the recipe file and the stage's key."""
+    for name, config in recipe.stages.items():
+        train = getattr(config, "train", None)
+        if train is not None and train.mixed_precision == "fp16" and not _cuda():
+            raise PipelineError(FP16_WITHOUT_GPU, file=str(recipe.path), key=f"stages.{name}.train.mixed_precision",
+                                fix=FP16_FIX)
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def torch_dtype(section: schema.ModelSection | None):

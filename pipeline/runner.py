@@ -9,7 +9,7 @@ import logging
 import shutil
 from typing import Any
 
-from pipeline import artifacts, parallel, registry, schema, tracking
+from pipeline import artifacts, models, parallel, registry, schema, tracking
 from pipeline.artifacts import Artifact, ArtifactWriter
 from pipeline.attempts import AttemptLog
 from pipeline.console import Console, capture, log_name
@@ -72,7 +72,10 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
     reused: set[str] = set()  # stages whose existing artifact this run reuses
     drift_warned = announced = False
     total = len(recipe.stages)
-    for index, (name, config, fp, existing) in enumerate(fingerprinted(recipe), start=1):
+    stages = list(fingerprinted(recipe))
+    needed = _needed_by(recipe, only)
+    _check_only(recipe, only, needed, stages)
+    for index, (name, config, fp, existing) in enumerate(stages, start=1):
         forced = name in force or "all" in force
         selected = only is None or name in only
         parallel.check_ranks_agree(state, f"stage '{name}' (fingerprint, artifact found)",
@@ -82,9 +85,9 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
             done[name] = existing
             reused.add(name)
             continue
-        if not selected:
-            raise PipelineError(f"stage '{name}' has no complete artifact yet", file=str(recipe.path),
-                                key="--only", fix=f"run it first or add --only {name}")
+        if not selected:  # not needed by a selected stage (checked above): left for a later run
+            console.say(f"[{index}/{total}] {name} ({config.kind}): not selected, not run")
+            continue
         if not drift_warned:  # one line per run, the first time a stage builds on reused artifacts
             drift_warned = _warn_drift([done[p].manifest for p in recipe.parents[name] if p in reused], console)
         if not announced:
@@ -98,14 +101,36 @@ def run_recipe(recipe: Recipe, force: set[str] | None = None, only: set[str] | N
     return done
 
 
+def _needed_by(recipe: Recipe, only: set[str] | None) -> set[str]:
+    """The stages the `only` stages build on, directly or not (none without `--only`)."""
+    needed: set[str] = set()
+    todo = list(only or ())
+    while todo:
+        for parent in recipe.parents[todo.pop()]:
+            if parent not in needed:
+                needed.add(parent)
+                todo.append(parent)
+    return needed
+
+
+def _check_only(recipe: Recipe, only: set[str] | None, needed: set[str], stages) -> None:
+    """With `--only`, before anything runs: every stage a selected stage builds on and that is not selected itself
+    must have a complete artifact."""
+    for name, _, _, existing in stages:
+        if only and name in needed and name not in only and existing is None:
+            raise PipelineError(f"stage '{name}' has no complete artifact yet", file=str(recipe.path),
+                                key="--only", fix=f"run it first or add --only {name}")
+
+
 def _start(recipe: Recipe, force: set[str], only: set[str] | None, verbose: bool) -> tuple[Any, Console]:
-    """Check the flags and the trackers' packages, start the process state and the console, prepare the output
+    """Check the flags, the trackers' packages and the precisions, start the process state and the console, prepare the output
     folder (main process) and wait for every rank."""
     unknown = (force - {"all"} - set(recipe.stages)) | ((only or set()) - set(recipe.stages))
     if unknown:
         raise PipelineError(f"no stage named {', '.join(sorted(unknown))}", file=str(recipe.path),
                             key="--force/--only", fix=f"use one of: {', '.join(recipe.stages)}")
     tracking.check_installed(recipe)
+    models.check_precisions(recipe)
     state = _partial_state()
     if state.num_processes > 1:
         print(f"[rank {state.process_index}/{state.num_processes}] {recipe.name}: {state.distributed_type}", flush=True)

@@ -136,3 +136,22 @@ def test_reward_and_policy_folders_with_different_vocab(tmp_path):
     error = _deep(tmp_path, {"grpo": {"kind": "grpo", "model": str(policy), "reward_model": str(reward),
                                       "data": {"path": str(ROOT / "data/prompts.jsonl")}}})
     assert "stages.grpo.reward_model" in error and "differs from the policy's" in error
+
+
+def test_fp16_without_a_gpu_is_refused_before_any_stage_runs(tmp_path, capsys, monkeypatch):
+    """`mixed_precision: fp16` on a machine without CUDA: exit 2, one line naming the recipe and the stage's key,
+    before the first stage (which here would have trained) runs or anything is written."""
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("checks a machine without a CUDA GPU")
+    monkeypatch.chdir(ROOT)
+    recipe = tmp_path / "fp16.yaml"
+    text = (ROOT / "tests" / "bad_recipes" / "bad_literal_precision.yaml").read_text()
+    recipe.write_text(text.replace("mixed_precision: fp8", "mixed_precision: fp16")
+                      .replace("name: bad", f"name: fp16\noutput_dir: {tmp_path / 'out'}"))
+    code = main(["run", str(recipe)])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1, err
+    assert "fp16.yaml" in err and "stages.sft.train.mixed_precision:" in err and "fix:" in err, err
+    assert not (tmp_path / "out").exists()

@@ -236,14 +236,16 @@ def test_lora_critic_trains_only_adapters_and_its_head(tmp_path, tiny):
 
 
 def test_explicit_bf16_runs_on_cpu(tmp_path, tiny):
-    """`train.mixed_precision: bf16` holds on CPU (autocast), `auto` stays full precision there; a bf16 run's
-    losses are finite."""
-    from pipeline.rl import trainer as tr
+    """`train.mixed_precision: bf16` holds on CPU (autocast), `auto` stays full precision there, fp16 is refused
+    (no GPU); a bf16 run's losses are finite."""
+    from pipeline import models
+    from pipeline.errors import PipelineError
 
     if torch.cuda.is_available():
         pytest.skip("checks the CPU rule")
-    assert tr.mixed_precision("auto") == "no" and tr.mixed_precision("fp16") == "no"
-    assert tr.mixed_precision("bf16") == "bf16"
+    assert models.mixed_precision("auto") == "no" and models.mixed_precision("bf16") == "bf16"
+    with pytest.raises(PipelineError, match="fp16 needs a CUDA GPU"):
+        models.mixed_precision("fp16")
     artifact = run(write_recipe(tmp_path, tiny, train={"learning_rate": 1e-3, "save_steps": 1,
                                                        "mixed_precision": "bf16"}))
     history = artifact.manifest["log_history"]

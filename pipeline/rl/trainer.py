@@ -112,16 +112,6 @@ class TrainState:
     before: dict[str, float] | None = None  # the stage's held-out metrics of the starting policy (kept on resume)
 
 
-def mixed_precision(setting: str) -> str:
-    """Accelerate's mixed precision for PPO: `train.mixed_precision` resolved as every stage does
-    (models.mixed_precision: `auto` is bf16 on a GPU that has it); an explicit `bf16` holds on CPU too (CPU autocast;
-    fast where the CPU has bf16 matrix units, e.g. AVX512-BF16 or AMX); `fp16` needs a GPU and falls back to full
-    precision without one."""
-    mode = models.mixed_precision(setting)
-    return "no" if mode == "fp16" and not torch.cuda.is_available() else mode
-
-
-
 def release_other_precision(precision: str) -> None:
     """Accelerate keeps one process-wide state whose mixed precision cannot change; an earlier stage of the same
     run (a Trainer under another `mixed_precision`) may have set it. Forget that state, keeping the process group."""
@@ -176,7 +166,7 @@ class PPOTrainer:
 
         self.cfg, self.m, self.work_dir, self.seed = cfg, models, work_dir, seed
         self.tracker_config = tracker_config
-        precision = mixed_precision(cfg.train.mixed_precision)
+        precision = models.mixed_precision(cfg.train.mixed_precision)  # an explicit bf16 holds on CPU too
         release_other_precision(precision)
         self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=1,
                                        log_with=trackers or None)
