@@ -20,7 +20,7 @@ import torch
 from pipeline import models
 from pipeline.console import Console
 from pipeline.errors import TrainingError
-from pipeline.models import is_sharded
+from pipeline.models import is_sharded, mixed_precision
 from pipeline.rl import advantages as adv
 from pipeline.rl import losses
 from pipeline.rl import rollout as ro
@@ -166,7 +166,7 @@ class PPOTrainer:
 
         self.cfg, self.m, self.work_dir, self.seed = cfg, models, work_dir, seed
         self.tracker_config = tracker_config
-        precision = models.mixed_precision(cfg.train.mixed_precision)  # an explicit bf16 holds on CPU too
+        precision = mixed_precision(cfg.train.mixed_precision)  # an explicit bf16 holds on CPU too
         release_other_precision(precision)
         self.accelerator = Accelerator(mixed_precision=precision, gradient_accumulation_steps=1,
                                        log_with=trackers or None)
