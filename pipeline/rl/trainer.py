@@ -17,7 +17,6 @@ from typing import Any
 
 import torch
 
-from pipeline import models
 from pipeline.console import Console
 from pipeline.errors import TrainingError
 from pipeline.models import is_sharded, mixed_precision
