@@ -277,7 +277,9 @@ def markdown(results: dict) -> str:
     lines += stage_table(results["stages"]) + ["", "## DPO and PPO against the SFT policy", ""]
     lines += win_table(results) + ["", "## Three held-out prompts, each policy's greedy answer", ""]
     lines += sample_lines(results.get("compare") or {})
-    lines += [f"Total wall time: {results['wall_s'] / 60:.0f} min. Versions: {results['versions']}.", ""]
+    stages_s = sum(row["wall_s"] for row in results["stages"].values())
+    lines += [f"The stages' wall times add up to {stages_s / 60:.0f} min (the last invocation, which resumed and ran "
+              f"the comparison too, took {results['wall_s'] / 60:.0f} min). Versions: {results['versions']}.", ""]
     return "\n".join(lines)
 
 
