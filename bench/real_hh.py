@@ -135,7 +135,6 @@ def compare_policies(out: Path) -> dict:
 
     from pipeline import schema
     from pipeline.eval import heldout, measures
-    from pipeline.rl import rollout as ro
 
     cfg = schema.PpoStage(kind="ppo", model="unused", reward_model="unused", data={"path": "unused"},
                           max_new_tokens=NEW_TOKENS, forward_batch_size=4, rollout_batch_size=16)
@@ -169,19 +168,18 @@ def greedy(model, tokenizer, rows: list[dict]) -> list[str]:
 
 
 def mean_kl(policy, reference, tokenizer, rows: list[dict], cfg) -> float:
-    """Mean over answers sampled from `policy` (temperature 1, seeded) of sum_t log policy(y_t) - log ref(y_t)."""
-    import torch
-
+    """Mean over answers sampled from `policy` (temperature 1, seeded) of sum_t log policy(y_t) - log ref(y_t), as
+    the PPO stage measures its own KL (`pipeline.stages.ppo.sequence_kl`)."""
     from pipeline.eval import measures
     from pipeline.rl import rollout as ro
+    from pipeline.stages import ppo
 
     total, count = 0.0, 0
     with measures.seeded_sampling(0):
         for start in range(0, len(rows), cfg.rollout_batch_size):
             chunk = rows[start:start + cfg.rollout_batch_size]
             batch = ro.rollout(policy, tokenizer, chunk, ro.encode_prompts(tokenizer, chunk), cfg, do_sample=True)
-            gap = (ro.logprobs(policy, batch, cfg) - ro.logprobs(reference, batch, cfg)) * batch.response_mask
-            total += gap.sum().item()
+            total += ppo.sequence_kl(policy, reference, batch, cfg).sum().item()
             count += len(chunk)
     return total / max(count, 1)
 

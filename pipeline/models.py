@@ -54,14 +54,11 @@ def mixed_precision(setting: str) -> str:
     """`train.mixed_precision` with 'auto' resolved by `bf16_supported` ('bf16' or 'no'). An explicit 'bf16' holds on
     CPU too (autocast); 'fp16' needs a CUDA GPU (see `check_precisions`)."""
     if setting == "fp16" and not _cuda():
-        raise PipelineError(FP16_WITHOUT_GPU, key="train.mixed_precision", fix=FP16_FIX)
+        raise PipelineError("mixed precision fp16 needs a CUDA GPU and this machine has none",
+                            key="train.mixed_precision", fix="use bf16 (autocast, on CPU too) or auto")
     if setting != "auto":
         return setting
     return "bf16" if bf16_supported() else "no"
-
-
-FP16_WITHOUT_GPU = "mixed precision fp16 needs a CUDA GPU and this machine has none"
-FP16_FIX = "use bf16 (autocast, on CPU too) or auto"
 
 
 def check_precisions(recipe) -> None:
@@ -69,9 +66,11 @@ def check_precisions(recipe) -> None:
     CUDA GPU), naming the recipe file and the stage's key."""
     for name, config in recipe.stages.items():
         train = getattr(config, "train", None)
-        if train is not None and train.mixed_precision == "fp16" and not _cuda():
-            raise PipelineError(FP16_WITHOUT_GPU, file=str(recipe.path), key=f"stages.{name}.train.mixed_precision",
-                                fix=FP16_FIX)
+        try:
+            train is None or mixed_precision(train.mixed_precision)
+        except PipelineError as error:
+            raise PipelineError(error.message, file=str(recipe.path), key=f"stages.{name}.train.mixed_precision",
+                                fix=error.fix) from None
 
 
 def _cuda() -> bool:

@@ -117,7 +117,7 @@ def _check_only(recipe: Recipe, only: set[str] | None, needed: set[str], stages)
     """With `--only`, before anything runs: every stage a selected stage builds on and that is not selected itself
     must have a complete artifact."""
     for name, _, _, existing in stages:
-        if only and name in needed and name not in only and existing is None:
+        if name in needed and name not in only and existing is None:  # `needed` is empty without --only
             raise PipelineError(f"stage '{name}' has no complete artifact yet", file=str(recipe.path),
                                 key="--only", fix=f"run it first or add --only {name}")
 

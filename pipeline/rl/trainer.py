@@ -174,8 +174,8 @@ class PPOTrainer:
         disable_dropout(models.policy, models.critic, models.reference, models.reward)
         merged_later = cfg.lora is not None and cfg.lora.merge  # the policy's base must stay exact to merge into it
         holders = [models.critic, models.reference, models.reward] + ([] if merged_later else [models.policy])
-        self.lowered = (lower_frozen_weights(holders, torch.bfloat16) if precision == "bf16" and not self.sharded
-                        else 0)
+        if precision == "bf16" and not self.sharded:
+            lower_frozen_weights(holders, torch.bfloat16)
         self.rows = train_rows
         self.prompt_ids = ro.encode_prompts(models.tokenizer, train_rows)
         self.state = TrainState()
