@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -332,20 +333,45 @@ def _report(bad: BadRows, source: str, section: schema.DataSection, key: str) ->
         logging.getLogger("pipeline").warning("%s: skipped %d bad rows: %s", source, bad.count, bad.summary())
 
 
+def row_tokens(tokenizer) -> Callable[[dict], int]:
+    """A row's length in chat-template tokens: its longest of prompt plus completion (or chosen, or rejected); a
+    prompt-only row: the prompt with the generation prompt, as it is sampled from."""
+    def tokens(text: str) -> int:
+        return len(tokenizer(text, add_special_tokens=False)["input_ids"])
+
+    def count(item: dict) -> int:
+        answers = [key for key in ("completion", "chosen", "rejected") if key in item]
+        if not answers:
+            return tokens(tokenizer.apply_chat_template(item["prompt"], tokenize=False, add_generation_prompt=True))
+        return max(tokens(tokenizer.apply_chat_template(item["prompt"] + item[key], tokenize=False))
+                   for key in answers)
+
+    return count
+
+
 def too_long_for(tokenizer, max_length: int) -> Callable[[dict], bool] | None:
-    """A `too_long` row check: prompt plus completion (or chosen/rejected) over `max_length` chat-template tokens."""
+    """A `too_long` row check: a row over `max_length` chat-template tokens (`row_tokens`)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return None
+    count = row_tokens(tokenizer)
+    return lambda item: count(item) > max_length
 
-    def check(item: dict) -> bool:
-        for key in ("completion", "chosen", "rejected"):
-            if key in item:
-                text = tokenizer.apply_chat_template(item["prompt"] + item[key], tokenize=False)
-                if len(tokenizer(text, add_special_tokens=False)["input_ids"]) > max_length:
-                    return True
-        return False
 
-    return check
+def length_grouped_order(lengths: list[int], batch_size: int, seed: int, group_batches: int = 50) -> list[int]:
+    """Row indices in an order whose consecutive `batch_size` slices hold rows of similar length: shuffle the rows,
+    sort each group of `group_batches` batches by length, cut it into batches, shuffle the full batches (a short
+    last batch stays last, so every slice stays one batch). Deterministic in `seed`."""
+    rng = random.Random(seed)
+    rows = list(range(len(lengths)))
+    rng.shuffle(rows)
+    group = batch_size * group_batches
+    batches = []
+    for start in range(0, len(rows), group):
+        ordered = sorted(rows[start:start + group], key=lambda row: lengths[row])
+        batches += [ordered[i:i + batch_size] for i in range(0, len(ordered), batch_size)]
+    short = [batches.pop()] if batches and len(batches[-1]) < batch_size else []
+    rng.shuffle(batches)
+    return [row for batch in batches + short for row in batch]
 
 
 def holding_out(section: schema.DataSection) -> bool:

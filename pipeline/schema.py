@@ -148,7 +148,8 @@ class TrainSection(Strict):
         "rows per device in the trainer's evaluation (null: `batch_size`)"))
     grad_accum: int = Field(1, gt=0, description="micro-batches accumulated per optimizer step (PPO: per minibatch)")
     max_length: int = Field(512, gt=0, description=(
-        "tokens per training sequence; longer sft and preference rows are bad rows (`data.on_bad_rows`)"))
+        "tokens per training sequence; longer sft and preference rows, and PPO prompts longer than max_length "
+        "minus max_new_tokens, are bad rows (`data.on_bad_rows`)"))
     warmup_ratio: float = Field(0.0, ge=0, lt=1, description="linear warm-up over this fraction of the steps")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
     lr_scheduler: str = Field("linear", description="transformers scheduler name: linear, cosine, constant, ...")
@@ -167,6 +168,9 @@ class TrainSection(Strict):
     use_liger_kernel: bool = Field(False, description="Liger fused kernels (needs the liger-kernel package)")
     packing: bool | None = Field(default=None,
                                  description="null: on for pretrain; for sft only with FlashAttention (padding-free)")
+    group_by_length: bool = Field(False, description=(
+        "sft, reward, dpo: batch rows of similar token length together (less padding); rows are shuffled, sorted "
+        "by length within groups of 50 batches, and the batches shuffled, all by the seed"))
     num_workers: int = Field(0, ge=0, description="data loader worker processes (not part of the fingerprint)")
 
 
@@ -190,6 +194,9 @@ def _hub_shorthand(value: Any) -> Any:
     return {"repo_id": value} if isinstance(value, str) else value
 
 
+LENGTH_GROUPED_KINDS = ("sft", "reward", "dpo")  # stages whose trainer pads each batch of rows to its longest
+
+
 class StageBase(Strict):
     """Fields every stage has. `produces` says what its artifact is; `references` which keys may hold `${stage}`."""
 
@@ -211,6 +218,14 @@ class StageBase(Strict):
         data = getattr(self, "data", None)
         if isinstance(data, DataSection) and data.train_on != "last_turn" and self.kind != "sft":
             raise ValueError(f"`data.train_on: {data.train_on}` applies to sft stages only: remove it")
+        return self
+
+    @model_validator(mode="after")
+    def _group_by_length_where_batches_pad(self):
+        train = getattr(self, "train", None)
+        if isinstance(train, TrainSection) and train.group_by_length and self.kind not in LENGTH_GROUPED_KINDS:
+            raise ValueError(f"`train.group_by_length` applies to {', '.join(LENGTH_GROUPED_KINDS)} stages: "
+                             f"remove it from this {self.kind} stage")
         return self
 
     def produced_kind(self) -> str:
@@ -417,6 +432,13 @@ class PpoStage(RLStage):
     entropy_coef: float = Field(0.0, ge=0, description="entropy bonus")
     value_learning_rate: float | None = Field(default=None, gt=0, description=(
         "critic learning rate (null: `train.learning_rate`)"))
+
+    @model_validator(mode="after")
+    def _room_for_a_prompt(self):
+        if self.max_new_tokens >= self.train.max_length:
+            raise ValueError(f"max_new_tokens ({self.max_new_tokens}) leaves no room for a prompt in train.max_length "
+                             f"({self.train.max_length}): raise train.max_length")
+        return self
 
     @model_validator(mode="after")
     def _one_kind_of_critic(self):

@@ -85,8 +85,8 @@ class _Chars:
 
     chat_template = "x"
 
-    def apply_chat_template(self, messages, tokenize=False):
-        return "".join(m["content"] for m in messages)
+    def apply_chat_template(self, messages, tokenize=False, add_generation_prompt=False):
+        return "".join(m["content"] for m in messages) + ("> " if add_generation_prompt else "")
 
     def __call__(self, text, add_special_tokens=False):
         return {"input_ids": list(text)}
@@ -100,6 +100,27 @@ def test_over_long_rows(tmp_path):
         _load(path, "sft", too_long=too_long)
     assert len(_load(path, "sft", "skip", too_long=too_long).train) == 2
     assert data.too_long_for(None, 30) is None
+
+
+def test_over_long_prompts_count_the_generation_prompt(tmp_path):
+    """PPO samples from the prompt with the generation prompt: that is what must fit max_length - max_new_tokens."""
+    rows = [{"prompt": "x" * 28}, {"prompt": "x" * 29}, {"prompt": "x" * 10}]
+    path = _jsonl(tmp_path, rows)
+    too_long = data.too_long_for(_Chars(), 30)  # 28 + "> " fits, 29 + "> " does not
+    with pytest.raises(DataError, match=r"1 over-long \(rows 2\)"):
+        _load(path, "prompts", too_long=too_long)
+    assert len(_load(path, "prompts", "skip", too_long=too_long).train) == 2
+
+
+def test_ppo_needs_room_for_a_prompt():
+    from pydantic import ValidationError
+
+    from pipeline.schema import PpoStage
+
+    stage = {"kind": "ppo", "model": "m", "reward_model": "r", "data": {"path": "d.jsonl"}, "max_new_tokens": 64}
+    PpoStage.model_validate({**stage, "train": {"max_length": 65}})
+    with pytest.raises(ValidationError, match=r"max_new_tokens \(64\) leaves no room for a prompt"):
+        PpoStage.model_validate({**stage, "train": {"max_length": 64}})
 
 
 @pytest.mark.slow

@@ -219,3 +219,30 @@ def test_every_stage_kind_killed_after_its_first_checkpoint_writes_the_uninterru
                           roots=(tmp_path / "resumed", tmp_path / "reference"))
     for stage in stages:
         _assert_attempts(_manifest(out, stage), [0, 1] if stage in EVERY_STAGE_KILLS else [0])
+
+
+def _length_grouped_recipe(folder: Path) -> Path:
+    folder.mkdir()
+    recipe = tiny_recipe(folder)
+    recipe["stages"]["sft"]["train"] = {"group_by_length": True}
+    return write_recipe(folder, recipe)
+
+
+@pytest.mark.slow
+def test_a_length_grouped_stage_resumes_to_the_uninterrupted_result(tmp_path, reference):
+    """The length-grouped order is fixed by the seed before training, so a killed sft stage resumes on the rows the
+    uninterrupted run trained on: same weights and manifest, and not the weights of the shuffled run."""
+    uninterrupted = _length_grouped_recipe(tmp_path / "uninterrupted")
+    result = cli("run", str(uninterrupted))
+    assert result.returncode == 0, result.stderr[-2000:]
+    resumed = _length_grouped_recipe(tmp_path / "resumed")
+    result = cli("run", str(resumed), extra_env={"PIPELINE_TEST_KILL_AT": "sft:3"})
+    assert result.returncode == -signal.SIGKILL, (result.returncode, result.stderr[-2000:])
+    result = cli("run", str(resumed))
+    assert result.returncode == 0, result.stderr[-2000:]
+    got, want = weights(tmp_path / "resumed/out/sft"), weights(tmp_path / "uninterrupted/out/sft")
+    assert all(torch.allclose(got[key], want[key], atol=ATOL) for key in want)
+    assert_same_manifests(tmp_path / "resumed/out", tmp_path / "uninterrupted/out", TINY_STAGES,
+                          roots=(tmp_path / "resumed", tmp_path / "uninterrupted"))
+    shuffled = weights(reference / "sft")
+    assert not all(torch.allclose(got[key], shuffled[key], atol=ATOL) for key in want)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from pipeline import models, parallel, training
-from pipeline.data import LoadedData
+from pipeline.data import LoadedData, length_grouped_order
 from pipeline.errors import PipelineError
 from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
@@ -39,6 +39,16 @@ def preference_logprobs(model, tokenizer, dataset) -> tuple[list[float], list[fl
     chosen = measures.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["chosen"])
     rejected = measures.completion_logprobs(model, tokenizer, dataset["prompt"], dataset["rejected"])
     return chosen, rejected
+
+
+def length_grouped(ctx: StageContext, dataset, count: Callable[[dict], int]):
+    """The training rows in length-grouped batch order (`count(row)`: a row's tokens) when the stage's
+    `train.group_by_length` is on (the trainer then reads them in order), else unchanged."""
+    section = ctx.config.train
+    if not section.group_by_length:
+        return dataset
+    order = length_grouped_order([count(row) for row in dataset], section.batch_size, ctx.seed)
+    return dataset.select(order)
 
 
 def tags(ctx: StageContext, *names: str) -> list[str]:

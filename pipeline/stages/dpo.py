@@ -9,7 +9,7 @@ from pipeline import data as data_lib
 from pipeline import models, training
 from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.common import load_policy, preference_logprobs, run_trainer, tags
+from pipeline.stages.common import length_grouped, load_policy, preference_logprobs, run_trainer, tags
 
 
 def held_out_measures(tokenizer, dataset, beta: float):
@@ -43,9 +43,10 @@ def run(ctx: StageContext) -> StageResult:
                      loss_type=[cfg.loss_type], precompute_ref_log_probs=cfg.precompute_ref_log_probs,
                      padding_free=False)
     peft_config = models.lora_config(cfg.lora) if cfg.lora else None
+    pairs = length_grouped(ctx, loaded.train, data_lib.row_tokens(tokenizer))
     return run_trainer(
         ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_pairs": len(loaded.train)},
         measure=held_out_measures(tokenizer, loaded.eval, cfg.beta) if loaded.eval is not None else None,
-        make_trainer=lambda: DPOTrainer(model=model, args=args, train_dataset=loaded.train, processing_class=tokenizer,
+        make_trainer=lambda: DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
                                         peft_config=peft_config),
         base_model=base, tags=tags(ctx, "dpo"))

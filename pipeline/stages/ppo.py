@@ -178,7 +178,8 @@ def run(ctx: StageContext) -> StageResult:
     check_batches_split(ctx)
     cfg = ctx.config
     policy, tokenizer, base = load_policy(ctx)
-    loaded = data_lib.load_data(cfg.data, "prompts", seed=ctx.seed)
+    loaded = data_lib.load_data(cfg.data, "prompts", seed=ctx.seed,
+                                too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length - cfg.max_new_tokens))
     m = build_models(ctx, policy, tokenizer)
     held_out = eval_rows(loaded, cfg)
     trainer = tr.PPOTrainer(cfg, m, [loaded.train[i] for i in range(len(loaded.train))], ctx.work_dir, ctx.seed,

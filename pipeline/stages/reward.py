@@ -8,7 +8,7 @@ from pipeline import data as data_lib
 from pipeline import models, training
 from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.common import run_trainer
+from pipeline.stages.common import length_grouped, run_trainer
 
 
 def pairwise(model, tokenizer, dataset) -> dict[str, float]:
@@ -26,6 +26,11 @@ def tokenized_pairs(dataset, tokenizer, max_length: int):
                 for side, name in (("chosen_ids", "chosen"), ("rejected_ids", "rejected"))}
 
     return dataset.map(encode, remove_columns=dataset.column_names)
+
+
+def pair_tokens(row: dict) -> int:
+    """A tokenised pair's length: its longer side (the trainer pads both sides of a batch to the longest)."""
+    return max(len(row["chosen_ids"]), len(row["rejected_ids"]))
 
 
 def held_out_measures(tokenizer, dataset):
@@ -55,11 +60,12 @@ def run(ctx: StageContext) -> StageResult:
     args = RewardConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length,
                         center_rewards_coefficient=cfg.center_rewards_coefficient)
     peft_config = models.lora_config(cfg.lora, task_type="SEQ_CLS") if cfg.lora else None
+    pairs = length_grouped(ctx, tokenized_pairs(loaded.train, tokenizer, cfg.train.max_length), pair_tokens)
     return run_trainer(
         ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_pairs": len(loaded.train)},
         measure=held_out_measures(tokenizer, loaded.eval) if loaded.eval is not None else None,
         make_trainer=lambda: RewardTrainer(model=model, args=args, processing_class=tokenizer,
-                                           train_dataset=tokenized_pairs(loaded.train, tokenizer, cfg.train.max_length),
+                                           train_dataset=pairs,
                                            peft_config=peft_config),
         merge_lora=True, base_model=path, library_name="transformers", pipeline_tag="text-classification",
         tags=["reward-model"])

@@ -10,7 +10,7 @@ from pipeline import data as data_lib
 from pipeline import models, training
 from pipeline.eval import answers, measures
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.common import load_policy, run_trainer, tags
+from pipeline.stages.common import length_grouped, load_policy, run_trainer, tags
 
 
 def completion_loss(model, tokenizer, dataset) -> float:
@@ -67,9 +67,10 @@ def run(ctx: StageContext) -> StageResult:
                      packing=use_packing(cfg.train.packing, model), packing_strategy=packing_strategy(model),
                      completion_only_loss=cfg.completion_only_loss, eos_token=tokenizer.eos_token)
     peft_config = models.lora_config(cfg.lora) if cfg.lora else None
+    rows = length_grouped(ctx, loaded.train, data_lib.row_tokens(tokenizer))
     return run_trainer(
         ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_rows": len(loaded.train)},
         measure=held_out_measures(tokenizer, loaded.eval) if loaded.eval is not None else None,
-        make_trainer=lambda: SFTTrainer(model=model, args=args, train_dataset=loaded.train,
+        make_trainer=lambda: SFTTrainer(model=model, args=args, train_dataset=rows,
                                         processing_class=tokenizer, peft_config=peft_config),
         base_model=base, tags=tags(ctx, "sft"))
