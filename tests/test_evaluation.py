@@ -268,3 +268,35 @@ def test_evaluations_read_the_rows_a_stage_held_out(tmp_path):
     assert len(heldout.read_eval_rows(default, "prompts", limit=2)) == 2
     first_rows = heldout.read_eval_rows(schema.DataSection(path=section.path), "prompts", limit=6)
     assert [r["prompt"] for r in got] != [r["prompt"] for r in first_rows]
+
+
+def test_completion_logprobs_row_by_row_equal_the_whole_batch_formula():
+    """completion_logprobs takes each row's log-softmax alone (memory: one row's float copy of T x V, not the
+    batch's): the sums equal those of the whole-batch formula exactly."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from pipeline.eval import measures
+    from test_reward_model import chat_tokenizer
+
+    tokenizer = chat_tokenizer()
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                                         num_attention_heads=2, num_key_value_heads=1))
+    prompts = [[{"role": "user", "content": text}] for text in ("hi", "question about words", "go")]
+    answers = [[{"role": "assistant", "content": text}] for text in ("hello there", "one", "a good answer 1 2 3")]
+    got = measures.completion_logprobs(model, tokenizer, prompts, answers)
+    ids, targets = [], []
+    for prompt, answer in zip(prompts, answers):
+        p, c = (tokenizer(text, add_special_tokens=False)["input_ids"] for text in measures.render(tokenizer, prompt,
+                                                                                                   answer))
+        ids.append(p + c)
+        targets.append([0] * len(p) + [1] * len(c))
+    width = max(map(len, ids))
+    input_ids = torch.tensor([s + [tokenizer.pad_token_id] * (width - len(s)) for s in ids])
+    attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids])
+    target = torch.tensor([t + [0] * (width - len(t)) for t in targets])
+    with torch.no_grad():
+        logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
+    logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
+    assert got == (logp * target[:, 1:]).sum(-1).tolist()

@@ -52,9 +52,10 @@ def completion_logprobs(model, tokenizer, prompts: list[list[dict]], completions
             input_ids = torch.tensor([s + [pad] * (width - len(s)) for s in ids], device=device)
             attention = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in ids], device=device)
             target_mask = torch.tensor([m + [0] * (width - len(m)) for m in masks], device=device)
-            logits = model(input_ids=input_ids, attention_mask=attention).logits[:, :-1].float()
-            logp = torch.log_softmax(logits, -1).gather(-1, input_ids[:, 1:, None]).squeeze(-1)
-            scores += (logp * target_mask[:, 1:]).sum(-1).tolist()
+            logits = model(input_ids=input_ids, attention_mask=attention).logits
+            for row in range(len(batch)):  # one row at a time: the batch's float log-softmax is 2 copies of B x T x V
+                logp = torch.log_softmax(logits[row, :-1].float(), -1).gather(-1, input_ids[row, 1:, None]).squeeze(-1)
+                scores.append((logp * target_mask[row, 1:]).sum().item())
     return scores
 
 
