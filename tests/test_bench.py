@@ -54,3 +54,31 @@ def test_flops_per_token_counts_matmul_parameters_and_attention():
     layer = 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128 + 2 * 64
     matmul_params = 2 * layer + 64 + 100 * 64
     assert bench.flops_per_token(config, vocab=100, seq=128) == 6 * matmul_params + 12 * 2 * 64 * 128
+
+
+def _real_speed():
+    spec = importlib.util.spec_from_file_location("bench_real_speed", ROOT / "bench" / "real_speed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_padding_free_profile_variant_computes_the_padded_loss():
+    """bench/real_speed.py times padding-free rows against padded batches: the same loss, or the timing compares
+    different work."""
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=50, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2,
+                                         attn_implementation="sdpa")).eval()
+    ids = torch.randint(1, 50, (3, 9))
+    mask = torch.tensor([[1] * 9, [1] * 4 + [0] * 5, [1] * 6 + [0] * 3])
+    labels = ids.masked_fill(mask == 0, -100)
+    labels[:, :2] = -100  # a prompt
+    padded = {"input_ids": ids.masked_fill(mask == 0, 0), "attention_mask": mask, "labels": labels}
+    flat = _real_speed().padding_free(padded)
+    assert flat["input_ids"].shape == (1, 19) and flat["position_ids"][0].tolist()[9:13] == [0, 1, 2, 3]
+    with torch.no_grad():
+        assert torch.allclose(model(**flat).loss, model(**padded).loss, atol=1e-5)
