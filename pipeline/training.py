@@ -50,12 +50,12 @@ def trainer_kwargs(ctx, section: schema.TrainSection, **overrides: Any) -> dict[
         data_seed=ctx.seed,
         use_cpu=not torch.cuda.is_available(),
         dataloader_num_workers=section.num_workers,
-        # group_by_length: the stage has put the rows in length-grouped batches (pipeline.data.length_grouped_order)
-        train_sampling_strategy="sequential" if section.group_by_length else "random",
         disable_tqdm=True,  # the stage's progress is pipeline.console's (console_progress); raw log dicts: train.log
         **precision_flags(section),
         **tracking.trainer_fields(ctx),
     )
+    if section.group_by_length:  # the stage has put its rows in length-grouped batches: read them in that order
+        kwargs["train_sampling_strategy"] = "sequential"  # (else each TRL config keeps its own default; KTO's is this)
     kwargs.update(_parallel_kwargs(ctx, section))
     kwargs.update(overrides)
     return kwargs
