@@ -225,7 +225,7 @@ class StageBase(Strict):
         train = getattr(self, "train", None)
         if isinstance(train, TrainSection) and train.group_by_length and self.kind not in LENGTH_GROUPED_KINDS:
             raise ValueError(f"`train.group_by_length` applies to {', '.join(LENGTH_GROUPED_KINDS)} stages: "
-                             f"remove it from this {self.kind} stage")
+                             f"remove it from this {self.kind} stage (set it on those stages, not in defaults)")
         return self
 
     def produced_kind(self) -> str:

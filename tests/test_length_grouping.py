@@ -129,3 +129,20 @@ def test_stages_whose_batches_do_not_pad_refuse_it(kind):
              **({"reward_model": "r"} if kind in ("ppo", "grpo") else {})}
     with pytest.raises(ValidationError, match="group_by_length` applies to sft, reward, dpo stages"):
         registry.config_class(kind).model_validate(stage)
+
+
+def test_in_defaults_it_is_refused_for_the_stages_it_does_not_apply_to(tmp_path):
+    """defaults.train reaches every stage: a ppo stage then names the key and where to put it instead."""
+    import yaml
+
+    from pipeline.errors import RecipeError
+    from pipeline.recipe import load_recipe
+
+    path = tmp_path / "recipe.yaml"
+    path.write_text(yaml.safe_dump({
+        "name": "r", "output_dir": str(tmp_path / "out"), "defaults": {"train": {"group_by_length": True}},
+        "stages": {"sft": {"kind": "sft", "model": "m", "data": {"path": "d.jsonl"}},
+                   "ppo": {"kind": "ppo", "model": "${sft}", "reward_model": "r", "data": {"path": "p.jsonl"}}}}))
+    with pytest.raises(RecipeError, match=r"stages\.ppo.*group_by_length` applies to sft, reward, dpo stages.*"
+                                          r"not in defaults"):
+        load_recipe(path)
