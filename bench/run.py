@@ -29,12 +29,14 @@ import tempfile
 import time
 from pathlib import Path
 
+from pipeline.tools import benchkit
+from pipeline.tools.benchkit import loop_stats, peak_memory, stage_through_runner
+
 HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 RESULTS = HERE / "results"
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
-ENV = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_XET": "1", "TOKENIZERS_PARALLELISM": "false"}
 
 
 # ------------------------------------------------------------------------------------------------ shared setup
@@ -73,42 +75,6 @@ def mixed_length_sft(path: Path, rows: int = 400) -> Path:
 # ------------------------------------------------------------------------------------------------------ workers
 
 
-def _peak_memory() -> dict:
-    import torch
-
-    peak = {"peak_rss_mib": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)}
-    if torch.cuda.is_available():
-        peak["peak_cuda_mib"] = round(torch.cuda.max_memory_allocated() / 2**20, 1)
-    return peak
-
-
-def _loop_stats(log_history: list[dict]) -> dict:
-    """Tokens and seconds of the training loop, from the Trainer's own log (num_tokens = non-pad tokens)."""
-    final = next(e for e in reversed(log_history) if "train_runtime" in e)
-    tokens = max(e.get("num_tokens", 0) for e in log_history)
-    samples = final["train_samples_per_second"] * final["train_runtime"]
-    return {"train_runtime_s": final["train_runtime"], "tokens": tokens, "samples": round(samples),
-            "tokens_per_s": tokens / final["train_runtime"], "samples_per_s": final["train_samples_per_second"]}
-
-
-def worker_ours(spec: dict) -> dict:
-    """One stage through the real runner (fingerprints, atomic artifact, manifest), in a fresh output folder."""
-    import yaml
-
-    from pipeline.recipe import load_recipe
-    from pipeline.runner import run_recipe
-
-    out = Path(spec["out"])
-    recipe_file = out / "recipe.yaml"
-    out.mkdir(parents=True, exist_ok=True)
-    recipe_file.write_text(yaml.safe_dump({"name": "bench", "output_dir": str(out / "artifacts"), "seed": 0,
-                                           "stages": {"stage": spec["stage"]}}))
-    artifact = run_recipe(load_recipe(str(recipe_file), []))["stage"]
-    manifest = artifact.manifest
-    timing = manifest["timing"]["log_history"]  # train_runtime and throughputs are kept out of log_history
-    return {**_loop_stats(manifest["log_history"] + timing), "stage_wall_s": manifest["duration_s"], **_peak_memory()}
-
-
 def worker_plain(spec: dict) -> dict:
     """The same SFT as `worker_ours`, written as a plain TRL script (what a user would write by hand). SFTConfig
     turns gradient checkpointing on by default; it is set off here, as in our stage, unless the spec asks for TRL's
@@ -135,8 +101,8 @@ def worker_plain(spec: dict) -> dict:
     trainer = SFTTrainer(model=model, args=args, train_dataset=dataset, processing_class=tokenizer)
     trainer.train()
     trainer.save_model(str(Path(spec["out"]) / "model"))
-    return {**_loop_stats(trainer.state.log_history), "stage_wall_s": round(time.time() - started, 3),
-            **_peak_memory()}
+    return {**loop_stats(trainer.state.log_history), "stage_wall_s": round(time.time() - started, 3),
+            **peak_memory()}
 
 
 def worker_quickstart(spec: dict) -> dict:
@@ -144,7 +110,7 @@ def worker_quickstart(spec: dict) -> dict:
     command = [sys.executable, "-m", "pipeline", "run", str(ROOT / "recipes" / "quickstart.yaml"),
                f"output_dir={spec['out']}", *spec.get("overrides", [])]
     started = time.time()
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True)
+    result = subprocess.run(command, cwd=ROOT, env={**os.environ, **benchkit.BENCH_ENV}, capture_output=True, text=True)
     peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
     return {"returncode": result.returncode, "wall_s": round(time.time() - started, 1),
             "peak_rss_mib": round(peak, 1), "tail": (result.stdout + result.stderr)[-1500:]}
@@ -172,7 +138,7 @@ def worker_mfu(spec: dict) -> dict:
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=cuda)
     # warmup=0: like the stages' train_runtime, the first (slowest) step is part of the time
     seconds = _time(lambda: _train_step(model, optimizer, ids), spec["steps"], cuda, warmup=0)
-    out = {"tokens_per_s": spec["batch"] * spec["seq"] / seconds, **_peak_memory()}
+    out = {"tokens_per_s": spec["batch"] * spec["seq"] / seconds, **peak_memory()}
     if cuda:
         out["matmul_tflops"] = _matmul_tflops()
     return out
@@ -219,19 +185,12 @@ def _matmul_tflops(n: int = 8192) -> float:
     return 2 * n**3 / _time(lambda: a @ b, 20) / 1e12
 
 
-WORKERS = {"ours": worker_ours, "plain": worker_plain, "quickstart": worker_quickstart, "mfu": worker_mfu}
+WORKERS = {"ours": stage_through_runner, "plain": worker_plain, "quickstart": worker_quickstart, "mfu": worker_mfu}
 
 
 def run_worker(kind: str, spec: dict) -> dict:
     """Run one trial in a fresh process and return its JSON result."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(spec, handle)
-    command = [sys.executable, str(Path(__file__).resolve()), "--worker", kind, "--spec", handle.name]
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, **ENV}, capture_output=True, text=True)
-    lines = [line for line in result.stdout.splitlines() if line.startswith("RESULT ")]
-    if result.returncode or not lines:
-        return {"error": (result.stdout + result.stderr)[-2000:]}
-    return json.loads(lines[-1][len("RESULT "):])
+    return benchkit.run_worker(Path(__file__).resolve(), kind, spec, ROOT)
 
 
 # --------------------------------------------------------------------------------------------------- benchmarks
@@ -497,8 +456,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--spec", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.worker:
-        sys.path.insert(0, str(ROOT))
-        print("RESULT " + json.dumps(WORKERS[args.worker](json.loads(Path(args.spec).read_text()))), flush=True)
+        benchkit.print_result(WORKERS[args.worker](json.loads(Path(args.spec).read_text())))
         return 0
     return run_all(args.quick, args.only)
 
@@ -509,8 +467,7 @@ BENCHMARKS = ("overhead", "packing", "dpo", "mfu", "quickstart")
 def run_all(quick: bool, only: list[str] | None = None) -> int:
     import torch
 
-    sys.path.insert(0, str(ROOT))
-    os.environ.update(ENV)
+    os.environ.update(benchkit.BENCH_ENV)
     steps, repeats = (8, 1) if quick else (20, 2)
     RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hfp-bench-") as tmp:
