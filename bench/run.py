@@ -1,8 +1,12 @@
 """Benchmarks for hf-pipeline, all in one job, each comparison run side by side (alternating, fresh processes):
 
-    python bench/run.py [--quick]
+    python bench/run.py                    # all of them -> bench/results/run.json, run.md, docs/benchmarks.md table
+    python bench/run.py --only mfu         # one (or a few); the stored results keep the others
+    python bench/run.py --quick            # 8 steps, one round: proves every side runs, writes nothing
+    python bench/run.py --tables-only      # rewrite run.md and the docs table from run.json
 
-Writes bench/results/results.json and bench/results/results.md (benchmark | measured | baseline | ratio | goal).
+Writes bench/results/run.json and bench/results/run.md (benchmark | measured | baseline | ratio | goal), and the
+table between the `bench-table` markers of docs/benchmarks.md.
   1. overhead: our `sft` stage through the runner vs a plain TRL SFTTrainer script, identical settings.
   2. packing: real (non-pad) tokens/s of our `sft` stage with packing on vs off, on mixed-length data.
   3. dpo: pair-tokens/s and peak memory of our `dpo` stage, default vs precompute_ref_log_probs.
@@ -10,31 +14,29 @@ Writes bench/results/results.json and bench/results/results.md (benchmark | meas
      matmul measured in the same job and vs a plain PyTorch loop on the same model (GPU only; `bench_mfu(work,
      smoke=True)` runs the same code on CPU with a tiny model, as tests/test_bench.py does).
   5. quickstart: peak resident memory of `python -m pipeline run recipes/quickstart.yaml` (goal < 3 GiB on CPU).
-Every trial is a fresh `python bench/run.py --worker ...` process, so each side pays the same imports; throughput
-comes from the Trainer's own train_runtime (the training loop only: model load, tokenisation and saving excluded).
-Benchmarks report; they never assert. Nothing runs at import.
+Every trial is a fresh `python bench/run.py --worker KIND --spec FILE` process (bench/common.py's trial protocol), so
+each side pays the same imports; throughput comes from the Trainer's own train_runtime (the training loop only: model
+load, tokenisation and saving excluded). Benchmarks report; they never assert. Nothing runs at import.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import platform
 import random
-import resource
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
-from pipeline.tools import benchkit
-from pipeline.tools.benchkit import loop_stats, peak_memory, stage_through_runner
+import common
+from common import ROOT, loop_stats, peak_memory
 
-HERE = Path(__file__).resolve().parent
-ROOT = HERE.parent
-RESULTS = HERE / "results"
+SCRIPT = Path(__file__).resolve()
+NAME = "run"
+BLOCK = common.Block(ROOT / "docs" / "benchmarks.md", "<!-- bench-table -->", "<!-- /bench-table -->")
+BENCHMARKS = ("overhead", "packing", "dpo", "mfu", "quickstart")
 MODEL = dict(hidden_size=256, intermediate_size=688, num_hidden_layers=4, num_attention_heads=4,
              num_key_value_heads=2, max_position_embeddings=512, tie_word_embeddings=True)
 
@@ -103,17 +105,6 @@ def worker_plain(spec: dict) -> dict:
     trainer.save_model(str(Path(spec["out"]) / "model"))
     return {**loop_stats(trainer.state.log_history), "stage_wall_s": round(time.time() - started, 3),
             **peak_memory()}
-
-
-def worker_quickstart(spec: dict) -> dict:
-    """Run the quickstart recipe in a child process; our only child, so RUSAGE_CHILDREN is its peak RSS."""
-    command = [sys.executable, "-m", "pipeline", "run", str(ROOT / "recipes" / "quickstart.yaml"),
-               f"output_dir={spec['out']}", *spec.get("overrides", [])]
-    started = time.time()
-    result = subprocess.run(command, cwd=ROOT, env={**os.environ, **benchkit.BENCH_ENV}, capture_output=True, text=True)
-    peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss / 1024
-    return {"returncode": result.returncode, "wall_s": round(time.time() - started, 1),
-            "peak_rss_mib": round(peak, 1), "tail": (result.stdout + result.stderr)[-1500:]}
 
 
 MFU_MODEL = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=16, num_attention_heads=32,
@@ -185,12 +176,12 @@ def _matmul_tflops(n: int = 8192) -> float:
     return 2 * n**3 / _time(lambda: a @ b, 20) / 1e12
 
 
-WORKERS = {"ours": stage_through_runner, "plain": worker_plain, "quickstart": worker_quickstart, "mfu": worker_mfu}
+WORKERS = {"ours": common.stage_through_runner, "plain": worker_plain, "mfu": worker_mfu}
 
 
 def run_worker(kind: str, spec: dict) -> dict:
-    """Run one trial in a fresh process and return its JSON result."""
-    return benchkit.run_worker(Path(__file__).resolve(), kind, spec, ROOT)
+    """One trial of this script's `kind` worker in a fresh process: its result."""
+    return common.run_worker(SCRIPT, kind, spec)
 
 
 # --------------------------------------------------------------------------------------------------- benchmarks
@@ -337,8 +328,14 @@ def bench_mfu(work: Path, smoke: bool = False) -> dict:
 
 
 def bench_quickstart(work: Path, capped: bool) -> dict:
-    """Peak RSS of the quickstart; `capped` shortens every stage (peak memory is set by models and data, not steps)."""
-    return run_worker("quickstart", {"out": str(work / "quickstart"), "overrides": step_caps() if capped else []})
+    """Peak RSS of the quickstart run in its own process; `capped` shortens every stage (peak memory is set by
+    models and data, not steps)."""
+    log = work / "quickstart.log"
+    with open(log, "w") as handle:
+        ran = common.run_pipeline(["run", ROOT / "recipes" / "quickstart.yaml", f"output_dir={work / 'quickstart'}",
+                                   *(step_caps() if capped else [])], handle)
+    return {"returncode": ran["exit"], "wall_s": round(ran["wall_s"], 1), "peak_rss_mib": round(ran["peak_rss_mib"], 1),
+            "tail": log.read_text()[-1500:]}
 
 
 def step_caps(steps: int = 10, episodes: int = 64) -> list[str]:
@@ -411,13 +408,23 @@ def _r(value) -> str:
     return "-" if value is None else f"{value:.3f}"
 
 
-def markdown(results: dict) -> str:
+def table(results: dict) -> list[str]:
+    """The machine line and the results table: the head of run.md and the block in docs/benchmarks.md."""
     meta = results["meta"]
-    lines = [f"# hf-pipeline benchmarks ({'quick' if meta['quick'] else 'full'} run, {meta['date']})", "",
-             f"Machine: {meta['machine']}; device: {meta['device']}; {meta['repeats']} alternating round(s), "
+    lines = [f"Machine: {meta['machine']}; device: {meta['device']}; {meta['repeats']} alternating round(s), "
              "median reported.", "",
              "| benchmark | measured | baseline | ratio | goal |", "| --- | --- | --- | --- | --- |"]
-    lines += [f"| {' | '.join(row)} |" for row in rows(results)]
+    return lines + [f"| {' | '.join(row)} |" for row in rows(results)]
+
+
+def block_body(results: dict) -> str:
+    return "\n".join(table(results)) + "\n"
+
+
+def markdown(results: dict) -> str:
+    meta = results["meta"]
+    lines = [f"# hf-pipeline benchmarks ({'quick' if meta['quick'] else 'full'} run, {meta['date']})", ""]
+    lines += table(results)
     lines += ["", "How it is measured:", "",
               f"- Model: random Llama {MODEL['hidden_size']} hidden, {MODEL['num_hidden_layers']} layers, our BPE "
               "tokenizer (1024 tokens), fp32 on CPU (bf16 on GPU).",
@@ -440,66 +447,72 @@ def markdown(results: dict) -> str:
               "FLOPs per token = 6 x matmul parameters + 12 x layers x hidden x 2048; 20 steps, the first "
               "included on every side.",
               "- Quickstart: `python -m pipeline run recipes/quickstart.yaml` in a child process; peak RSS from "
-              "getrusage(RUSAGE_CHILDREN), every stage shortened by overrides (pretrain 30 steps, others 10, PPO 64 "
+              "os.wait4 on that process, every stage shortened by overrides (pretrain 30 steps, others 10, PPO 64 "
               "episodes): peak memory is set by the models and data, not by the number of steps.",
               "- On a shared machine absolute numbers are noisy; ratios of side-by-side runs much less so. "
               "Benchmarks never assert timings."]
     return "\n".join(lines) + "\n"
 
 
+def arguments():
+    parser = common.bench_parser(__doc__, WORKERS, BENCHMARKS)
+    common.add_quick(parser, "8 steps and one round")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="fewer steps and one round (smoke run)")
-    parser.add_argument("--only", action="append", choices=BENCHMARKS, help="rerun these benchmarks and update "
-                        "their entries in the existing results.json")
-    parser.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
-    parser.add_argument("--spec", help=argparse.SUPPRESS)
-    args = parser.parse_args(argv)
+    args = arguments().parse_args(argv)
     if args.worker:
-        benchkit.print_result(WORKERS[args.worker](json.loads(Path(args.spec).read_text())))
+        return common.serve_worker(WORKERS, args)
+    if args.tables_only:
+        results = common.load_results(NAME)
+        common.write_tables(NAME, markdown(results), BLOCK, block_body(results))
         return 0
-    return run_all(args.quick, args.only)
+    return run_all(args.quick, common.selected(args, BENCHMARKS), keep=bool(args.only))
 
 
-BENCHMARKS = ("overhead", "packing", "dpo", "mfu", "quickstart")
-
-
-def run_all(quick: bool, only: list[str] | None = None) -> int:
-    import torch
-
-    os.environ.update(benchkit.BENCH_ENV)
+def run_all(quick: bool, names: list[str], keep: bool) -> int:
+    """The benchmarks `names`, each saved as it finishes (not under `quick`); `keep`: the stored results keep the
+    other benchmarks' entries."""
+    os.environ.update(common.BENCH_ENV)
     steps, repeats = (8, 1) if quick else (20, 2)
-    RESULTS.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix="hfp-bench-") as tmp:
         work = Path(tmp)
         base = build_base(work / "base")
-        results = {"meta": {"quick": quick, "steps": steps, "repeats": repeats, "date": time.strftime("%Y-%m-%d"),
-                            "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s) visible",
-                            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"}}
-        if only:  # keep the other entries of the last full run
-            results = {**json.loads((RESULTS / "results.json").read_text()), "meta": results["meta"]}
-        for name, bench in (("overhead", lambda: bench_overhead(base, work / "overhead", steps, repeats)),
-                            ("packing", lambda: bench_packing(base, work / "packing", steps, repeats)),
-                            ("dpo", lambda: bench_dpo(base, work / "dpo", steps, 1)),
-                            ("mfu", lambda: bench_mfu(work / "mfu")),
-                            ("quickstart", lambda: bench_quickstart(work, capped=True))):
-            if only and name not in only:
+        results = {**(common.load_results(NAME) if keep else {}), "meta": meta(quick, steps, repeats)}
+        benches = {"overhead": lambda: bench_overhead(base, work / "overhead", steps, repeats),
+                   "packing": lambda: bench_packing(base, work / "packing", steps, repeats),
+                   "dpo": lambda: bench_dpo(base, work / "dpo", steps, 1),
+                   "mfu": lambda: bench_mfu(work / "mfu"),
+                   "quickstart": lambda: bench_quickstart(work, capped=True)}
+        for name in BENCHMARKS:
+            if name not in names:
                 continue
             print(f"[bench] {name}", flush=True)
             try:
-                results[name] = bench()
+                results[name] = benches[name]()
             except Exception as error:  # report what failed, keep the other benchmarks
                 results[name] = {"error": repr(error)}
-            write_results(results)
-    print(markdown(results))
+            if not quick:
+                record(results)
+    print(markdown(results) if all(k in results for k in BENCHMARKS) else json.dumps(results, indent=2, default=str))
     return 0
 
 
-def write_results(results: dict) -> None:
-    """results.json always; results.md once every benchmark has an entry."""
-    (RESULTS / "results.json").write_text(json.dumps(results, indent=2, default=str))
-    if all(k in results for k in ("overhead", "packing", "dpo", "mfu", "quickstart")):
-        (RESULTS / "results.md").write_text(markdown(results))
+def meta(quick: bool, steps: int, repeats: int) -> dict:
+    import torch
+
+    return {"quick": quick, "steps": steps, "repeats": repeats, "date": time.strftime("%Y-%m-%d"),
+            "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s) visible",
+            "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU only"}
+
+
+def record(results: dict) -> None:
+    """run.json always; run.md and the docs table once every benchmark has an entry."""
+    if all(k in results for k in BENCHMARKS):
+        common.write_results(NAME, results, markdown(results), BLOCK, block_body(results))
+    else:
+        common.save_results(NAME, results)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,8 @@
-"""The benchmark code paths that only a GPU runs for real, run on CPU with a tiny model (slow: about a minute):
+"""The bench library (bench/common.py) and the parts of the benches a CPU checks in seconds: the flags every bench
+shares, the fresh-process trial protocol, the results writer, that every results file re-renders to the Markdown and
+README block committed beside it, and the code paths that only a GPU runs for real (slow: about a minute):
 
+    pytest tests/test_bench.py
     pytest -m slow tests/test_bench.py
 
 Benchmarks never assert timings; these tests check that every side produces a throughput and that the MFU table
@@ -7,19 +10,148 @@ rows are built from them.
 """
 from __future__ import annotations
 
+import ast
 import importlib.util
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
+BENCH = ROOT / "bench"
+SCRIPTS = ("run", "ppo", "quickstart", "real_hh", "real_speed", "reward_probe")
+
+
+def _common():
+    """bench/common.py, imported as the bench scripts import it (bench/ on sys.path, module `common`)."""
+    if str(BENCH) not in sys.path:
+        sys.path.insert(0, str(BENCH))
+    import common
+
+    return common
+
+
+def _load(script: str):
+    """bench/SCRIPT.py as a module (nothing runs at import)."""
+    _common()
+    spec = importlib.util.spec_from_file_location(f"bench_{script}", BENCH / f"{script}.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_run", ROOT / "bench" / "run.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("run")
+
+
+# ------------------------------------------------------------------------------------------------ the library
+
+
+def test_every_bench_parses_the_shared_flags():
+    for script in SCRIPTS:
+        module = _load(script)
+        assert module.arguments().parse_args(["--tables-only"]).tables_only, script
+        workers = getattr(module, "WORKERS", {})
+        for kind in workers:
+            args = module.arguments().parse_args(["--worker", kind, "--spec", "spec.json"])
+            assert (args.worker, args.spec) == (kind, Path("spec.json")), script
+        parts = getattr(module, "PARTS", None) or getattr(module, "BENCHMARKS", ())
+        if parts:
+            args = module.arguments().parse_args(["--only", parts[-1], "--only", parts[0]])
+            assert _common().selected(args, parts) == [parts[-1], parts[0]], script
+            assert _common().selected(module.arguments().parse_args([]), parts) == list(parts), script
+            with pytest.raises(SystemExit):
+                module.arguments().parse_args(["--only", "no-such-part"])
+
+
+def test_the_same_flag_means_the_same_thing_in_every_bench(tmp_path):
+    run, ppo, quickstart, real_hh = (_load(name) for name in ("run", "ppo", "quickstart", "real_hh"))
+    assert run.arguments().parse_args(["--quick"]).quick and ppo.arguments().parse_args(["--quick"]).quick
+    assert not run.arguments().parse_args([]).quick
+    for module in (quickstart, real_hh):
+        assert module.arguments().parse_args(["--out", str(tmp_path)]).out == tmp_path
+        assert module.arguments().parse_args([]).out.is_relative_to(ROOT)
+    assert quickstart.arguments().parse_args(["--seeds", "4", "5"]).seeds == [4, 5]
+    assert real_hh.arguments().parse_args(["stages.ppo.total_episodes=8"]).overrides == ["stages.ppo.total_episodes=8"]
+
+
+ECHO_BENCH = """
+import os, sys
+sys.path.insert(0, {bench!r})
+import common
+
+
+def echo(spec):
+    if spec.get("fail"):
+        raise ValueError("told to fail")
+    return {{"spec": spec, "offline": os.environ.get("HF_HUB_OFFLINE")}}
+
+
+WORKERS = {{"echo": echo}}
+
+if __name__ == "__main__":
+    print("a line that is not the result")
+    sys.exit(common.serve_worker(WORKERS, common.bench_parser("echo bench", WORKERS).parse_args()))
+"""
+
+
+def test_a_worker_answers_with_one_result_line_in_a_fresh_process(tmp_path, monkeypatch):
+    common = _common()
+    script = tmp_path / "echo_bench.py"
+    script.write_text(ECHO_BENCH.format(bench=str(BENCH)))
+    specs = tmp_path / "specs"
+    specs.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(specs))
+    assert common.run_worker(script, "echo", {"rows": [1, 2]}) == {"spec": {"rows": [1, 2]}, "offline": "1"}
+    failed = common.run_worker(script, "echo", {"fail": True})
+    assert "ValueError: told to fail" in failed["error"]
+    assert common.error_line(failed) == "ValueError: told to fail"
+    assert list(specs.iterdir()) == []  # the spec files are removed
+
+
+def test_the_results_writer_writes_json_markdown_and_the_block(tmp_path):
+    common = _common()
+    page = tmp_path / "README.md"
+    page.write_text("# Title\n\n<!-- t -->\nold\n<!-- /t -->\n\nafter\n")
+    block = common.Block(page, "<!-- t -->", "<!-- /t -->")
+    common.write_results("demo", {"tokens_per_s": 12.5}, "# demo\n", block, "| a |\n", folder=tmp_path / "results")
+    assert (tmp_path / "results" / "demo.json").read_text().endswith("}\n")
+    assert common.load_results("demo", tmp_path / "results") == {"tokens_per_s": 12.5}
+    assert (tmp_path / "results" / "demo.md").read_text() == "# demo\n"
+    assert page.read_text() == "# Title\n\n<!-- t -->\n| a |\n<!-- /t -->\n\nafter\n"
+    assert block.read() == "| a |\n"
+    common.write_tables("demo", "# again\n", block, "| b |\n", folder=tmp_path / "results")
+    assert block.read() == "| b |\n" and common.load_results("demo", tmp_path / "results") == {"tokens_per_s": 12.5}
+    assert common.load_results("missing", tmp_path / "results") == {}
+    unmarked = common.Block(page, "<!-- none -->", "<!-- /none -->")
+    before = page.read_text()
+    assert not unmarked.write("x\n") and unmarked.read() is None and page.read_text() == before
+
+
+def test_every_results_file_renders_to_the_markdown_and_block_beside_it():
+    """What `--tables-only` writes is what is committed: the Markdown and README blocks come from the json."""
+    common = _common()
+    for script in SCRIPTS:
+        module = _load(script)
+        results = common.load_results(module.NAME)
+        assert results, f"bench/results/{module.NAME}.json"
+        assert module.markdown(results) == (common.RESULTS / f"{module.NAME}.md").read_text(), script
+        block = getattr(module, "BLOCK", None)
+        if block is not None:
+            assert block.read() == module.block_body(results), f"{script}: {block.path.name} {block.start}"
+
+
+def test_the_package_imports_no_bench_code():
+    for path in (ROOT / "pipeline").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else (
+                [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
+            assert not any(n.split(".")[0] in ("bench", "common") or "benchkit" in n for n in names), path
+
+
+# ------------------------------------------------------------------------------------------------ run.py (mfu)
 
 
 @pytest.mark.slow
@@ -57,10 +189,7 @@ def test_flops_per_token_counts_matmul_parameters_and_attention():
 
 
 def _real_speed():
-    spec = importlib.util.spec_from_file_location("bench_real_speed", ROOT / "bench" / "real_speed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return _load("real_speed")
 
 
 def test_the_padding_free_profile_variant_computes_the_padded_loss():

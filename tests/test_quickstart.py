@@ -21,6 +21,8 @@ RECIPE = ROOT / "recipes" / "quickstart.yaml"
 
 
 def _bench():
+    if str(ROOT / "bench") not in sys.path:  # the bench scripts import their library, bench/common.py, as `common`
+        sys.path.insert(0, str(ROOT / "bench"))
     spec = importlib.util.spec_from_file_location("bench_quickstart", ROOT / "bench" / "quickstart.py")
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses look their module up there
