@@ -149,7 +149,7 @@ def ours(hidden: int, layers: int, lora: bool = False) -> dict:
                           missing_eos_penalty=1.0, kl_coef=0.05, reward_normalization=False)
     trainer = tr.PPOTrainer(cfg, m, rows, work_dir=None, seed=0)
     started = time.perf_counter()
-    history = trainer.train(progress=False)
+    history = trainer.train()
     seconds = time.perf_counter() - started
     split = {k: sum(h[k] for h in history) for k in ("time/generation", "time/scoring", "time/update")}
     peak = (torch.cuda.max_memory_allocated() / 2**20) if device == "cuda" else None
@@ -306,7 +306,7 @@ def ours_smollm2(spec: dict) -> dict:
     random.seed(0)
     trainer = tr.PPOTrainer(cfg, m, rows, work_dir=None, seed=0)
     started = time.perf_counter()
-    history = trainer.train(progress=False)
+    history = trainer.train()
     seconds = time.perf_counter() - started
     split = {k: sum(h[k] for h in history) / len(history) for k in ("time/generation", "time/scoring", "time/update")}
     return {"seconds": seconds, "episodes_per_s": batch * len(history) / seconds, "steps": len(history),

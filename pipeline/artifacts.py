@@ -23,7 +23,8 @@ from typing import Any, Callable
 import yaml
 
 from pipeline.errors import SecurityError
-from pipeline.recipe import Recipe, looks_local
+from pipeline.data import looks_local
+from pipeline.recipe import Recipe
 from pipeline.schema import StageBase
 from pipeline.stage import Artifact, StageResult
 

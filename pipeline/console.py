@@ -19,16 +19,9 @@ import warnings
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 LOG_NAME = "train.log"
-# figures shown live, per stage kind: (log key, label); other kinds show loss and learning rate
-FIGURES = {
-    "ppo": (("reward/mean", "reward"), ("kl", "kl")),
-    "grpo": (("reward", "reward"), ("kl", "kl"), ("loss", "loss"), ("learning_rate", "lr")),
-    "rloo": (("reward", "reward"), ("kl", "kl"), ("loss", "loss"), ("learning_rate", "lr")),
-}
-DEFAULT_FIGURES = (("loss", "loss"), ("learning_rate", "lr"))
 
 
 def is_interactive(stream) -> bool:
@@ -49,9 +42,10 @@ def columns(stream, fallback: int = 100) -> int:
     return width if width > 0 else fallback
 
 
-def figures(kind: str, logs: dict[str, Any]) -> dict[str, float]:
-    """The live figures of a stage `kind` found in one log entry, by label."""
-    return {label: logs[key] for key, label in FIGURES.get(kind, DEFAULT_FIGURES)
+def figures(wanted: Iterable[tuple[str, str]], logs: dict[str, Any]) -> dict[str, float]:
+    """The `wanted` figures ((log key, label) pairs: a stage kind's `registry.StageKind.figures`) found in one log
+    entry, by label."""
+    return {label: logs[key] for key, label in wanted
             if isinstance(logs.get(key), (int, float)) and not isinstance(logs.get(key), bool)}
 
 
@@ -74,6 +68,11 @@ class Console:
     @classmethod
     def for_process(cls, verbose: bool = False, main: bool = True) -> "Console":
         return cls(stream=sys.stdout, interactive=is_interactive(sys.stdout), verbose=verbose, enabled=main)
+
+    @classmethod
+    def silent(cls) -> "Console":
+        """A console that shows nothing (a stage context built outside a run, in tests and benches)."""
+        return cls(stream=sys.stdout, enabled=False)
 
     def say(self, message: str) -> None:
         if self.enabled:
@@ -160,14 +159,15 @@ class _Redirect:
     def write(self, text: str) -> int:
         if self.log is not None:
             self.log.write(text)
-        if self.echo or self.log is None:
+        if (self.echo or self.log is None) and not self.original.closed:
             self.original.write(text)
         return len(text)
 
     def flush(self) -> None:
         if self.log is not None:
             self.log.flush()
-        self.original.flush()
+        if not self.original.closed:  # a handler may outlive the stream it was made on (a test's captured one)
+            self.original.flush()
 
     def isatty(self) -> bool:
         return self.original.isatty() if self.log is None else False

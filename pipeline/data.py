@@ -13,6 +13,7 @@ from __future__ import annotations
 import gzip
 import json
 import math
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -21,11 +22,17 @@ from typing import Any, Callable, Iterable
 
 from pipeline import schema
 from pipeline.errors import DataError
-from pipeline.recipe import looks_local
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 SHAPES = ("text", "sft", "preference", "prompts")
+LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".gz")
+
+
+def looks_local(path: str) -> bool:
+    """A data or model path that must exist on disk (vs a Hub id like 'org/name')."""
+    return (path.startswith(("/", "./", "../", "~")) or path.lower().endswith(LOCAL_DATA_SUFFIXES)
+            or os.path.exists(path))
 
 
 @dataclass

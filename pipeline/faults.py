@@ -4,8 +4,8 @@ after a given step, or its logged loss turn NaN, so that resuming and the NaN gu
     PIPELINE_TEST_KILL_AT=<stage>:<step>   SIGKILL the process after that optimizer step (after its checkpoint)
     PIPELINE_TEST_NAN_AT=<stage>:<step>    report a NaN loss from that step on
 
-Unset (always, outside tests) every hook here is None. Used by `pipeline.training` and the `ppo` stage; nothing runs
-at import.
+Unset (always, outside tests) every hook here is None. Used by `pipeline.course` and `pipeline.training`; nothing
+runs at import.
 """
 from __future__ import annotations
 
@@ -17,7 +17,9 @@ NAN_HOOK = "PIPELINE_TEST_NAN_AT"  # "<stage>:<step>": report a NaN loss from th
 
 
 def kill_hook(stage: str):
-    """A callback that SIGKILLs the process after step N of `stage` when PIPELINE_TEST_KILL_AT asks (crash tests)."""
+    """For Trainer stages, a callback that SIGKILLs the process after the log line of step N of `stage`, or of a
+    later step, that saved no checkpoint, when PIPELINE_TEST_KILL_AT asks (crash tests); after a checkpoint,
+    `kill_after_checkpoint` (the course's checkpoint hook) kills it."""
     wanted = os.environ.get(KILL_HOOK, "")
     name, _, step = wanted.rpartition(":")
     if name != stage or not step.isdigit():
@@ -25,12 +27,6 @@ def kill_hook(stage: str):
     from transformers import TrainerCallback
 
     class KillAt(TrainerCallback):
-        """Dies after the checkpoint of a save step, or after the log line of any other step."""
-
-        def on_save(self, args, state, control, **kwargs):
-            if state.global_step >= int(step):
-                os.kill(os.getpid(), signal.SIGKILL)
-
         def on_log(self, args, state, control, logs=None, **kwargs):
             if state.global_step >= int(step) and state.global_step % args.save_steps:
                 os.kill(os.getpid(), signal.SIGKILL)
@@ -39,8 +35,9 @@ def kill_hook(stage: str):
 
 
 def kill_after_checkpoint(stage: str):
-    """For loops of our own (PPO): a function(step) that SIGKILLs this process once the checkpoint of step N of
-    `stage` is written, when PIPELINE_TEST_KILL_AT asks (crash tests); None otherwise."""
+    """For every training loop (`pipeline.course.Hooks.checkpoint`): a function(step) that SIGKILLs this process
+    once the checkpoint of step N of `stage` or a later one is written, when PIPELINE_TEST_KILL_AT asks (crash
+    tests); None otherwise."""
     name, _, step = os.environ.get(KILL_HOOK, "").rpartition(":")
     if name != stage or not step.isdigit():
         return None

@@ -8,10 +8,13 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline import schema
 from pipeline.errors import PipelineError, SecurityError
+
+if TYPE_CHECKING:  # for annotations only: the stage contract sits above this module
+    from pipeline.stage import StageContext
 
 log = logging.getLogger("pipeline")
 
@@ -290,7 +293,7 @@ def save_model(model, tokenizer, folder: Path, *, merge_lora: bool = False) -> s
     return "transformers"
 
 
-def save_policy(ctx, model, tokenizer) -> str:
+def save_policy(ctx: StageContext, model, tokenizer) -> str:
     """Save a trained policy into the stage's artifact folder on the main process: a LoRA adapter, or merged full
     weights when the stage's `lora.merge` is set. Returns the card's library name ('peft' or 'transformers').
     Only for a model that every rank holds whole (PPO); Trainer stages call `save_trained`."""
@@ -300,7 +303,7 @@ def save_policy(ctx, model, tokenizer) -> str:
     return save_model(model, tokenizer, ctx.output_dir, merge_lora=merge)
 
 
-def save_gathered(ctx, accelerator, model, tokenizer) -> str:
+def save_gathered(ctx: StageContext, accelerator, model, tokenizer) -> str:
     """Save a model prepared by `accelerator` (our PPO loop); EVERY rank must call it. Sharded (FSDP): the full
     state dict is gathered collectively and the main process writes it (a LoRA adapter to merge is folded into its
     base afterwards). Whole on every rank: as `save_policy`. Returns the card's library name."""
@@ -332,12 +335,12 @@ def finish_gathered_save(folder: Path, model, tokenizer, merge: bool) -> None:
         tokenizer.save_pretrained(folder)
 
 
-def merge_requested(ctx) -> bool:
+def merge_requested(ctx: StageContext) -> bool:
     lora = getattr(ctx.config, "lora", None)
     return bool(lora and lora.merge)
 
 
-def library_of(ctx, merge: bool) -> str:
+def library_of(ctx: StageContext, merge: bool) -> str:
     """'peft' when the stage writes a LoRA adapter, else 'transformers' (known on every rank before saving)."""
     return "peft" if getattr(ctx.config, "lora", None) is not None and not merge else "transformers"
 
@@ -355,7 +358,7 @@ def is_sharded(accelerator) -> bool:
     return bool(config is not None and (config.tp_enabled or config.cp_enabled or config.dp_shard_enabled))
 
 
-def save_trained(ctx, trainer, tokenizer, *, merge_lora: bool | None = None) -> str:
+def save_trained(ctx: StageContext, trainer, tokenizer, *, merge_lora: bool | None = None) -> str:
     """Write a Trainer's model into the artifact folder; EVERY rank must call it. When the model is sharded (FSDP,
     ZeRO-3, TP), `Trainer.save_model` gathers the full weights collectively and the main process writes them; a LoRA
     adapter to merge is then folded into its base on the main process. Returns the card's library name."""

@@ -19,6 +19,7 @@ from typing import Any
 
 from pipeline.artifacts import file_digest
 from pipeline.errors import PipelineError
+from pipeline.stage import StageContext
 
 SIZE_KEYS = ("dp_replicate", "dp_shard", "tp", "cp")
 
@@ -96,10 +97,9 @@ def check_launch(section, state, recipe_file: str | None = None) -> None:
                             fix="remove the section to train with DDP on CPU, or launch on GPUs")
 
 
-def tensor_parallel_size(ctx) -> int:
+def tensor_parallel_size(ctx: StageContext) -> int:
     """The recipe's `parallelism.tp` for this launch (1 with one process or no section)."""
-    section = getattr(getattr(getattr(ctx, "recipe", None), "header", None), "parallelism", None)
-    world_size = getattr(getattr(ctx, "state", None), "num_processes", 1)
+    section, world_size = ctx.recipe.header.parallelism, ctx.state.num_processes
     if section is None or world_size <= 1:
         return 1
     return resolve_sizes(section, world_size)["tp"]

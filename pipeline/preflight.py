@@ -18,16 +18,14 @@ import json
 from pathlib import Path
 from typing import Any
 
-from pipeline import schema
+from pipeline import registry, schema
+from pipeline.data import looks_local
 from pipeline.errors import DataError, PipelineError, RecipeError
 from pipeline.models import check_safe_weights
-from pipeline.recipe import Recipe, looks_local
+from pipeline.recipe import Recipe
 from pipeline.tools import gguf
 
 NOT_AVAILABLE: dict[str, str] = {}
-CHAT_KINDS = {"sft", "dpo", "kto", "reward", "ppo", "grpo", "rloo"}
-SHAPE_OF_KIND = {"tokenizer": "text", "pretrain": "text", "sft": "sft", "reward": "preference",
-                 "dpo": "preference", "kto": "preference", "ppo": "prompts", "grpo": "prompts", "rloo": "prompts"}
 # Alternatives of canonical columns each shape needs (one alternative must be fully present). A whole conversation
 # in `chosen` (HH-RLHF) is read by `sft` only from rows without `prompt`: see pipeline.data.
 NEEDED = {"sft": [("messages",), ("prompt", "completion"), ("chosen",)], "preference": [("chosen", "rejected")],
@@ -176,7 +174,7 @@ def _needed(shape: str, config: schema.StageBase) -> list[tuple[str, ...]]:
 
 def _check_data(recipe: Recipe, name: str, config: schema.StageBase) -> None:
     section = getattr(config, "data", None)
-    shape = SHAPE_OF_KIND.get(config.kind)
+    shape = registry.traits(config.kind).data_shape
     if not isinstance(section, schema.DataSection) or shape is None:
         return
     for key, value in (("path", section.path), ("eval_path", section.eval_path)):
@@ -254,7 +252,7 @@ def _folder_chat_template(folder: Path) -> bool:
 
 
 def _check_chat_template(recipe: Recipe, name: str, config: schema.StageBase) -> None:
-    if config.kind not in CHAT_KINDS:
+    if not registry.traits(config.kind).chat_template:
         return
     origin = tokenizer_origin(recipe, name)
     key = ("tokenizer",) if getattr(config, "tokenizer", None) else ("model", "path")

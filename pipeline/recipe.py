@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import copy
 import difflib
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -17,9 +16,9 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from pipeline import registry, schema
+from pipeline.data import looks_local
 from pipeline.errors import RecipeError
 
-LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".gz")
 
 
 @dataclass
@@ -278,12 +277,6 @@ def _topological_order(parents: dict[str, list[str]], file: str, lines: dict[tup
 # ---------------------------------------------------------------------------------------------------- file checks
 
 
-def looks_local(path: str) -> bool:
-    """A data or model path that must exist on disk (vs a Hub id like 'org/name')."""
-    return (path.startswith(("/", "./", "../", "~")) or path.lower().endswith(LOCAL_DATA_SUFFIXES)
-            or os.path.exists(path))
-
-
 def _check_files(name: str, config: schema.StageBase, file: str, lines: dict[tuple, int]) -> None:
     """Local files named by the stage must exist; model folders must hold a config."""
     checks: list[tuple[tuple, str]] = []
@@ -328,6 +321,18 @@ def _merge_defaults(stage_raw: dict, defaults: schema.Defaults, config_cls: type
     return merged
 
 
+def _check_kind_traits(name: str, config: schema.StageBase, file: str, lines: dict[tuple, int]) -> None:
+    """Settings that only some kinds take, by their `registry.StageKind` traits: `train.group_by_length` where the
+    trainer pads batches of rows."""
+    train = getattr(config, "train", None)
+    if isinstance(train, schema.TrainSection) and train.group_by_length \
+            and not registry.traits(config.kind).length_grouping:
+        path = ("stages", name, "train", "group_by_length")
+        raise RecipeError(f"`train.group_by_length` applies to {', '.join(registry.length_grouped_kinds())} stages",
+                          file=file, line=_line_for(lines, path), key=_dotted(path),
+                          fix=f"remove it from this {config.kind} stage (set it on those stages, not in defaults)")
+
+
 def parse_recipe(data: dict[str, Any], path: Path, lines: dict[tuple, int] | None = None) -> Recipe:
     """Validate already-loaded recipe data."""
     file, lines = str(path), lines or {}
@@ -363,6 +368,7 @@ def parse_recipe(data: dict[str, Any], path: Path, lines: dict[tuple, int] | Non
             stages[name] = config_cls.model_validate(_merge_defaults(raw, header.defaults, config_cls))
         except ValidationError as exc:
             raise _validation_error(exc, config_cls, prefix, file, lines) from None
+        _check_kind_traits(name, stages[name], file, lines)
 
     parents = {name: _check_references(name, header.stages[name], cfg, stages, file, lines)
                for name, cfg in stages.items()}

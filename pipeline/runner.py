@@ -16,7 +16,7 @@ from pipeline.console import Console, capture, log_name
 from pipeline.errors import PipelineError
 from pipeline.eval import summary
 from pipeline.recipe import Recipe
-from pipeline.stage import StageContext, StageResult
+from pipeline.stage import StageContext, StageResult, stage_context
 from pipeline.tools import hub
 from pipeline.tools.report import write_report
 
@@ -195,11 +195,10 @@ def _run_stage(recipe: Recipe, name: str, config: schema.StageBase, fp: str, don
     _barrier(state)
 
     parents = {p: done[p] for p in recipe.parents[name]}
-    seed = recipe.stage_seed(name)
     attempts = AttemptLog(work_dir, write=state.is_main_process)
     console = console or Console.for_process(main=state.is_main_process)
-    ctx = StageContext(name=name, config=config, recipe=recipe, output_dir=writer.tmp, work_dir=work_dir,
-                       parents=parents, seed=seed, state=state, attempts=attempts, console=console)
+    ctx = stage_context(recipe, name, output_dir=writer.tmp, work_dir=work_dir, parents=parents, state=state,
+                        attempts=attempts, console=console)
     result, durations = _train(ctx)
     _barrier(state)
 

@@ -11,8 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from pipeline.eval import metrics as metric_registry
-from pipeline.rl import rewards as rule_registry
+from pipeline import names
 
 REF_PATTERN = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_\-]*)\}$")
 STAGE_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -194,9 +193,6 @@ def _hub_shorthand(value: Any) -> Any:
     return {"repo_id": value} if isinstance(value, str) else value
 
 
-LENGTH_GROUPED_KINDS = ("sft", "reward", "dpo")  # stages whose trainer pads each batch of rows to its longest
-
-
 class StageBase(Strict):
     """Fields every stage has. `produces` says what its artifact is; `references` which keys may hold `${stage}`."""
 
@@ -218,14 +214,6 @@ class StageBase(Strict):
         data = getattr(self, "data", None)
         if isinstance(data, DataSection) and data.train_on != "last_turn" and self.kind != "sft":
             raise ValueError(f"`data.train_on: {data.train_on}` applies to sft stages only: remove it")
-        return self
-
-    @model_validator(mode="after")
-    def _group_by_length_where_batches_pad(self):
-        train = getattr(self, "train", None)
-        if isinstance(train, TrainSection) and train.group_by_length and self.kind not in LENGTH_GROUPED_KINDS:
-            raise ValueError(f"`train.group_by_length` applies to {', '.join(LENGTH_GROUPED_KINDS)} stages: "
-                             f"remove it from this {self.kind} stage (set it on those stages, not in defaults)")
         return self
 
     def produced_kind(self) -> str:
@@ -363,14 +351,14 @@ class RuleReward(Strict):
     """A rule-based reward computed from the data: exact match on a known answer, or a length penalty."""
 
     type: str = Field(description=(
-        "a rule registered in `pipeline.rl.rewards.RULES`: " + ", ".join(rule_registry.RULES) + " (exact_match: 1 "
+        "a rule registered in `pipeline.rl.rewards.RULES`: " + ", ".join(names.REWARD_RULES) + " (exact_match: 1 "
         "when the completion's last number equals the row's `field`; contains_answer: 1 when `field` occurs in it; "
         "length_penalty: -(characters beyond `target_length`) / target_length)"))
     field: str = Field("answer", description="the data column holding the answer")
     weight: float = Field(1.0, description="this rule's reward is multiplied by it; the rules are summed")
     target_length: int | None = Field(None, description="length_penalty: characters allowed before the penalty starts")
 
-    _check_registered = field_validator("type")(lambda cls, value: _registered(value, rule_registry.RULES, "reward rule"))
+    _check_registered = field_validator("type")(lambda cls, value: _registered(value, names.REWARD_RULES, "reward rule"))
 
 
 class RLStage(TrainedStage):
@@ -481,7 +469,7 @@ class EvalSection(Strict):
 
     metric: str = Field(description=(
         "what to measure: a metric registered in `pipeline.eval.metrics.METRICS` ("
-        + ", ".join(metric_registry.METRICS) + ") or lm_eval (benchmarks through lm-eval); see docs/evaluation.md"))
+        + ", ".join(names.METRICS) + ") or lm_eval (benchmarks through lm-eval); see docs/evaluation.md"))
     data: DataSection | None = Field(None, description="held-out rows (null: the evaluated artifact's own eval data)")
     reward_model: str | None = Field(None, description="win_rate: the reward model that judges")
     reference: str | None = Field(None, description="win_rate: the policy to compare against")
@@ -491,7 +479,7 @@ class EvalSection(Strict):
     max_new_tokens: int = Field(32, gt=0, description="greedy answer length for exact_match and win_rate")
 
     _check_registered = field_validator("metric")(
-        lambda cls, value: _registered(value, (*metric_registry.METRICS, "lm_eval"), "metric"))
+        lambda cls, value: _registered(value, (*names.METRICS, "lm_eval"), "metric"))
 
 
 class EvaluateStage(ModelStage):

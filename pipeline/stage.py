@@ -3,7 +3,8 @@
 A stage kind is a module under `pipeline/stages/` with that `run` function, registered with its config class in
 `pipeline.registry`; `pipeline.runner` builds the context (the parents as `Artifact`s), calls `run` and turns the
 result into an artifact (`pipeline.artifacts.commit_stage`). Nothing runs at import; it imports only the schema,
-the recipe and the console, none of which import it back.
+the registry, the recipe and the console, none of which import it back. `stage_context` builds one (the runner's, tests' and
+benches' alike).
 """
 from __future__ import annotations
 
@@ -11,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline import schema
+from pipeline import registry, schema
 from pipeline.console import Console
 from pipeline.recipe import Recipe, resolve_ref
 
@@ -66,9 +67,9 @@ class StageContext:
     work_dir: Path  # checkpoints that survive a crash, deleted once the artifact is complete
     parents: dict[str, Artifact]
     seed: int
-    state: Any  # accelerate.PartialState
+    state: Any  # accelerate.PartialState (its num_processes, process_index, is_main_process)
     attempts: Any = None  # this stage's pipeline.attempts.AttemptLog: training stages report resumes and checkpoints
-    console: Console | None = None  # the person's terminal: progress displays and the few lines meant for them
+    console: Console = field(default_factory=Console.silent)  # the person's terminal: progress and a few lines
 
     def resolve(self, value: str | None) -> str | None:
         """`${stage}` -> that stage's artifact folder (absolute); other values unchanged."""
@@ -81,3 +82,23 @@ class StageContext:
     def is_main(self) -> bool:
         return self.state.is_main_process
 
+    @property
+    def traits(self) -> registry.StageKind:
+        """This stage's kind as registered: its data shape, live figures and the rest (`pipeline.registry`)."""
+        return registry.traits(self.config.kind)
+
+
+
+def stage_context(recipe: Recipe, name: str, *, output_dir: Path, work_dir: Path, state: Any = None,
+                  parents: dict[str, Artifact] | None = None, attempts: Any = None,
+                  console: Console | None = None) -> StageContext:
+    """The one way a StageContext is built: by the runner for each stage it runs, and by tests and benches that
+    call a stage's parts directly. `state` defaults to this process's `accelerate.PartialState`; `console` to a
+    silent one."""
+    if state is None:
+        from accelerate import PartialState
+
+        state = PartialState()
+    return StageContext(name=name, config=recipe.stages[name], recipe=recipe, output_dir=Path(output_dir),
+                        work_dir=Path(work_dir), parents=dict(parents or {}), seed=recipe.stage_seed(name),
+                        state=state, attempts=attempts, console=console or Console.silent())

@@ -18,6 +18,7 @@ from typing import Any
 
 from pipeline import schema
 from pipeline.errors import PipelineError
+from pipeline.stage import StageContext
 
 TRACKING_DIR = ".tracking"  # under the output folder; a stage name cannot start with "."
 # tracker -> (the module it needs, the pyproject extra that installs it)
@@ -39,12 +40,9 @@ def stage_trackers(recipe, name: str) -> list[str]:
     return normalize(own if own is not None else getattr(recipe.header, "report_to", None))
 
 
-def ctx_trackers(ctx) -> list[str]:
-    """`stage_trackers` for a stage context; [] for a bare context (tests, benches) without a recipe."""
-    recipe = getattr(ctx, "recipe", None)
-    if recipe is None or not hasattr(recipe, "stages") or ctx.name not in recipe.stages:
-        return []
-    return stage_trackers(recipe, ctx.name)
+def ctx_trackers(ctx: StageContext) -> list[str]:
+    """`stage_trackers` of the context's stage."""
+    return stage_trackers(ctx.recipe, ctx.name)
 
 
 def check_installed(recipe) -> None:
@@ -72,7 +70,7 @@ def log_dir(recipe, name: str) -> Path:
     return tracking_root(recipe) / name
 
 
-def resolved_config(ctx) -> dict[str, Any]:
+def resolved_config(ctx: StageContext) -> dict[str, Any]:
     """What the trackers are told about the stage: recipe, stage, kind, seed and its config with `${stage}`
     references turned into the artifact folders they name."""
     def resolve(value: Any) -> Any:
@@ -141,7 +139,7 @@ def end_runs(trackers: list[str]) -> None:
 # ------------------------------------------------------------------------------------- transformers / TRL trainers
 
 
-def trainer_fields(ctx) -> dict[str, Any]:
+def trainer_fields(ctx: StageContext) -> dict[str, Any]:
     """TrainingArguments fields: `report_to` (the stage's trackers), `run_name` and trackio's `project`."""
     trackers = ctx_trackers(ctx)
     if not trackers:
@@ -149,7 +147,7 @@ def trainer_fields(ctx) -> dict[str, Any]:
     return {"report_to": trackers, "run_name": run_name(ctx.recipe, ctx.name), "project": ctx.recipe.name}
 
 
-def attach(trainer, ctx) -> None:
+def attach(trainer, ctx: StageContext) -> None:
     """Point the trainer's TensorBoard callback at OUTPUT/.tracking/<stage>/ and add a callback that gives each
     tracker the stage's resolved config when training starts."""
     if not ctx_trackers(ctx):
@@ -192,7 +190,7 @@ def store_config(callbacks, config: dict[str, Any]) -> None:
 # ------------------------------------------------------------------------------------------------- our PPO loop
 
 
-def accelerate_trackers(ctx) -> list:
+def accelerate_trackers(ctx: StageContext) -> list:
     """Accelerate tracker objects for the stage (for `Accelerator(log_with=...)`), named like the trainers' runs:
     TensorBoard in OUTPUT/.tracking/<stage>/, W&B, MLflow and trackio in a project/experiment named after the
     recipe with the run `<recipe>/<stage>`."""

@@ -1,5 +1,6 @@
-"""Glue shared by the stages that use a transformers/TRL trainer: arguments from the `train:` section, resuming
-from the stage's last checkpoint, stopping on NaN/inf, and the loss history kept in the manifest.
+"""Glue shared by the stages that use a transformers/TRL trainer: arguments from the `train:` section, and
+`TrainerLoop`, the trainer as a `pipeline.course.Loop` (resuming from the stage's last checkpoint, the course's hooks
+as callbacks, stopping on NaN/inf, the loss history kept in the manifest).
 
 Imported by stage modules at run time; nothing runs at import.
 """
@@ -11,8 +12,8 @@ from pathlib import Path
 from typing import Any
 
 from pipeline import faults, models, parallel, schema, tracking
-from pipeline.console import FIGURES, figures
 from pipeline.errors import TrainingError
+from pipeline.stage import StageContext
 
 
 def precision_flags(section: schema.TrainSection) -> dict[str, bool]:
@@ -21,7 +22,7 @@ def precision_flags(section: schema.TrainSection) -> dict[str, bool]:
     return {"bf16": mode == "bf16", "fp16": mode == "fp16"}
 
 
-def trainer_kwargs(ctx, section: schema.TrainSection, **overrides: Any) -> dict[str, Any]:
+def trainer_kwargs(ctx: StageContext, section: schema.TrainSection, **overrides: Any) -> dict[str, Any]:
     """Keyword arguments shared by TrainingArguments and every TRL *Config, from the `train:` section."""
     import torch
 
@@ -61,20 +62,18 @@ def trainer_kwargs(ctx, section: schema.TrainSection, **overrides: Any) -> dict[
     return kwargs
 
 
-def _parallel_kwargs(ctx, section: schema.TrainSection) -> dict[str, Any]:
+def _parallel_kwargs(ctx: StageContext, section: schema.TrainSection) -> dict[str, Any]:
     """The recipe's `parallelism:` section as a ParallelismConfig, and a clear error for Liger without its package."""
     import importlib.util
 
     if section.use_liger_kernel and importlib.util.find_spec("liger_kernel") is None:
         raise TrainingError("train.use_liger_kernel is on but the liger-kernel package is not installed",
                             key="train.use_liger_kernel", fix="pip install liger-kernel, or set it to false")
-    header = getattr(getattr(ctx, "recipe", None), "header", None)
-    world_size = getattr(getattr(ctx, "state", None), "num_processes", 1)
-    config = parallel.parallelism_config(getattr(header, "parallelism", None), world_size)
+    config = parallel.parallelism_config(ctx.recipe.header.parallelism, ctx.state.num_processes)
     return {"parallelism_config": config} if config is not None else {}
 
 
-def last_checkpoint(ctx) -> str | None:
+def last_checkpoint(ctx: StageContext) -> str | None:
     """The newest complete Trainer checkpoint in the stage's work folder (resumes a killed run)."""
     from transformers.trainer_utils import get_last_checkpoint
 
@@ -94,18 +93,16 @@ def checkpoint_step(checkpoint: str | None) -> int:
     return int(json.loads((Path(checkpoint) / "trainer_state.json").read_text())["global_step"])
 
 
-def attempt_progress(attempts):
-    """A callback that records each saved checkpoint in the stage's attempt log (so a killed attempt's time up to
-    its last checkpoint counts); None without a log."""
-    if attempts is None:
-        return None
+def checkpoints(hooks):
+    """A callback that hands each saved checkpoint to the course (`hooks.checkpoint`: the attempt log, then the
+    crash tests' kill hook)."""
     from transformers import TrainerCallback
 
-    class AttemptProgress(TrainerCallback):
+    class Checkpoints(TrainerCallback):
         def on_save(self, args, state, control, **kwargs):
-            attempts.progress(state.global_step)
+            hooks.checkpoint(state.global_step)
 
-    return AttemptProgress()
+    return Checkpoints()
 
 
 def token_count(trainer):
@@ -127,22 +124,17 @@ def token_count(trainer):
     return TokenCount()
 
 
-def console_progress(ctx, kind: str):
-    """A callback that shows the stage's progress on the console (`ctx.console`): the step and the live figures of
-    its kind (pipeline.console.FIGURES), with episodes/s for the online RL stages; None without a console or off
-    the main process."""
-    console = getattr(ctx, "console", None)
-    if console is None or not ctx.is_main:
-        return None
+def console_progress(hooks):
+    """A callback that shows the stage's progress (`hooks.progress`): the step and the live figures of its kind,
+    with episodes/s for the kinds that sample episodes."""
     from transformers import TrainerCallback
 
     class ConsoleProgress(TrainerCallback):
         display = None
 
         def on_train_begin(self, args, state, control, **kwargs):
-            episodes = (args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
-                        if kind in FIGURES else None)
-            self.display = console.progress(state.max_steps, ctx.name, state.global_step, episodes)
+            episodes = args.per_device_train_batch_size * args.gradient_accumulation_steps * args.world_size
+            self.display = hooks.progress(state.max_steps, state.global_step, episodes)
 
         def on_step_end(self, args, state, control, **kwargs):
             if self.display is not None:
@@ -150,7 +142,7 @@ def console_progress(ctx, kind: str):
 
         def on_log(self, args, state, control, logs=None, **kwargs):
             if self.display is not None:
-                self.display.update(state.global_step, figures(kind, logs or {}))
+                self.display.update(state.global_step, hooks.figures(logs or {}))
 
         def on_train_end(self, args, state, control, **kwargs):
             if self.display is not None:
@@ -193,37 +185,6 @@ def nan_guard(stage: str | None = None):
     return NanGuard()
 
 
-def train(trainer, ctx) -> Any:
-    """Run `trainer.train()`, resuming from the stage's last checkpoint if a previous run was killed. The returned
-    TrainOutput's `training_loss`, like the `train_loss` of the trainer's last log entry (rewritten here), is the
-    mean over every step of the stage, those of killed attempts included."""
-    attempts = getattr(ctx, "attempts", None)
-    # the attempt log first: the kill hook (crash tests) dies in on_save, after the checkpoint is recorded
-    for hook in (attempt_progress(attempts), token_count(trainer), faults.nan_hook(ctx.name), nan_guard(ctx.name),
-                 console_progress(ctx, getattr(getattr(ctx, "config", None), "kind", "")), faults.kill_hook(ctx.name)):
-        if hook is not None:
-            trainer.add_callback(hook)
-    tracking.attach(trainer, ctx)
-    checkpoint = last_checkpoint(ctx)
-    resumed = checkpoint_step(checkpoint)
-    if attempts is not None:
-        attempts.resumed_from(resumed)
-    if checkpoint is not None:
-        say(ctx, f"{ctx.name}: resuming from {checkpoint}")
-    output = trainer.train(resume_from_checkpoint=checkpoint)
-    check_weights_agree(trainer, ctx)
-    return whole_run_output(trainer, output, resumed)
-
-
-def say(ctx, message: str) -> None:
-    """A line for the person running the recipe (main process): on the console, not in train.log."""
-    console = getattr(ctx, "console", None)
-    if console is not None:
-        console.say(message)
-    elif ctx.is_main:
-        print(message, flush=True)
-
-
 def whole_run_output(trainer, output, resumed: int):
     """`output` with the training loss of the whole stage (see `whole_run_loss`) in place of this attempt's, also
     written into the trainer's summary log entry (the one holding `train_loss`)."""
@@ -234,13 +195,53 @@ def whole_run_output(trainer, output, resumed: int):
     return output._replace(training_loss=loss, metrics={**output.metrics, "train_loss": loss})
 
 
-def check_weights_agree(trainer, ctx) -> None:
-    """Under DDP every rank must end with identical weights; FSDP, ZeRO-3 and TP shard them, so those are skipped."""
-    if ctx.state.num_processes <= 1 or models.is_sharded(trainer.accelerator):
-        return
+class TrainerLoop:
+    """A transformers/TRL trainer as a `pipeline.course.Loop`: the starting model is measured before
+    `make_trainer()` builds the trainer, training resumes from the stage's last Trainer checkpoint, and the
+    reported training loss is the mean over every step of the stage (killed attempts included). `before_save(trainer)`
+    runs just before saving; `merge_lora` overrides the stage's `lora.merge`."""
 
-    parallel.check_ranks_agree(ctx.state, f"the trained weights of stage '{ctx.name}'",
-                               parallel.weights_digest(trainer.model), key=f"stages.{ctx.name}")
+    def __init__(self, ctx: StageContext, model, make_trainer, *, merge_lora: bool | None = None, before_save=None):
+        self.ctx, self.model, self.make_trainer = ctx, model, make_trainer
+        self.merge_lora, self.before_save = merge_lora, before_save
+        self.trainer, self.checkpoint, self.resumed, self.output = None, None, 0, None
+
+    @property
+    def accelerator(self):
+        return self.trainer.accelerator
+
+    def resume(self) -> int:
+        self.checkpoint = last_checkpoint(self.ctx)
+        self.resumed = checkpoint_step(self.checkpoint)
+        return self.resumed
+
+    def starting_metrics(self, measure) -> dict[str, Any]:
+        return measure(self.model, "before")
+
+    def fit(self, hooks) -> None:
+        """Build the trainer and run `trainer.train()` from the checkpoint `resume` found."""
+        trainer = self.trainer = self.make_trainer()
+        # the course's checkpoint hook first: the kill hook of the crash tests dies in on_save, after the attempt log
+        for callback in (checkpoints(hooks), token_count(trainer), faults.nan_hook(self.ctx.name),
+                         nan_guard(self.ctx.name), console_progress(hooks), faults.kill_hook(self.ctx.name)):
+            if callback is not None:
+                trainer.add_callback(callback)
+        tracking.attach(trainer, self.ctx)
+        self.output = whole_run_output(trainer, trainer.train(resume_from_checkpoint=self.checkpoint), self.resumed)
+
+    def fit_metrics(self) -> dict[str, Any]:
+        return {"train_loss": self.output.training_loss}
+
+    def trained_model(self):
+        return self.trainer.model
+
+    def log_history(self) -> list[dict[str, Any]]:
+        return log_history(self.trainer)
+
+    def save(self, ctx: StageContext, tokenizer) -> str:
+        if self.before_save is not None:
+            self.before_save(self.trainer)
+        return models.save_trained(ctx, self.trainer, tokenizer, merge_lora=self.merge_lora)
 
 
 def log_history(trainer) -> list[dict[str, Any]]:

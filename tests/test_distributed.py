@@ -189,9 +189,10 @@ def test_nothing_to_configure_gives_none():
 
 
 def _ctx(tmp_path, parallelism, world):
-    header = SimpleNamespace(parallelism=parallelism)
-    return SimpleNamespace(work_dir=tmp_path, seed=0, is_main=True, name="sft",
-                           recipe=SimpleNamespace(header=header), state=SimpleNamespace(num_processes=world))
+    from contexts import stage_ctx
+
+    section = {} if parallelism is None else {"parallelism": parallelism.model_dump(exclude_unset=True)}
+    return stage_ctx(tmp_path, {"kind": "sft", "model": "m"}, world=world, name="sft", **section)
 
 
 def test_trainer_kwargs_pass_the_parallelism_config(tmp_path):

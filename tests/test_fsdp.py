@@ -321,10 +321,12 @@ def test_tensor_parallel_load_splits_weights_and_keeps_the_loss(tmp_path):
         assert abs(rank["loss"] - rank["whole_loss"]) < 1e-5
 
 
-def test_tensor_parallel_size_comes_from_the_recipe():
+def test_tensor_parallel_size_comes_from_the_recipe(tmp_path):
+    from contexts import stage_ctx
+
     def ctx(section, world):
-        return SimpleNamespace(recipe=SimpleNamespace(header=SimpleNamespace(parallelism=section)),
-                               state=SimpleNamespace(num_processes=world))
+        header = {} if section is None else {"parallelism": section.model_dump(exclude_unset=True)}
+        return stage_ctx(tmp_path, {"kind": "sft", "model": "m"}, world=world, **header)
 
     assert parallel.tensor_parallel_size(ctx(_section(dp_shard=-1, tp=2), 4)) == 2
     assert parallel.tensor_parallel_size(ctx(_section(tp=2), 1)) == 1  # one process: nothing to split

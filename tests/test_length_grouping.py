@@ -8,12 +8,11 @@ check of a length-grouped stage is in tests/test_resume.py.
 from __future__ import annotations
 
 import random
-from types import SimpleNamespace
 
 import pytest
 
 from pipeline import data as data_lib
-from pipeline import schema, training
+from pipeline import training
 from pipeline.stages.common import length_grouped
 from test_reward_model import chat_tokenizer, tiny_classifier
 
@@ -53,8 +52,9 @@ def test_batches_hold_similar_lengths_and_the_order_is_seeded():
 
 
 def _ctx(tmp_path, **train):
-    return SimpleNamespace(config=SimpleNamespace(train=schema.TrainSection(**train)), work_dir=tmp_path, seed=0,
-                           is_main=True, name="stage", state=SimpleNamespace(num_processes=1))
+    from contexts import stage_ctx
+
+    return stage_ctx(tmp_path, {"kind": "sft", "model": "m", "train": train})
 
 
 def _rows(count: int = 48) -> list[dict]:
@@ -120,15 +120,14 @@ def test_the_trainers_read_the_rows_in_length_grouped_batches(tmp_path, kind):
 
 
 @pytest.mark.parametrize("kind", ["pretrain", "ppo", "kto", "grpo"])
-def test_stages_whose_batches_do_not_pad_refuse_it(kind):
-    from pydantic import ValidationError
-
-    from pipeline import registry
+def test_stages_whose_batches_do_not_pad_refuse_it(kind, tmp_path):
+    from pipeline.errors import RecipeError
+    from pipeline.recipe import parse_recipe
 
     stage = {"kind": kind, "model": "m", "data": {"path": "d.jsonl"}, "train": {"group_by_length": True},
              **({"reward_model": "r"} if kind in ("ppo", "grpo") else {})}
-    with pytest.raises(ValidationError, match="group_by_length` applies to sft, reward, dpo stages"):
-        registry.config_class(kind).model_validate(stage)
+    with pytest.raises(RecipeError, match="group_by_length` applies to sft, reward, dpo stages"):
+        parse_recipe({"name": "r", "stages": {"s": stage}}, tmp_path / "recipe.yaml")
 
 
 def test_in_defaults_it_is_refused_for_the_stages_it_does_not_apply_to(tmp_path):

@@ -61,13 +61,16 @@ def test_reward_functions_pair_model_with_its_tokenizer():
     assert funcs == [] and classes == []
 
 
-def test_group_size_must_divide_the_generation_batch():
-    cfg = SimpleNamespace(train=schema.TrainSection(batch_size=3), num_generations=2)
-    ctx = SimpleNamespace(config=cfg, state=SimpleNamespace(num_processes=1), name="grpo")
+def test_group_size_must_divide_the_generation_batch(tmp_path):
+    from contexts import stage_ctx
+
+    def ctx(**train):
+        return stage_ctx(tmp_path, {"kind": "grpo", "model": "m", "rewards": [{"type": "exact_match"}],
+                                    "num_generations": 2, "train": train}, name="grpo")
+
     with pytest.raises(PipelineError, match="num_generations"):
-        online_rl.check_group_size(ctx)
-    cfg.train = schema.TrainSection(batch_size=1, grad_accum=2)
-    online_rl.check_group_size(ctx)
+        online_rl.check_group_size(ctx(batch_size=3))
+    online_rl.check_group_size(ctx(batch_size=1, grad_accum=2))
 
 
 def test_schema_needs_a_reward_and_kto_a_batch_for_its_kl():
@@ -197,7 +200,7 @@ def test_unpaired_kto_data_is_detected_and_validated(tmp_path):
 
     path = write_unpaired(tmp_path)
     section = schema.DataSection(path=str(path), eval_fraction=0.25, max_rows=8)
-    loaded = kto.load_kto_data(section, seed=0)
+    loaded = kto.load_kto_data(section, seed=0, paired_shape="preference")
     assert len(loaded.train) == 8 and len(loaded.eval) == 3  # 3 of the file's 12 rows held out, max_rows cuts the rest
     assert loaded.held_out["held_out_rows"] == 3 and loaded.held_out["train_rows"] == 8
     assert set(loaded.train.column_names) == {"prompt", "completion", "label"}
@@ -208,7 +211,7 @@ def test_unpaired_kto_data_is_detected_and_validated(tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "completion": "c", "label": "yes"}) + "\n")
     with pytest.raises(DataError, match="label"):
-        kto.load_kto_data(schema.DataSection(path=str(bad)), seed=0)
+        kto.load_kto_data(schema.DataSection(path=str(bad)), seed=0, paired_shape="preference")
 
 
 @pytest.mark.slow

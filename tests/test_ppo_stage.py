@@ -119,7 +119,7 @@ def test_resume_continues_from_checkpoint(tmp_path, tiny):
         return tr.PPOTrainer(cfg.model_copy(update={"total_episodes": total}), m, rows, tmp_path / "work")
 
     first = make(8)  # 2 steps of 4 episodes; a checkpoint after step 1 (save_steps 1, none after the last)
-    first.train(progress=False)
+    first.train()
     assert (tmp_path / "work" / tr.CHECKPOINT).exists()
     first.save_checkpoint()  # as if killed right after step 2
     second = make(12)
@@ -131,7 +131,7 @@ def test_resume_continues_from_checkpoint(tmp_path, tiny):
     moments = [(s["exp_avg"], t["exp_avg"]) for s, t in zip(first.policy_opt.state.values(),
                                                             second.policy_opt.state.values())]
     assert moments and all(torch.equal(a, b) for a, b in moments)
-    history = second.train(progress=False)
+    history = second.train()
     assert [h["step"] for h in history] == [1, 2, 3]
     assert ppo.evaluate is not None
 
@@ -206,7 +206,7 @@ def test_update_in_micro_batches_equals_one_forward(tmp_path, tiny, lora):
                               rollout_batch_size=8, mini_batch_size=4, max_new_tokens=5,
                               forward_batch_size=forward_batch_size, rewards=[{"type": "exact_match"}])
         trainer = tr.PPOTrainer(cfg, m, rows, None)
-        history = trainer.train(progress=False)
+        history = trainer.train()
         return history, [p.detach().clone() for p in list(policy.parameters()) + list(m.critic.parameters())]
 
     (whole, whole_weights), (micro, micro_weights) = train(8), train(1)

@@ -74,7 +74,8 @@ def test_docs_are_generated_from_the_schema():
 
 def test_docs_list_every_stage_kind_and_field():
     block = docs_gen.generate()
-    for kind, (cls, _module) in registry.STAGES.items():
+    for kind, entry in registry.STAGES.items():
+        cls = entry.config
         assert f"### `{kind}`" in block
         for field in cls.model_fields:
             assert f"| `{field}` |" in block

@@ -4,8 +4,8 @@ exact match on a known answer, answer contained in the completion, and a length 
 GRPO/RLOO stages.
 
 Usage: `rule_rewards(config.rewards, completions, rows)` -> one float per completion (weighted sum of the rules).
-A new rule: a function `(completion, row, rule) -> float` here and its name in `RULES` (the schema checks `type:`
-against it).
+A new rule: a function `(completion, row, rule) -> float` here, its name in `RULES` and in `pipeline.names.REWARD_RULES`
+(the schema checks `type:` against those names).
 Pure Python; nothing runs at import.
 """
 from __future__ import annotations

@@ -375,13 +375,15 @@ class PPOTrainer:
         stats.update(times)
         return stats
 
-    def train(self, progress: Any = True, after_checkpoint=None) -> list[dict[str, Any]]:
-        """Run (or resume) to `total_steps`; returns the per-step log history. `progress`: a display from
-        `pipeline.console.Console.progress`, or True/False for the default console on stdout / none.
-        `after_checkpoint(step)` runs once every rank is past a checkpoint (crash tests kill the process there)."""
+    def train(self, hooks=None) -> list[dict[str, Any]]:
+        """Run (or resume) to `total_steps`; returns the per-step log history. `hooks` (a `pipeline.course.Hooks`,
+        given by the stage's course): its progress display with the kind's figures, and `hooks.checkpoint(step)`
+        once every rank is past a checkpoint (the attempt log; crash tests kill the process there). None (benches,
+        tests): no display, nothing called at checkpoints."""
         if not self.checkpoint_checked:
             self.load_checkpoint()
-        display = self._progress(progress)
+        display = (hooks.progress(self.total_steps, self.state.step, self.cfg.rollout_batch_size) if hooks is not None
+                   else Console.silent().progress(self.total_steps, "ppo", self.state.step))
         self._start_trackers()
         try:
             while self.state.step < self.total_steps:
@@ -391,24 +393,17 @@ class PPOTrainer:
                          **{k: round(v, 6) for k, v in stats.items()}}
                 self.state.log_history.append(entry)
                 self._log(entry)
-                display.update(self.state.step, {"reward": stats["reward/mean"], "kl": stats["kl"]})
+                display.update(self.state.step, hooks.figures(stats) if hooks is not None else {})
                 if self.work_dir is not None and self.state.step % self.cfg.train.save_steps == 0 \
                         and self.state.step < self.total_steps:
                     self.save_checkpoint()
-                    if after_checkpoint is not None:
+                    if hooks is not None:
                         self.accelerator.wait_for_everyone()
-                        after_checkpoint(self.state.step)
+                        hooks.checkpoint(self.state.step)
         finally:
             display.close()
             self._finish_trackers()
         return self.state.log_history
-
-    def _progress(self, progress: Any):
-        """The progress display: the one given, or the default console's (shown on the main process only)."""
-        if hasattr(progress, "update"):
-            return progress
-        console = Console.for_process(main=bool(progress) and self.accelerator.is_main_process)
-        return console.progress(self.total_steps, "ppo", self.state.step, self.cfg.rollout_batch_size)
 
     # ---------------------------------------------------------------------------------------------- trackers
 

@@ -1,5 +1,5 @@
-"""What the stage modules share, so no stage imports another: loading the starting policy, the held-out
-preference log-probs, and the course every transformers/TRL trainer stage follows (`run_trainer`):
+"""What the stage modules share, so no stage imports another: loading the starting policy and the stage's data,
+the held-out preference log-probs, and `run_trainer`, the course (`pipeline.course`) for a transformers/TRL trainer:
 
     measure the starting model -> build the trainer -> train (resuming) -> measure the trained model -> save -> result
 
@@ -10,12 +10,11 @@ from __future__ import annotations
 from typing import Any, Callable
 
 from pipeline import models, parallel, training
-from pipeline.data import LoadedData, length_grouped_order
+from pipeline.course import Measure, run_course
+from pipeline.data import LoadedData, length_grouped_order, load_data
 from pipeline.errors import PipelineError
 from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
-
-Measure = Callable[[Any, str], dict[str, Any]]  # (model, "before" | "after") -> held-out metrics
 
 
 def load_policy(ctx: StageContext, key: str = "model"):
@@ -32,6 +31,12 @@ def load_policy(ctx: StageContext, key: str = "model"):
     if getattr(cfg, "lora", None) is not None:
         models.check_lora_targets(model, cfg.lora)
     return model, tokenizer, path
+
+
+def load_stage_data(ctx: StageContext, **options: Any) -> LoadedData:
+    """The stage's `data:` rows in the shape its kind reads (`registry.StageKind.data_shape`), drawn by its seed;
+    `options`: `pipeline.data.load_data`'s others (too_long, text_fields)."""
+    return load_data(ctx.config.data, ctx.traits.data_shape, seed=ctx.seed, **options)
 
 
 def preference_logprobs(model, tokenizer, dataset) -> tuple[list[float], list[float]]:
@@ -59,20 +64,10 @@ def tags(ctx: StageContext, *names: str) -> list[str]:
 def run_trainer(ctx: StageContext, *, tokenizer, model, make_trainer: Callable[[], Any], loaded: LoadedData,
                 metrics: dict[str, Any], measure: Measure | None = None, merge_lora: bool | None = None,
                 before_save: Callable[[Any], None] | None = None, **result: Any) -> StageResult:
-    """Measure `model` with `measure(model, "before")`, build the trainer, train it (resuming from the stage's last
+    """The course (`pipeline.course.run_course`) for a transformers/TRL trainer: measure `model` with
+    `measure(model, "before")`, build the trainer with `make_trainer()`, train it (resuming from the stage's last
     checkpoint), measure `trainer.model` with `measure(..., "after")`, save it into the artifact folder and return
     the StageResult (`result`: its other fields, e.g. base_model, tags, pipeline_tag). `measure` is None when there
     are no held-out rows; `before_save(trainer)` runs just before saving."""
-    if measure is not None:
-        metrics.update(measure(model, "before"))
-    trainer = make_trainer()
-    output = training.train(trainer, ctx)
-    metrics["train_loss"] = output.training_loss
-    if measure is not None:
-        metrics.update(measure(trainer.model, "after"))
-    if before_save is not None:
-        before_save(trainer)
-    library = models.save_trained(ctx, trainer, tokenizer, merge_lora=merge_lora)
-    result.setdefault("library_name", library)
-    return StageResult(metrics=metrics, datasets=loaded.sources, held_out=loaded.held_out,
-                       log_history=training.log_history(trainer), **result)
+    loop = training.TrainerLoop(ctx, model, make_trainer, merge_lora=merge_lora, before_save=before_save)
+    return run_course(ctx, loop, tokenizer=tokenizer, loaded=loaded, metrics=metrics, measure=measure, **result)

@@ -9,7 +9,8 @@ from pipeline import data as data_lib
 from pipeline import models, training
 from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.common import length_grouped, load_policy, preference_logprobs, run_trainer, tags
+from pipeline.stages.common import (length_grouped, load_policy, load_stage_data, preference_logprobs, run_trainer,
+                                    tags)
 
 
 def held_out_measures(tokenizer, dataset, beta: float):
@@ -37,8 +38,7 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg = ctx.config
     model, tokenizer, base = load_policy(ctx)
-    loaded = data_lib.load_data(cfg.data, "preference", seed=ctx.seed,
-                                too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
+    loaded = load_stage_data(ctx, too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
     args = DPOConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length, beta=cfg.beta,
                      loss_type=[cfg.loss_type], precompute_ref_log_probs=cfg.precompute_ref_log_probs,
                      padding_free=False)

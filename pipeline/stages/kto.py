@@ -91,13 +91,14 @@ def load_unpaired(section, seed: int) -> data_lib.LoadedData:
     return data_lib.LoadedData(train=train, eval=evalset, sources=sources)
 
 
-def load_kto_data(section, seed: int) -> data_lib.LoadedData:
-    """Training rows unpaired for KTOTrainer; held-out rows kept as they are (pairs stay pairs for the margin)."""
+def load_kto_data(section, seed: int, paired_shape: str) -> data_lib.LoadedData:
+    """Training rows unpaired for KTOTrainer; held-out rows kept as they are (pairs stay pairs for the margin).
+    Paired rows are read in `paired_shape`, the kind's data shape."""
     from trl.data_utils import unpair_preference_dataset
 
     if is_unpaired(section, section.path, section.split):
         return load_unpaired(section, seed)
-    loaded = data_lib.load_data(section, "preference", seed=seed)
+    loaded = data_lib.load_data(section, paired_shape, seed=seed)
     loaded.train = unpair_preference_dataset(loaded.train)
     return loaded
 
@@ -120,7 +121,7 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg = ctx.config
     model, tokenizer, base = load_policy(ctx)
-    loaded = load_kto_data(cfg.data, ctx.seed)
+    loaded = load_kto_data(cfg.data, ctx.seed, ctx.traits.data_shape)
     args = KTOConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length, beta=cfg.beta,
                      loss_type=cfg.loss_type, desirable_weight=cfg.desirable_weight,
                      undesirable_weight=cfg.undesirable_weight)

@@ -17,7 +17,7 @@ from pipeline.eval import answers, measures
 from pipeline.errors import PipelineError
 from pipeline.rl.rewards import rule_rewards
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.common import load_policy, run_trainer, tags
+from pipeline.stages.common import load_policy, load_stage_data, run_trainer, tags
 
 TRAINER_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")  # TRL extras, not data columns
 
@@ -148,7 +148,7 @@ def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_ex
     check_group_size(ctx)
     model, tokenizer, base = load_policy(ctx)
     reward_model, reward_tokenizer = load_reward_model(ctx)
-    loaded = data_lib.load_data(cfg.data, "prompts", seed=ctx.seed)
+    loaded = load_stage_data(ctx)
     evalset = eval_prompts(loaded, cfg.eval_prompts)
     funcs, classes = reward_functions(cfg, reward_model, reward_tokenizer)
     return run_trainer(

@@ -11,13 +11,14 @@ from __future__ import annotations
 from typing import Any
 
 from pipeline import data as data_lib
-from pipeline import faults, models, parallel, schema, tracking, training
+from pipeline import models, parallel, schema, tracking
+from pipeline.course import run_course
 from pipeline.errors import PipelineError
 from pipeline.eval import answers, measures
 from pipeline.rl import rollout as ro
 from pipeline.rl import trainer as tr
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.common import load_policy, tags
+from pipeline.stages.common import load_policy, load_stage_data, tags
 
 
 def build_models(ctx: StageContext, policy, tokenizer) -> tr.Models:
@@ -124,7 +125,7 @@ def refuse_sharding(ctx: StageContext) -> None:
     """PPO runs with whole models per rank (one process, DDP, ZeRO-1/2) or sharded by FSDP. DeepSpeed ZeRO-3 and
     tensor/context parallelism would need their own generation and gathering code, so such a launch stops here,
     before any model is loaded."""
-    sharding = parallel.sharding_in_launch(getattr(ctx.recipe.header, "parallelism", None))
+    sharding = parallel.sharding_in_launch(ctx.recipe.header.parallelism)
     if sharding is None or ctx.state.num_processes <= 1:
         return
     if sharding != "FSDP":
@@ -152,25 +153,48 @@ def check_batches_split(ctx: StageContext) -> None:
                                 fix=f"use a multiple of {world} (it is the global batch, shared by all ranks)")
 
 
-def after_checkpoint(ctx: StageContext):
-    """What runs once every rank is past a PPO checkpoint of `step`: the attempt log records it, then the crash
-    tests' kill hook (PIPELINE_TEST_KILL_AT) may end the process."""
-    kill = faults.kill_after_checkpoint(ctx.name)
+class PPOLoop:
+    """Our PPO trainer as a `pipeline.course.Loop`. Its checkpoint holds the policy's weights and the starting
+    policy's held-out measures, so a resumed stage keeps those instead of measuring its half-trained policy."""
 
-    def after(step: int) -> None:
-        if ctx.attempts is not None:
-            ctx.attempts.progress(step)
-        if kill is not None:
-            kill(step)
+    def __init__(self, trainer: tr.PPOTrainer):
+        self.trainer, self.accelerator = trainer, trainer.accelerator
 
-    return after
+    def resume(self) -> int:
+        self.trainer.load_checkpoint()
+        return self.trainer.state.step
+
+    def starting_metrics(self, measure) -> dict[str, Any]:
+        if self.trainer.state.before is None:
+            self.trainer.state.before = measure(self.trained_model(), "before")
+        return self.trainer.state.before
+
+    def fit(self, hooks) -> None:
+        self.trainer.train(hooks)
+
+    def fit_metrics(self) -> dict[str, Any]:
+        return {}
+
+    def trained_model(self):
+        return self.accelerator.unwrap_model(self.trainer.m.policy)
+
+    def log_history(self) -> list[dict[str, Any]]:
+        return self.trainer.state.log_history
+
+    def save(self, ctx: StageContext, tokenizer) -> str:
+        return models.save_gathered(ctx, self.accelerator, self.trainer.m.policy, tokenizer)
 
 
-def progress_display(ctx: StageContext, trainer: tr.PPOTrainer):
-    """The stage's progress on the console: reward, KL and episodes/s (True: the default console, main process)."""
-    if ctx.console is None:
-        return ctx.is_main
-    return ctx.console.progress(trainer.total_steps, ctx.name, trainer.state.step, ctx.config.rollout_batch_size)
+def held_out_measures(trainer: tr.PPOTrainer, rows: list[dict[str, Any]], seed: int):
+    """The course's measure: `evaluate` at the run's precision (as training samples and scores), as
+    `eval_<measure>_before` / `_after`, and after training the KL to the reference as `kl`."""
+    def measure(policy, phase: str) -> dict[str, Any]:
+        with trainer.accelerator.autocast():
+            found = evaluate(policy, trainer.m, rows, trainer.cfg, seed, trainer.sharded, kl=phase == "after")
+        out = {f"eval_{k}_{phase}": v for k, v in found.items() if k != "kl"}
+        return {**out, "kl": found["kl"]} if "kl" in found else out
+
+    return measure
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -178,37 +202,13 @@ def run(ctx: StageContext) -> StageResult:
     check_batches_split(ctx)
     cfg = ctx.config
     policy, tokenizer, base = load_policy(ctx)
-    loaded = data_lib.load_data(cfg.data, "prompts", seed=ctx.seed,
-                                too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length - cfg.max_new_tokens))
+    loaded = load_stage_data(ctx, too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length - cfg.max_new_tokens))
     m = build_models(ctx, policy, tokenizer)
     held_out = eval_rows(loaded, cfg)
     trainer = tr.PPOTrainer(cfg, m, [loaded.train[i] for i in range(len(loaded.train))], ctx.work_dir, ctx.seed,
                             trackers=tracking.accelerate_trackers(ctx),
                             tracker_config=tracking.flat(tracking.resolved_config(ctx)))
-    policy = trainer.accelerator.unwrap_model(trainer.m.policy)
-    resumed = trainer.load_checkpoint()
-    if ctx.attempts is not None:
-        ctx.attempts.resumed_from(trainer.state.step)
-    if resumed:
-        training.say(ctx, f"{ctx.name}: resumed from its checkpoint at step {trainer.state.step}")
-    if resumed and trainer.state.before is not None:  # the starting policy was measured before the interruption
-        before = trainer.state.before
-    else:
-        with trainer.accelerator.autocast():  # at the run's precision, as training samples and scores
-            before = trainer.state.before = evaluate(policy, m, held_out, cfg, ctx.seed, trainer.sharded)
-    history = trainer.train(progress=progress_display(ctx, trainer), after_checkpoint=after_checkpoint(ctx))
-    with trainer.accelerator.autocast():
-        after = evaluate(policy, m, held_out, cfg, ctx.seed, trainer.sharded, kl=True)
-    metrics = {"train_prompts": len(loaded.train), "eval_prompts": len(held_out), "steps": trainer.state.step,
-               "episodes": trainer.state.step * cfg.rollout_batch_size}
-    metrics.update({f"eval_{k}_before": v for k, v in before.items()})
-    metrics.update({f"eval_{k}_after": v for k, v in after.items() if k != "kl"})
-    if "kl" in after:
-        metrics["kl"] = after["kl"]
-    if ctx.state.num_processes > 1 and not trainer.sharded:  # DDP: every rank must end with the same policy
-        parallel.check_ranks_agree(ctx.state, f"the trained weights of stage '{ctx.name}'",
-                                   parallel.weights_digest(policy), key=f"stages.{ctx.name}")
-    library = models.save_gathered(ctx, trainer.accelerator, trainer.m.policy, tokenizer)
-    return StageResult(metrics=metrics, base_model=base, datasets=loaded.sources, held_out=loaded.held_out,
-                       library_name=library, log_history=history, tags=tags(ctx, "ppo"))
-
+    metrics = {"train_prompts": len(loaded.train), "eval_prompts": len(held_out), "steps": trainer.total_steps,
+               "episodes": trainer.total_steps * cfg.rollout_batch_size}
+    return run_course(ctx, PPOLoop(trainer), tokenizer=tokenizer, loaded=loaded, metrics=metrics,
+                      measure=held_out_measures(trainer, held_out, ctx.seed), base_model=base, tags=tags(ctx, "ppo"))

@@ -8,7 +8,7 @@ from pipeline import data as data_lib
 from pipeline import models, training
 from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.common import run_trainer
+from pipeline.stages.common import load_stage_data, run_trainer
 
 
 def load_model_and_tokenizer(ctx: StageContext):
@@ -63,7 +63,7 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg = ctx.config
     model, tokenizer, base = load_model_and_tokenizer(ctx)
-    loaded = data_lib.load_data(cfg.data, "text", seed=ctx.seed, text_fields=[cfg.text_field])
+    loaded = load_stage_data(ctx, text_fields=[cfg.text_field])
     packing = True if cfg.train.packing is None else cfg.train.packing
     args = SFTConfig(**training.trainer_kwargs(ctx, cfg.train), dataset_text_field="text",
                      max_length=cfg.train.max_length, packing=packing, packing_strategy="wrapped",

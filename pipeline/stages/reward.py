@@ -8,7 +8,7 @@ from pipeline import data as data_lib
 from pipeline import models, training
 from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.common import length_grouped, run_trainer
+from pipeline.stages.common import length_grouped, load_stage_data, run_trainer
 
 
 def pairwise(model, tokenizer, dataset) -> dict[str, float]:
@@ -55,8 +55,7 @@ def run(ctx: StageContext) -> StageResult:
     model.config.pad_token_id = tokenizer.pad_token_id
     if cfg.lora is not None:
         models.check_lora_targets(model, cfg.lora)
-    loaded = data_lib.load_data(cfg.data, "preference", seed=ctx.seed,
-                                too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
+    loaded = load_stage_data(ctx, too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
     args = RewardConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length,
                         center_rewards_coefficient=cfg.center_rewards_coefficient)
     peft_config = models.lora_config(cfg.lora, task_type="SEQ_CLS") if cfg.lora else None

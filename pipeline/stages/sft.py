@@ -10,7 +10,7 @@ from pipeline import data as data_lib
 from pipeline import models, training
 from pipeline.eval import answers, measures
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.common import length_grouped, load_policy, run_trainer, tags
+from pipeline.stages.common import length_grouped, load_policy, load_stage_data, run_trainer, tags
 
 
 def completion_loss(model, tokenizer, dataset) -> float:
@@ -61,8 +61,7 @@ def run(ctx: StageContext) -> StageResult:
 
     cfg = ctx.config
     model, tokenizer, base = load_policy(ctx)
-    loaded = data_lib.load_data(cfg.data, "sft", seed=ctx.seed,
-                                too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
+    loaded = load_stage_data(ctx, too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
     args = SFTConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length,
                      packing=use_packing(cfg.train.packing, model), packing_strategy=packing_strategy(model),
                      completion_only_loss=cfg.completion_only_loss, eos_token=tokenizer.eos_token)

@@ -3,7 +3,7 @@ template (ChatML by default). Runs on the main process only (it is quick); other
 """
 from __future__ import annotations
 
-from pipeline import data as data_lib
+from pipeline.stages.common import load_stage_data
 from pipeline.stage import StageContext, StageResult
 
 CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
@@ -33,7 +33,7 @@ def build(texts, vocab_size: int, min_frequency: int, chat_template: str, model_
 
 def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config
-    loaded = data_lib.load_data(cfg.data, "text", seed=ctx.seed, text_fields=cfg.text_fields)
+    loaded = load_stage_data(ctx, text_fields=cfg.text_fields)
     texts = loaded.train["text"]
     if ctx.is_main:
         tokenizer = build(texts, cfg.vocab_size, cfg.min_frequency, cfg.chat_template, cfg.model_max_length)

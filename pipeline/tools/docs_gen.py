@@ -97,7 +97,8 @@ def generate() -> str:
     lines = [BEGIN, "", "## Field reference (generated)", "",
              "Every stage also accepts `description`, `push_to_hub`, `seed` and `report_to` (see *Fields every stage has*).", ""]
     lines += ["### Fields every stage has", ""] + field_table(schema.StageBase) + [""]
-    for kind, (cls, _module) in registry.STAGES.items():
+    for kind, entry in registry.STAGES.items():
+        cls = entry.config
         lines += stage_section(kind, cls)
     lines += ["## Shared sections (generated)", ""]
     for title, model in SECTIONS:

@@ -13,7 +13,7 @@ import math
 from pathlib import Path
 from typing import Any
 
-from pipeline import artifacts
+from pipeline import artifacts, registry
 from pipeline.eval import summary
 
 ASSETS = "report_assets"
@@ -145,7 +145,6 @@ def plot_losses(manifest: dict[str, Any], path: Path) -> Path | None:
     return path
 
 
-RL_KINDS = ("ppo", "grpo", "rloo")
 # panel -> log keys that hold it (our PPO's first, then TRL's GRPO/RLOO)
 RL_PANELS = (("reward", ("reward/mean", "reward")), ("KL", ("kl",)), ("entropy", ("policy/entropy", "entropy")),
              ("response length", ("response_length", "completions/mean_length")))
@@ -166,7 +165,7 @@ def rl_series(log_history: list[dict[str, Any]]) -> dict[str, tuple[list[float],
 
 def plot_rl(manifest: dict[str, Any], path: Path) -> Path | None:
     """Reward, KL, entropy and response length against step in a 2x2 grid; None unless an RL stage logged them."""
-    series = rl_series(manifest.get("log_history") or []) if manifest.get("kind") in RL_KINDS else {}
+    series = rl_series(manifest.get("log_history") or []) if registry.traits(str(manifest.get("kind"))).samples_episodes else {}
     if not series:
         return None
     plt = _pyplot()

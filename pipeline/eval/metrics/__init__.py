@@ -4,7 +4,7 @@ A metric file holds `measure(model, tokenizer, section, spec, batch_size) -> val
 manifest's `evaluation`), `ROLE` ('policy' or 'judge': how the artifact is loaded), `TASK` (its Hub model-index task)
 and an `evaluate.Metric` with the formula, loaded by file path so it works offline:
 `pipeline.eval.metrics.load("win_rate")` is `evaluate.load("<this folder>/win_rate.py")`.
-A new metric: a file here and its name in `METRICS` (the schema checks `metric:` against it).
+A new metric: a file here and its name in `pipeline.names.METRICS` (the schema checks `metric:` against it).
 
 Used by `pipeline.eval.evals`; nothing runs at import (evaluate is imported only when a metric is loaded).
 """
@@ -14,7 +14,7 @@ import importlib
 from pathlib import Path
 from types import ModuleType
 
-METRICS = ("exact_match", "pairwise_accuracy", "win_rate", "perplexity")
+from pipeline.names import METRICS  # the registry's names live in a leaf the schema can import
 NAMES = METRICS  # the `evaluate` modules: every metric has one
 
 

@@ -1,0 +1,11 @@
+"""The names in the registries that the recipe schema checks keys against, kept in a leaf so the schema imports
+nothing above it: the metrics of `pipeline.eval.metrics` (`metric:`) and the rule rewards of `pipeline.rl.rewards`
+(`rewards[].type`). Each registry is built on these names (tests/test_schema.py checks they agree), so a new metric
+is its file plus its name here, and a new rule its function plus its name here and in `RULES`.
+
+Pure data; nothing runs at import.
+"""
+from __future__ import annotations
+
+METRICS = ("exact_match", "pairwise_accuracy", "win_rate", "perplexity")
+REWARD_RULES = ("exact_match", "contains_answer", "length_penalty")
