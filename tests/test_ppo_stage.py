@@ -306,7 +306,7 @@ def test_dropout_is_off_so_the_update_starts_at_the_rollouts_log_probs(tiny):
     policy.train()
     logprobs, _ = ro.policy_forward(policy, batch, cfg.temperature)
     mask = batch.response_mask.bool()
-    assert torch.allclose(logprobs[mask], batch.extra["old_logprobs"][mask], atol=1e-6)
+    assert torch.allclose(logprobs[mask], batch.experience.old_logprobs[mask], atol=1e-6)
 
 
 def ppo_critic_with_dropout(tiny: Path):

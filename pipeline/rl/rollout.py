@@ -7,7 +7,7 @@ Called by `pipeline.rl.trainer` and `pipeline.stages.ppo` at run time; nothing r
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, fields, replace
 from typing import Any
 
 import torch
@@ -18,19 +18,36 @@ from pipeline.rl.logprobs import token_logprobs
 
 
 @dataclass
-class Rollout:
-    """One batch of sampled episodes. Token tensors are (batch, length); `response_mask` covers tokens up to and
-    including the first EOS / stop string."""
+class Experience:
+    """What PPO attaches to a sampled batch before updating on it. Every tensor is float (B, R): B episodes, R
+    response positions; positions past an episode's `response_mask` hold 0."""
 
-    query: torch.Tensor
-    query_mask: torch.Tensor
-    response: torch.Tensor
-    response_mask: torch.Tensor
-    has_eos: torch.Tensor
-    texts: list[str]
-    rows: list[dict[str, Any]]
-    scores: torch.Tensor | None = None
-    extra: dict[str, torch.Tensor] = field(default_factory=dict)
+    old_logprobs: torch.Tensor  # (B, R) log pi_old(y_t): the sampling policy's, the importance ratio's denominator
+    values: torch.Tensor  # (B, R) the critic's V(s_t) at sampling, the clipped value loss's anchor
+    advantages: torch.Tensor  # (B, R) GAE advantages, whitened over the batch's response tokens
+    returns: torch.Tensor  # (B, R) the value targets: GAE advantages (before whitening) + values
+    kl: torch.Tensor  # (B, R) per-token KL estimate to the reference (`kl_estimator`)
+    rewards: torch.Tensor  # (B, R) per-token rewards: -kl_coef * kl, plus the score on the last token (whitened under
+    # `whiten_rewards`)
+
+    def select(self, index: torch.Tensor) -> "Experience":
+        """The rows `index` of every tensor."""
+        return Experience(**{f.name: getattr(self, f.name)[index] for f in fields(self)})
+
+
+@dataclass
+class Rollout:
+    """One batch of B sampled episodes: left-padded prompts of Q tokens and responses of R tokens."""
+
+    query: torch.Tensor  # (B, Q) prompt token ids, left-padded
+    query_mask: torch.Tensor  # (B, Q) 1 on prompt tokens, 0 on padding
+    response: torch.Tensor  # (B, R) sampled token ids, padded after the first EOS / stop string
+    response_mask: torch.Tensor  # (B, R) 1 on tokens up to and including the first EOS / stop string
+    has_eos: torch.Tensor  # (B,) bool: the response ended before the length limit
+    texts: list[str]  # B decoded responses, without special tokens, cut at a stop string
+    rows: list[dict[str, Any]]  # B data rows the prompts came from (their `answer` etc. for rule rewards)
+    scores: torch.Tensor | None = None  # (B,) float: reward model + rules - missing-EOS penalty, once scored
+    experience: Experience | None = None  # PPO's per-token tensors, once attached (`PPOTrainer.collect`)
 
 
 def encode_prompts(tokenizer, rows: list[dict[str, Any]]) -> list[list[int]]:
@@ -183,7 +200,8 @@ def select(batch: Rollout, index: list[int]) -> Rollout:
     idx = torch.tensor(index, device=batch.query.device)
     return Rollout(batch.query[idx], batch.query_mask[idx], batch.response[idx], batch.response_mask[idx],
                    batch.has_eos[idx], [batch.texts[i] for i in index], [batch.rows[i] for i in index],
-                   None if batch.scores is None else batch.scores[idx], {k: v[idx] for k, v in batch.extra.items()})
+                   None if batch.scores is None else batch.scores[idx],
+                   None if batch.experience is None else batch.experience.select(idx))
 
 
 def micro_batches(batch: Rollout, size: int) -> list[tuple[list[int], Rollout]]:

@@ -270,19 +270,19 @@ class PPOTrainer:
         if cfg.whiten_rewards:
             rewards = adv.masked_whiten(rewards, mask, shift_mean=False)
         advantages, returns = adv.gae(rewards, values * mask, mask, cfg.gamma, cfg.lam)
-        batch.extra = {"old_logprobs": old_logprobs.clone(), "values": (values * mask).clone(),
-                       "advantages": adv.masked_whiten(advantages, mask), "returns": returns,
-                       "kl": kl, "rewards": rewards}
+        batch.experience = ro.Experience(old_logprobs=old_logprobs.clone(), values=(values * mask).clone(),
+                                         advantages=adv.masked_whiten(advantages, mask), returns=returns, kl=kl,
+                                         rewards=rewards)
 
     # ---------------------------------------------------------------------------------------------- update
 
     def _policy_loss(self, part: ro.Rollout, count: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This piece's share of the clipped surrogate minus the entropy bonus (means over `count` tokens). The
         entropy is only logged, without its graph, at `entropy_coef` 0."""
-        cfg, mask, ex = self.cfg, part.response_mask.float(), part.extra
+        cfg, mask, ex = self.cfg, part.response_mask.float(), part.experience
         logprobs, entropy = ro.policy_forward(self.m.policy, part, cfg.temperature, with_entropy=True,
                                               entropy_grad=cfg.entropy_coef > 0)
-        pg_loss, clip_frac, approx_kl = losses.policy_loss(logprobs, ex["old_logprobs"], ex["advantages"], mask,
+        pg_loss, clip_frac, approx_kl = losses.policy_loss(logprobs, ex.old_logprobs, ex.advantages, mask,
                                                            cfg.clip_range, count)
         mean_entropy = adv.masked_mean(entropy, mask, count=count)
         stats = {"loss/policy": pg_loss.detach(), "policy/clipfrac": clip_frac, "policy/approx_kl": approx_kl,
@@ -291,8 +291,8 @@ class PPOTrainer:
 
     def _value_loss(self, part: ro.Rollout, count: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """This piece's share of `vf_coef` times the clipped value loss (means over `count` tokens)."""
-        cfg, mask, ex = self.cfg, part.response_mask.float(), part.extra
-        vf_loss, vf_clip = losses.value_loss(self.m.critic(part), ex["values"], ex["returns"], mask,
+        cfg, mask, ex = self.cfg, part.response_mask.float(), part.experience
+        vf_loss, vf_clip = losses.value_loss(self.m.critic(part), ex.values, ex.returns, mask,
                                              cfg.clip_range_value, count)
         return cfg.vf_coef * vf_loss, {"loss/value": vf_loss.detach(), "value/clipfrac": vf_clip}
 
@@ -367,7 +367,7 @@ class PPOTrainer:
         stats = self.update(batch)
         times["time/update"] = time.perf_counter() - started
         stats = self._mean_over_ranks(stats)
-        kl_per_episode = self._all(batch.extra["kl"].sum(1))
+        kl_per_episode = self._all(batch.experience.kl.sum(1))
         kl_seq = kl_per_episode.mean().item()  # the same on every rank, so the adaptive KL coefficient stays in step
         self.kl_ctl.update(kl_seq, kl_per_episode.numel())
         stats.update(step_stats(self._all(batch.scores.float()), self._all(batch.response_mask.float().sum(1)),
