@@ -1,6 +1,6 @@
 """Command line: `python -m pipeline {run,validate,show,eval,chat,push,export,report} ...`.
 
-    python -m pipeline run recipes/quickstart.yaml [KEY=VALUE ...] [--force STAGE] [--only STAGE] [-v]
+    python -m pipeline run recipes/quickstart.yaml [KEY=VALUE ...] [--force STAGE] [--only STAGE] [--wait] [-v]
     accelerate launch --config_file recipes/accelerate/ddp.yaml -m pipeline run recipes/X.yaml
     python -m pipeline validate recipes/X.yaml        # check everything without training
     python -m pipeline show recipes/X.yaml            # stage graph, fingerprints, run/skip plan

@@ -122,15 +122,21 @@ def _check_only(recipe: Recipe, only: set[str] | None, needed: set[str], stages)
                                 key="--only", fix=f"run it first or add --only {name}")
 
 
-def _start(recipe: Recipe, force: set[str], only: set[str] | None, verbose: bool) -> tuple[Any, Console]:
-    """Check the flags, the trackers' packages and the precisions, start the process state and the console, prepare the output
-    folder (main process) and wait for every rank."""
+def check_run(recipe: Recipe, force: set[str], only: set[str] | None) -> None:
+    """What a run checks before it touches the output folder: the --force/--only names, the trackers' packages and
+    the precisions (the run command calls it before taking the folder's lock, so a refused run writes nothing)."""
     unknown = (force - {"all"} - set(recipe.stages)) | ((only or set()) - set(recipe.stages))
     if unknown:
         raise PipelineError(f"no stage named {', '.join(sorted(unknown))}", file=str(recipe.path),
                             key="--force/--only", fix=f"use one of: {', '.join(recipe.stages)}")
     tracking.check_installed(recipe)
     models.check_precisions(recipe)
+
+
+def _start(recipe: Recipe, force: set[str], only: set[str] | None, verbose: bool) -> tuple[Any, Console]:
+    """Check the run (`check_run`), start the process state and the console, prepare the output folder (main
+    process) and wait for every rank."""
+    check_run(recipe, force, only)
     state = _partial_state()
     if state.num_processes > 1:
         print(f"[rank {state.process_index}/{state.num_processes}] {recipe.name}: {state.distributed_type}", flush=True)

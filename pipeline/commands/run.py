@@ -8,7 +8,7 @@ import argparse
 from pipeline import preflight, runlock
 from pipeline.parallel import close_process_group
 from pipeline.recipe import load_recipe
-from pipeline.runner import run_recipe
+from pipeline.runner import check_run, run_recipe
 
 
 def add_parser(sub) -> argparse.ArgumentParser:
@@ -27,10 +27,11 @@ def add_parser(sub) -> argparse.ArgumentParser:
 def main(args) -> int:
     recipe = load_recipe(args.recipe, args.overrides)
     preflight.check(recipe)
+    force, only = set(args.force), set(args.only) if args.only else None
+    check_run(recipe, force, only)
     with runlock.hold(recipe.output_dir, wait=args.wait):  # before anything is written; released however we exit
         try:
-            run_recipe(recipe, force=set(args.force), only=set(args.only) if args.only else None,
-                       verbose=args.verbose)
+            run_recipe(recipe, force=force, only=only, verbose=args.verbose)
         finally:
             close_process_group()
     return 0
