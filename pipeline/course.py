@@ -100,7 +100,8 @@ def run_course(ctx: StageContext, loop: Loop, *, tokenizer, loaded: LoadedData, 
                measure: Measure | None = None, **result: Any) -> StageResult:
     """Drive `loop` through the course and return the StageResult: `metrics` (the stage's counts) with the held-out
     measures before and after (`measure` None: no held-out rows) and the training loop's own (`loop.fit_metrics()`);
-    `result`: the StageResult's other fields (base_model, tags, pipeline_tag...)."""
+    the data's format as the manifest's `data_format`; `result`: the StageResult's other fields (base_model, tags,
+    pipeline_tag...)."""
     note_resume(ctx, loop.resume())
     if measure is not None:
         metrics.update(loop.starting_metrics(measure))
@@ -112,5 +113,6 @@ def run_course(ctx: StageContext, loop: Loop, *, tokenizer, loaded: LoadedData, 
     check_weights_agree(ctx, loop.accelerator, model)
     library = loop.save(ctx, tokenizer)
     result.setdefault("library_name", library)
+    extra = {**({"data_format": loaded.format} if loaded.format else {}), **result.pop("extra", {})}
     return StageResult(metrics=metrics, datasets=loaded.sources, held_out=loaded.held_out,
-                       log_history=loop.log_history(), **result)
+                       log_history=loop.log_history(), extra=extra, **result)

@@ -1,12 +1,17 @@
 """Load a stage's dataset (local json/jsonl/csv/parquet/txt, or a Hub id) and bring it to the shape its trainer wants.
 
-Shapes: `text` (pretrain, tokenizer), `sft` (messages, prompt/completion, or a whole conversation in `chosen`: an
-HH-RLHF string or a message list), `preference` (prompt/chosen/rejected as text or messages, or HH-RLHF full
-conversations) and `prompts` (prompt + optional checkable `answer`, or the conversation before the last assistant
-turn of `messages`/`chosen`). Bad rows (empty, missing field, wrong type, non-UTF-8, too long) are counted with their
-row numbers; `on_bad_rows` picks `error` (default) or `skip`. Eval rows come from `eval_path`/`eval_split`, or are
-held out of the training rows (`eval_rows`/`eval_fraction`, seeded, recorded for the manifest). `train_on:
-all_turns` makes one sft row per assistant turn. Called by stage modules; nothing runs at import.
+Shapes (what a stage kind reads, `registry.StageKind.data_shape`): `text` (pretrain, tokenizer), `sft`
+(prompt/completion messages), `preference` (prompt/chosen/rejected messages), `prompts` (prompt messages + optional
+checkable `answer`) and `kto` (preference pairs, or unpaired prompt/completion rows with a boolean `label`).
+Formats (how a file lays those rows out, `FORMATS`): each shape reads several, named and detected from the columns
+of a file's first rows (`file_format`; `data.format` names one instead): OpenAI `messages` (system and tool roles
+too), prompt/completion, HH-RLHF whole conversations in `chosen`/`rejected` (text or message lists), alpaca,
+ShareGPT, UltraFeedback-binarized, ShareGPT-preference (LLaMA-Factory), prompt/answer and unpaired KTO rows; every
+one becomes the shape's canonical rows, so the trainers see one layout. Bad rows (empty, missing field, wrong type,
+non-UTF-8, too long) are counted with their row numbers; `on_bad_rows` picks `error` (default) or `skip`. Eval rows
+come from `eval_path`/`eval_split`, or are held out of the training rows (`eval_rows`/`eval_fraction`, seeded,
+recorded for the manifest). `train_on: all_turns` makes one sft row per assistant turn. Called by stage modules and
+preflight; nothing runs at import.
 """
 from __future__ import annotations
 
@@ -25,7 +30,10 @@ from pipeline.errors import DataError
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-SHAPES = ("text", "sft", "preference", "prompts")
+SHAPES = ("text", "sft", "preference", "prompts", "kto")
+DETECT_ROWS = 20  # a file's format is detected from the columns of its first this-many object rows
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system",
+                  "function_call": "assistant", "observation": "tool", "tool": "tool"}
 LOCAL_DATA_SUFFIXES = (".json", ".jsonl", ".csv", ".parquet", ".txt", ".gz")
 
 
@@ -270,20 +278,313 @@ def _prompts_row(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | 
     return {"prompt": prompt_m, "answer": None if answer is None else str(answer)}, None
 
 
-def normalise_row(row: Any, shape: str, fields: dict[str, str], text_fields: Iterable[str] = ("text",)) -> tuple[
-        dict | None, str | None]:
-    """One row in the canonical shape, or (None, reason)."""
+def _answer(row: dict, fields: dict[str, str]) -> str | None:
+    answer = _field(row, "answer", fields)
+    return None if answer is None else str(answer)
+
+
+def _with_system(system: Any, messages: list[dict[str, str]]) -> list[dict[str, str]]:
+    """`messages` after a system turn holding `system`, when that is non-empty text."""
+    return ([{"role": "system", "content": system}] if isinstance(system, str) and system.strip() else []) + messages
+
+
+# ------------------------------------------------------------------------------------- formats beyond the native ones
+
+
+def _tool_call(call: Any) -> dict[str, Any]:
+    """An OpenAI tool call as {name, arguments}, its JSON-string arguments decoded where they decode."""
+    function = call.get("function", call) if isinstance(call, dict) else {}
+    function = function if isinstance(function, dict) else {}
+    arguments = function.get("arguments")
+    if isinstance(arguments, str):
+        try:
+            arguments = json.loads(arguments)
+        except ValueError:
+            pass
+    return {"name": function.get("name"), "arguments": arguments}
+
+
+def _openai_content(message: dict) -> str | None:
+    """A message's text: its content (the text of content parts joined), then one JSON line per tool call."""
+    content = message.get("content")
+    if isinstance(content, list):
+        content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
+    calls = message.get("tool_calls")
+    if isinstance(calls, list) and calls:
+        lines = [json.dumps(_tool_call(call), ensure_ascii=False) for call in calls]
+        content = "\n".join(([content] if isinstance(content, str) and content else []) + lines)
+    return content if isinstance(content, str) else None
+
+
+def openai_messages(value: Any) -> list[dict[str, str]] | None:
+    """OpenAI chat messages (system, user, assistant, tool roles; content parts; an assistant's `tool_calls` with no
+    content) as {role, content} text; other keys (tool_call_id, name) are dropped. None when it is not such a list."""
+    if not isinstance(value, list) or not value:
+        return None
+    out = []
+    for message in value:
+        content = _openai_content(message) if isinstance(message, dict) else None
+        if content is None or not isinstance(message.get("role"), str):
+            return None
+        out.append({"role": message["role"], "content": content})
+    return out
+
+
+def _openai_row(row: dict, fields: dict[str, str]) -> dict:
+    """`row` with its `messages` as {role, content} text when they are OpenAI messages that are not that already
+    (rows that already are stay as they are)."""
+    column = fields.get("messages", "messages")
+    value = row.get(column)
+    converted = None if value is None or _is_messages(value) else openai_messages(value)
+    return row if converted is None else {**row, column: converted}
+
+
+def _messages_sft(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    return _sft_row(_openai_row(row, fields), fields)
+
+
+def _messages_prompts(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    return _prompts_row(_openai_row(row, fields), fields)
+
+
+def _alpaca_prompt(row: dict, fields: dict[str, str]) -> tuple[list | None, str | None]:
+    """alpaca: the user turn is `instruction`, then `input` on the next line when there is one; `system` first."""
+    instruction, extra, system = (_field(row, name, fields) for name in ("instruction", "input", "system"))
+    if instruction is None:
+        return None, f"missing field '{fields.get('instruction', 'instruction')}'"
+    if not all(isinstance(value, str) for value in (instruction, extra or "", system or "")):
+        return None, "wrong type in 'instruction'/'input'/'system'"
+    text = instruction + ("\n" + extra if extra and extra.strip() else "")
+    if not text.strip():
+        return None, "empty"
+    return _with_system(system, [{"role": "user", "content": text}]), None
+
+
+def _alpaca_sft(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    prompt, reason = _alpaca_prompt(row, fields)
+    output = _field(row, "output", fields)
+    if prompt is None or output is None:
+        return None, reason or f"missing field '{fields.get('output', 'output')}'"
+    if not isinstance(output, str):
+        return None, "wrong type in 'output'"
+    if not output.strip():
+        return None, "empty"
+    return {"prompt": prompt, "completion": [{"role": "assistant", "content": output}]}, None
+
+
+def _alpaca_prompts(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    prompt, reason = _alpaca_prompt(row, fields)
+    return ({"prompt": prompt, "answer": _answer(row, fields)}, None) if prompt else (None, reason)
+
+
+def sharegpt_messages(value: Any) -> list[dict[str, str]] | None:
+    """ShareGPT turns ({from: human|gpt|system, value}; `role`/`content` keys and user/assistant spellings too;
+    function_call and observation turns) as {role, content} messages; None when it is not such a list."""
+    if not isinstance(value, list) or not value:
+        return None
+    messages = []
+    for turn in value:
+        if not isinstance(turn, dict):
+            return None
+        speaker, text = turn.get("from", turn.get("role")), turn.get("value", turn.get("content"))
+        if not isinstance(speaker, str) or speaker not in SHAREGPT_ROLES or not isinstance(text, str):
+            return None
+        messages.append({"role": SHAREGPT_ROLES[speaker], "content": text})
+    return messages
+
+
+def _sharegpt(row: dict, fields: dict[str, str]) -> tuple[list | None, str | None]:
+    """A ShareGPT row's `conversations` as messages, after its `system` column when it has one."""
+    value = _field(row, "conversations", fields)
+    if value is None:
+        return None, f"missing field '{fields.get('conversations', 'conversations')}'"
+    messages = sharegpt_messages(value)
+    if messages is None:
+        return None, ("wrong type in 'conversations' (need a list of {from: human|gpt|system, value}, or "
+                      "{role: user|assistant|system, content})")
+    return _with_system(_field(row, "system", fields), messages), None
+
+
+def _sharegpt_sft(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    messages, reason = _sharegpt(row, fields)
+    return _last_turn(messages) if messages else (None, reason)
+
+
+def _sharegpt_prompts(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    """The conversation before its last assistant turn (all of it when it ends with the user's)."""
+    messages, reason = _sharegpt(row, fields)
+    if messages is None:
+        return None, reason
+    prompt = messages[:-1] if messages[-1]["role"] == "assistant" else messages
+    return ({"prompt": prompt, "answer": _answer(row, fields)}, None) if prompt else (None, "empty")
+
+
+def _sharegpt_answer(value: Any) -> list[dict[str, str]] | None:
+    """A ShareGPT-preference answer: one {from: gpt, value} turn (or a list of turns, or plain text)."""
+    if isinstance(value, str):
+        return [{"role": "assistant", "content": value}]
+    turns = sharegpt_messages([value] if isinstance(value, dict) else value)
+    return turns if turns and turns[-1]["role"] == "assistant" else None
+
+
+def _sharegpt_pair(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    """ShareGPT-preference (LLaMA-Factory): `conversations` is the prompt, `chosen`/`rejected` one answer each."""
+    prompt, reason = _sharegpt(row, fields)
+    if prompt is None:
+        return None, reason
+    chosen, rejected = (_sharegpt_answer(_field(row, name, fields)) for name in ("chosen", "rejected"))
+    if chosen is None or rejected is None:
+        return None, "wrong type in 'chosen'/'rejected' (need a {from: gpt, value} turn each)"
+    if not chosen[-1]["content"].strip() or not rejected[-1]["content"].strip():
+        return None, "empty"
+    return {"prompt": prompt, "chosen": chosen, "rejected": rejected}, None
+
+
+def _ultrafeedback_row(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    """UltraFeedback-binarized: `chosen`/`rejected` are whole conversations (the user's turn included), so their
+    shared prefix is the prompt and `prompt` is not put before it again; the scores are not used."""
+    chosen, rejected = _field(row, "chosen", fields), _field(row, "rejected", fields)
+    if all(_is_messages(value) and value[0]["role"] != "assistant" for value in (chosen, rejected)):
+        row = {key: value for key, value in row.items() if key != fields.get("prompt", "prompt")}
+    return _preference_row(row, fields)
+
+
+def _unpaired_row(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    """Unpaired KTO: a prompt/completion row (any `sft` layout) and a boolean `label` (desirable or not)."""
+    item, reason = _sft_row(row, fields)
+    if item is None:
+        return None, reason
+    label = _field(row, "label", fields)
+    if not isinstance(label, bool):
+        return None, "wrong type in 'label' (need true/false)"
+    return {**item, "label": label}, None
+
+
+def _kto_row(row: dict, fields: dict[str, str]) -> tuple[dict | None, str | None]:
+    return (_unpaired_row if fields.get("label", "label") in row else _preference_row)(row, fields)
+
+
+# ----------------------------------------------------------------------------------------------------- detection
+
+
+@dataclass(frozen=True)
+class Format:
+    """One layout of a shape's rows. A file is read this way when its columns (canonical names, through `fields:`)
+    hold every one of `needs` and none of `without`; `convert(row, fields)` gives (canonical row, None) or (None,
+    reason)."""
+
+    name: str
+    needs: tuple[str, ...]
+    convert: Callable[[dict, dict[str, str]], tuple[dict | None, str | None]] | None
+    without: tuple[str, ...] = ()
+
+    def fits(self, columns: set[str], fields: dict[str, str]) -> bool:
+        return (all(fields.get(c, c) in columns for c in self.needs)
+                and not any(fields.get(c, c) in columns for c in self.without))
+
+    def describe(self, fields: dict[str, str]) -> str:
+        text = "+".join(f"'{fields.get(c, c)}'" for c in self.needs)
+        return text + "".join(f" (without '{fields.get(c, c)}')" for c in self.without)
+
+
+PAIRS = (Format("ultrafeedback", ("chosen", "rejected", "score_chosen", "score_rejected"), _ultrafeedback_row),
+         Format("sharegpt-preference", ("conversations", "chosen", "rejected"), _sharegpt_pair),
+         Format("preference", ("prompt", "chosen", "rejected"), _preference_row),
+         Format("hh-rlhf", ("chosen", "rejected"), _preference_row))
+# Each shape's formats in detection order: the first whose columns a file has is its format. The native layouts
+# come first, so a file read before formats had names is read as it was.
+FORMATS: dict[str, tuple[Format, ...]] = {
+    "text": (Format("text", (), None),),
+    "sft": (Format("messages", ("messages",), _messages_sft),
+            Format("prompt-completion", ("prompt", "completion"), _sft_row),
+            Format("hh-rlhf", ("chosen",), _sft_row, without=("prompt",)),
+            Format("alpaca", ("instruction", "output"), _alpaca_sft),
+            Format("sharegpt", ("conversations",), _sharegpt_sft)),
+    "preference": PAIRS,
+    "prompts": (Format("prompt-answer", ("prompt",), _prompts_row),
+                Format("messages", ("messages",), _messages_prompts),
+                Format("hh-rlhf", ("chosen",), _prompts_row),
+                Format("alpaca", ("instruction",), _alpaca_prompts),
+                Format("sharegpt", ("conversations",), _sharegpt_prompts)),
+    "kto": (Format("kto-unpaired", ("label",), _unpaired_row), *PAIRS),
+}
+# A shape's rows read row by row without a named format (`normalise_row(..., fmt=None)`), as before formats.
+NATIVE = {"sft": _sft_row, "preference": _preference_row, "prompts": _prompts_row, "kto": _kto_row}
+
+
+def format_named(shape: str, name: str | None) -> Format | None:
+    """The format `name` of `shape`, or None when `shape` reads no such format."""
+    return next((fmt for fmt in FORMATS[shape] if fmt.name == name), None)
+
+
+def row_columns(rows: Iterable[Any], limit: int = DETECT_ROWS) -> set[str]:
+    """The columns of the first `limit` object rows (other rows are skipped: they are bad rows)."""
+    found: set[str] = set()
+    objects = (row for row in rows if isinstance(row, dict))
+    for _, row in zip(range(limit), objects):
+        found.update(row)
+    return found
+
+
+def detect_format(columns: set[str], shape: str, section: schema.DataSection) -> str | None:
+    """The format a file with these columns is read in for `shape`: `section.format` when the columns fit it, else
+    the first of the shape's formats they fit; None when they fit none (see `format_mismatch`)."""
+    if section.format:
+        fmt = format_named(shape, section.format)
+        return fmt.name if fmt is not None and fmt.fits(columns, section.fields) else None
+    return next((fmt.name for fmt in FORMATS[shape] if fmt.fits(columns, section.fields)), None)
+
+
+def _fewest(formats: tuple[Format, ...]) -> list[Format]:
+    """The formats no other format with fewer of the same columns covers: the columns a file needs at the least."""
+    return [fmt for fmt in formats
+            if not any(not other.without and set(other.needs) < set(fmt.needs) for other in formats)]
+
+
+def format_mismatch(columns: set[str], shape: str, section: schema.DataSection, reader: str,
+                    source: str = "") -> tuple[str, str, str]:
+    """Why `detect_format` found no format: (the data key at fault, `fields` or `format`; the message, starting with
+    `source`; the fix). `reader` names who reads the rows, e.g. 'a kto stage'."""
+    formats, fields, found = FORMATS[shape], section.fields, sorted(columns)
+    names = ", ".join(fmt.name for fmt in formats)
+    where = f"{source} has columns {found}" if source else f"has columns {found}"
+    if not section.format:
+        wanted = " or ".join(fmt.describe(fields) for fmt in _fewest(formats))
+        return "fields", f"{where}, {reader} needs {wanted} (formats: {names})", (
+            f"rename the columns, or map them: `fields: {{{formats[0].needs[0]}: <your column>}}`")
+    fmt = format_named(shape, section.format)
+    if fmt is None:
+        return "format", f"format '{section.format}' is not one {reader} reads ({names})", (
+            f"use one of {names}, or drop `format` to detect it from the columns")
+    return "format", f"{where}, format '{fmt.name}' needs {fmt.describe(fields)}", (
+        f"rename the columns, map them (`fields: {{{fmt.needs[0]}: <your column>}}`), or drop `format`")
+
+
+def file_format(rows: list[tuple[int, Any]], shape: str, section: schema.DataSection, source: str, key: str,
+                reader: str) -> str:
+    """The format a file's `rows` (as read) are in: `data.format`, or detected from the columns of the first
+    DETECT_ROWS object rows. A file without object rows takes the shape's first format (its rows are all bad rows
+    then). Raises one DataError line naming the file, the formats and the columns found when none fits."""
+    columns = row_columns(row for _, row in rows)
+    name = detect_format(columns, shape, section) if columns else (section.format or FORMATS[shape][0].name)
+    if name is None or format_named(shape, name) is None:
+        at, message, fix = format_mismatch(columns, shape, section, reader)
+        raise DataError(message, file=source, key=f"{key}.{at}", fix=fix)
+    return name
+
+
+def normalise_row(row: Any, shape: str, fields: dict[str, str], text_fields: Iterable[str] = ("text",),
+                  fmt: str | None = None) -> tuple[dict | None, str | None]:
+    """One row in the canonical shape, or (None, reason). `fmt`: the file's format (`file_format`); None: read by
+    the shape's native columns, row by row."""
     if not isinstance(row, dict):
         return None, "not an object"
     if shape == "text":
         return _text_row(row, fields, text_fields)
-    if shape == "sft":
-        return _sft_row(row, fields)
-    if shape == "preference":
-        return _preference_row(row, fields)
-    if shape == "prompts":
-        return _prompts_row(row, fields)
-    raise ValueError(f"unknown shape {shape}")
+    if shape not in NATIVE:
+        raise ValueError(f"unknown shape {shape}")
+    found = format_named(shape, fmt) if fmt else None
+    return (found.convert if found is not None else NATIVE[shape])(row, fields)
 
 
 def assistant_turns(item: dict) -> list[dict]:
@@ -302,22 +603,24 @@ def assistant_turns(item: dict) -> list[dict]:
 @dataclass
 class LoadedData:
     """A stage's rows in their canonical shape. `held_out`: which rows `eval_rows`/`eval_fraction` held out of the
-    training file, for the manifest (None when there was no such split)."""
+    training file, for the manifest (None when there was no such split). `format`: the training file's format
+    (`FORMATS`), shown on the console and recorded in the manifest as `data_format`."""
 
     train: Any  # datasets.Dataset
     eval: Any | None
     bad_rows: int = 0
     sources: list[str] = field(default_factory=list)
     held_out: dict[str, Any] | None = None
+    format: str | None = None
 
 
 def _normalise(rows: list[tuple[int, Any]], shape: str, section: schema.DataSection, bad: BadRows,
                text_fields: Iterable[str], too_long: Callable[[dict], bool] | None,
-               limit: int | None) -> list[tuple[int, dict]]:
-    """The usable rows with their row numbers; the others go to `bad`."""
+               limit: int | None, fmt: str | None = None) -> list[tuple[int, dict]]:
+    """The usable rows (read in format `fmt`) with their row numbers; the others go to `bad`."""
     out = []
     for number, row in rows:
-        item, reason = normalise_row(row, shape, section.fields, text_fields)
+        item, reason = normalise_row(row, shape, section.fields, text_fields, fmt)
         if item is None:
             bad.add(reason, number)
             continue
@@ -423,12 +726,14 @@ def _dataset(items: list[tuple[int, dict]], expand: bool):
 
 
 def _eval_source(section: schema.DataSection, shape: str, key: str, text_fields: Iterable[str],
-                 too_long: Callable[[dict], bool] | None) -> tuple[list[tuple[int, dict]], int]:
-    """(usable rows, bad rows skipped) of `eval_path` or `eval_split`, at most `max_eval_rows`."""
+                 too_long: Callable[[dict], bool] | None, reader: str) -> tuple[list[tuple[int, dict]], int]:
+    """(usable rows, bad rows skipped) of `eval_path` or `eval_split` (in its own format), at most
+    `max_eval_rows`."""
     bad = BadRows()
     path = section.eval_path or section.path
     raw = read_rows(path, section, section.eval_split or section.split, bad)
-    rows = _normalise(raw, shape, section, bad, text_fields, too_long, section.max_eval_rows)
+    fmt = file_format(raw, shape, section, path, key, reader)
+    rows = _normalise(raw, shape, section, bad, text_fields, too_long, section.max_eval_rows, fmt)
     _report(bad, path, section, f"{key}.eval_path")
     return rows, bad.count
 
@@ -447,16 +752,20 @@ def _split(items: list[tuple[int, dict]], held: set[int], section: schema.DataSe
 
 
 def load_data(section: schema.DataSection, shape: str, *, key: str = "data", seed: int = 0,
-              text_fields: Iterable[str] = ("text",), too_long: Callable[[dict], bool] | None = None) -> LoadedData:
-    """Train and (optional) eval datasets in the canonical `shape`, validated row by row. Eval rows come from
+              text_fields: Iterable[str] = ("text",), too_long: Callable[[dict], bool] | None = None,
+              reader: str | None = None) -> LoadedData:
+    """Train and (optional) eval datasets in the canonical `shape`, validated row by row, each file read in its
+    format (`file_format`; `reader`, e.g. 'a kto stage', names who reads them in its errors). Eval rows come from
     `eval_path`/`eval_split`, or are held out of `path` by `eval_rows`/`eval_fraction` (drawn by `seed`, recorded
     in `held_out`); both sides keep the file's order."""
     if shape not in SHAPES:
         raise ValueError(shape)
+    reader = reader or f"a stage reading {shape} rows"
     bad = BadRows()
     rows = read_rows(section.path, section, section.split, bad)
+    fmt = file_format(rows, shape, section, section.path, key, reader)
     held = held_out_rows(rows, section, seed, key) if holding_out(section) else None
-    train = _normalise(rows, shape, section, bad, text_fields, too_long, None)
+    train = _normalise(rows, shape, section, bad, text_fields, too_long, None, fmt)
     _report(bad, section.path, section, f"{key}.path")
     skipped, sources, evaluation = bad.count, [section.path], None
     if not train:
@@ -465,7 +774,7 @@ def load_data(section: schema.DataSection, shape: str, *, key: str = "data", see
     if held is not None:
         train, evaluation = _split(train, held, section, key)
     if section.eval_path or section.eval_split:
-        evaluation, eval_skipped = _eval_source(section, shape, key, text_fields, too_long)
+        evaluation, eval_skipped = _eval_source(section, shape, key, text_fields, too_long, reader)
         skipped += eval_skipped
         if section.eval_path and section.eval_path not in sources:
             sources.append(section.eval_path)
@@ -474,4 +783,4 @@ def load_data(section: schema.DataSection, shape: str, *, key: str = "data", see
     expand = shape == "sft" and section.train_on == "all_turns"
     record = None if held is None else held_out_record(section, seed, held, len(train), len(evaluation))
     return LoadedData(train=_dataset(train, expand), eval=_dataset(evaluation, expand) if evaluation else None,
-                      bad_rows=skipped, sources=sources, held_out=record)
+                      bad_rows=skipped, sources=sources, held_out=record, format=fmt)

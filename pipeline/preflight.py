@@ -3,10 +3,11 @@
 Called by `python -m pipeline run recipe.yaml` before the output folder is created, and by
 `python -m pipeline validate --deep recipe.yaml`. Raises a `PipelineError` (exit 2, one line naming the recipe file,
 the key and the fix) on the first problem; nothing is written. Checks need no model weights and no network: local
-data columns (first rows, honouring `fields:`), chat templates where a stage needs one, LoRA target names, that a
-reward model and its policy share a tokenizer, `train.max_length` against the model's positions, that local model
-folders hold safetensors weights, and that an `export` stage's optional tools are installed. Hub ids are not
-checked. Nothing runs at import.
+data columns (the first rows, honouring `fields:`, fit a format the stage kind reads, or the one `data.format`
+names: `pipeline.data.FORMATS`), chat templates where a stage needs one, LoRA target names, that a reward model and
+its policy share a tokenizer, `train.max_length` against the model's positions, that local model folders hold
+safetensors weights, and that an `export` stage's optional tools are installed. Hub ids are not checked. Nothing
+runs at import.
 """
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import json
 from pathlib import Path
 from typing import Any
 
+from pipeline import data as data_lib
 from pipeline import registry, schema
 from pipeline.data import looks_local
 from pipeline.errors import DataError, PipelineError, RecipeError
@@ -26,11 +28,6 @@ from pipeline.recipe import Recipe
 from pipeline.tools import gguf
 
 NOT_AVAILABLE: dict[str, str] = {}
-# Alternatives of canonical columns each shape needs (one alternative must be fully present). A whole conversation
-# in `chosen` (HH-RLHF) is read by `sft` only from rows without `prompt`: see pipeline.data.
-NEEDED = {"sft": [("messages",), ("prompt", "completion"), ("chosen",)], "preference": [("chosen", "rejected")],
-          "prompts": [("prompt",), ("messages",), ("chosen",)]}
-UNLESS = {("sft", ("chosen",)): "prompt"}  # an alternative that does not count when this column is there too
 LLAMA_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 MODULES_BY_TYPE = {"llama": LLAMA_MODULES, "mistral": LLAMA_MODULES, "qwen2": LLAMA_MODULES, "qwen3": LLAMA_MODULES,
                    "gemma": LLAMA_MODULES, "gemma2": LLAMA_MODULES, "phi3": ("qkv_proj", "o_proj", "gate_up_proj",
@@ -38,7 +35,7 @@ MODULES_BY_TYPE = {"llama": LLAMA_MODULES, "mistral": LLAMA_MODULES, "qwen2": LL
                    "gpt2": ("c_attn", "c_proj", "c_fc"), "gpt_neox": ("query_key_value", "dense", "dense_h_to_4h",
                                                                       "dense_4h_to_h")}
 POSITION_KEYS = ("max_position_embeddings", "n_positions")
-FIRST_ROWS = 20
+FIRST_ROWS = data_lib.DETECT_ROWS  # the rows whose columns name a file's format (`pipeline.data.FORMATS`)
 
 
 def check(recipe: Recipe) -> None:
@@ -165,49 +162,43 @@ def _head(path: Path, size: int = 1 << 20) -> bytes:
     return data if len(data) <= size else data[:data.rfind(b"\n") + 1]
 
 
-def _needed(shape: str, config: schema.StageBase) -> list[tuple[str, ...]]:
-    if shape == "text":
-        fields = getattr(config, "text_fields", None) or [getattr(config, "text_field", "text")]
-        return [(f,) for f in fields]
-    return NEEDED[shape]
+def _text_columns(config: schema.StageBase) -> list[str]:
+    return getattr(config, "text_fields", None) or [getattr(config, "text_field", "text")]
 
 
 def _check_data(recipe: Recipe, name: str, config: schema.StageBase) -> None:
+    """The stage's local data files have the columns of a format its kind reads (`pipeline.data.FORMATS`), or of
+    the one `data.format` names; a text stage's have one of its text columns."""
     section = getattr(config, "data", None)
     shape = registry.traits(config.kind).data_shape
     if not isinstance(section, schema.DataSection) or shape is None:
         return
+    if section.format and data_lib.format_named(shape, section.format) is None:
+        _, message, fix = data_lib.format_mismatch(set(), shape, section, f"a {config.kind} stage")
+        raise _error(recipe, name, ("data", "format"), message, fix, cls=DataError)
     for key, value in (("path", section.path), ("eval_path", section.eval_path)):
         if value and looks_local(value) and Path(value).expanduser().is_file():
-            _check_columns(recipe, name, key, Path(value).expanduser(), section, _needed(shape, config), shape)
+            _check_columns(recipe, name, key, Path(value).expanduser(), section, shape)
 
 
 def _check_columns(recipe: Recipe, name: str, key: str, path: Path, section: schema.DataSection,
-                   needed: list[tuple[str, ...]], shape: str) -> None:
+                   shape: str) -> None:
     rows = first_rows(path)
     if not rows:
         raise _error(recipe, name, ("data", key), f"{path} has no readable rows", "check the file's format and "
                      "encoding (UTF-8 JSON lines, CSV with a header, parquet)", cls=DataError)
-    columns = set().union(*(row.keys() for row in rows))
-    if any(_fits(option, shape, columns, section) for option in needed):
+    columns = data_lib.row_columns(rows)
+    kind = config_kind(recipe, name)
+    if shape == "text":
+        wanted = _text_columns(recipe.stages[name])
+        if not any(section.fields.get(c, c) in columns for c in wanted):
+            raise _error(recipe, name, ("data", "fields"), f"{path} has columns {sorted(columns)}, a {kind} stage "
+                         "needs " + " or ".join(f"'{section.fields.get(c, c)}'" for c in wanted),
+                         f"rename the columns, or map them: `fields: {{{wanted[0]}: <your column>}}`", cls=DataError)
         return
-    wanted = " or ".join(_describe(option, shape, section) for option in needed)
-    example = needed[0][0]
-    raise _error(recipe, name, ("data", "fields"),
-                 f"{path} has columns {sorted(columns)}, a {config_kind(recipe, name)} stage needs {wanted}",
-                 f"rename the columns, or map them: `fields: {{{example}: <your column>}}`", cls=DataError)
-
-
-def _fits(option: tuple[str, ...], shape: str, columns: set[str], section: schema.DataSection) -> bool:
-    unless = UNLESS.get((shape, option))
-    return all(section.fields.get(c, c) in columns for c in option) and (
-        unless is None or section.fields.get(unless, unless) not in columns)
-
-
-def _describe(option: tuple[str, ...], shape: str, section: schema.DataSection) -> str:
-    text = "+".join(f"'{section.fields.get(c, c)}'" for c in option)
-    unless = UNLESS.get((shape, option))
-    return f"{text} (without '{section.fields.get(unless, unless)}')" if unless else text
+    if data_lib.detect_format(columns, shape, section) is None:
+        at, message, fix = data_lib.format_mismatch(columns, shape, section, f"a {kind} stage", source=str(path))
+        raise _error(recipe, name, ("data", at), message, fix, cls=DataError)
 
 
 def config_kind(recipe: Recipe, name: str) -> str:

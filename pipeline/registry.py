@@ -45,7 +45,7 @@ STAGES: dict[str, StageKind] = {
                         length_grouping=True),
     "dpo": StageKind(schema.DpoStage, "pipeline.stages.dpo", data_shape="preference", chat_template=True,
                      length_grouping=True),
-    "kto": StageKind(schema.KtoStage, "pipeline.stages.kto", data_shape="preference", chat_template=True),
+    "kto": StageKind(schema.KtoStage, "pipeline.stages.kto", data_shape="kto", chat_template=True),
     "merge": StageKind(schema.MergeStage, "pipeline.stages.merge"),
     "ppo": StageKind(schema.PpoStage, "pipeline.stages.ppo", data_shape="prompts", chat_template=True,
                      figures=(("reward/mean", "reward"), ("kl", "kl")), samples_episodes=True),

@@ -103,6 +103,10 @@ class DataSection(Strict):
     train_on: Literal["last_turn", "all_turns"] = Field("last_turn", description=(
         "sft: the loss is on each conversation's last assistant turn, or on every assistant turn (one "
         "prompt/completion row per turn, with the conversation before it as the prompt)"))
+    format: str | None = Field(default=None, exclude_if=lambda value: value is None, description=(
+        "how the file lays its rows out: " + ", ".join(names.DATA_FORMATS) + " (null: detected from the columns of "
+        "the first rows; the table in docs/recipes.md#data says which stage kinds read which; left out of the "
+        "fingerprint when null)"))
     _hold_out_seed: int = PrivateAttr(default=0)  # not recipe data: the seed evaluations draw `eval_rows` with
 
     def seeded(self, seed: int) -> "DataSection":
@@ -122,6 +126,11 @@ class DataSection(Strict):
         if not value.strip():
             raise ValueError("must not be empty")
         return value
+
+    @field_validator("format")
+    @classmethod
+    def _known_format(cls, value: str | None) -> str | None:
+        return value if value is None else _registered(value, names.DATA_FORMATS, "data format")
 
     @field_validator("eval_fraction", "eval_rows")
     @classmethod

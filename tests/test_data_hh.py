@@ -228,11 +228,9 @@ def test_each_side_of_a_hold_out_needs_a_usable_row(tmp_path):
 
 
 def test_unpaired_kto_rows_hold_out_the_same_rows(tmp_path):
-    from pipeline.stages import kto
-
     rows = [{"prompt": f"Q{i}", "completion": f"A{i}", "label": i % 2 == 0} for i in range(1, 11)]
     section = schema.DataSection(path=str(write_jsonl(tmp_path / "kto.jsonl", rows)), eval_rows=3)
-    loaded = kto.load_unpaired(section, seed=0)
+    loaded = data.load_data(section, "kto", seed=0)
     numbers = loaded.held_out["held_out_row_numbers"]
     assert (len(loaded.train), len(loaded.eval), loaded.held_out["eval_rows"]) == (7, 3, 3)
     assert [row["prompt"][0]["content"] for row in loaded.eval] == [f"Q{n}" for n in numbers]

@@ -195,23 +195,24 @@ def write_unpaired(folder: Path) -> Path:
 
 
 def test_unpaired_kto_data_is_detected_and_validated(tmp_path):
+    from pipeline import data
     from pipeline.errors import DataError
-    from pipeline.stages import kto
 
     path = write_unpaired(tmp_path)
     section = schema.DataSection(path=str(path), eval_fraction=0.25, max_rows=8)
-    loaded = kto.load_kto_data(section, seed=0, paired_shape="preference")
+    loaded = data.load_data(section, "kto", seed=0)
     assert len(loaded.train) == 8 and len(loaded.eval) == 3  # 3 of the file's 12 rows held out, max_rows cuts the rest
     assert loaded.held_out["held_out_rows"] == 3 and loaded.held_out["train_rows"] == 8
     assert set(loaded.train.column_names) == {"prompt", "completion", "label"}
     for row in list(loaded.train) + list(loaded.eval):  # labels stay with their own completions
         a, b, c = map(int, row["completion"][0]["content"].replace("+", "=").split("="))
         assert row["completion"][0]["role"] == "assistant" and row["label"] == (a + b == c)
-    assert not kto.is_unpaired(section, str(DATA / "preferences.jsonl"), "train")
+    assert data.load_data(schema.DataSection(path=str(DATA / "preferences.jsonl"), max_rows=2), "kto").format \
+        != "kto-unpaired"
     bad = tmp_path / "bad.jsonl"
     bad.write_text(json.dumps({"prompt": "p", "completion": "c", "label": "yes"}) + "\n")
     with pytest.raises(DataError, match="label"):
-        kto.load_kto_data(schema.DataSection(path=str(bad)), seed=0, paired_shape="preference")
+        data.load_data(schema.DataSection(path=str(bad)), "kto", seed=0)
 
 
 @pytest.mark.slow

@@ -39,7 +39,7 @@ def judge_from(path: str):
 
 def default_data(path: str | Path) -> schema.DataSection | None:
     """The held-out data the artifact's stage used: its `data` section's eval file (else its file), with its field
-    mapping and `max_eval_rows`; None when the manifest names no data."""
+    mapping, format and `max_eval_rows`; None when the manifest names no data."""
     artifact = artifacts.open_artifact(path)
     data = (artifact.manifest.get("config") or {}).get("data") if artifact else None
     if not isinstance(data, dict) or not data.get("path"):
@@ -50,7 +50,7 @@ def default_data(path: str | Path) -> schema.DataSection | None:
         return section.seeded(int(held.get("seed", artifact.manifest.get("seed") or 0)))
     return schema.DataSection(path=data.get("eval_path") or data["path"], fields=data.get("fields") or {},
                               max_rows=data.get("max_eval_rows") if data.get("eval_path") else None,
-                              on_bad_rows=section.on_bad_rows)
+                              on_bad_rows=section.on_bad_rows, format=section.format)
 
 
 def read_eval_rows(section: schema.DataSection, shape: str, limit: int | None = None):

@@ -35,8 +35,13 @@ def load_policy(ctx: StageContext, key: str = "model"):
 
 def load_stage_data(ctx: StageContext, **options: Any) -> LoadedData:
     """The stage's `data:` rows in the shape its kind reads (`registry.StageKind.data_shape`), drawn by its seed;
-    `options`: `pipeline.data.load_data`'s others (too_long, text_fields)."""
-    return load_data(ctx.config.data, ctx.traits.data_shape, seed=ctx.seed, **options)
+    `options`: `pipeline.data.load_data`'s others (too_long, text_fields). A stage reading chat rows says which
+    format its file was read in (`data: alpaca`) under its header."""
+    shape = ctx.traits.data_shape
+    loaded = load_data(ctx.config.data, shape, seed=ctx.seed, reader=f"a {ctx.config.kind} stage", **options)
+    if shape != "text":
+        ctx.console.say(f"  data: {loaded.format}")
+    return loaded
 
 
 def preference_logprobs(model, tokenizer, dataset) -> tuple[list[float], list[float]]:
