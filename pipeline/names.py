@@ -9,6 +9,6 @@ Pure data; nothing runs at import.
 from __future__ import annotations
 
 METRICS = ("exact_match", "pairwise_accuracy", "win_rate", "perplexity")
-REWARD_RULES = ("exact_match", "contains_answer", "length_penalty")
+REWARD_RULES = ("exact_match", "contains_answer", "length_penalty", "math_verify", "format", "code_tests")
 DATA_FORMATS = ("text", "messages", "prompt-completion", "hh-rlhf", "alpaca", "sharegpt", "preference",
                 "ultrafeedback", "sharegpt-preference", "prompt-answer", "kto-unpaired")

@@ -357,17 +357,41 @@ class ExportStage(ModelStage):
 
 
 class RuleReward(Strict):
-    """A rule-based reward computed from the data: exact match on a known answer, or a length penalty."""
+    """A rule-based reward computed from the data: exact match, a length penalty or a verifiable reward."""
 
     type: str = Field(description=(
         "a rule registered in `pipeline.rl.rewards.RULES`: " + ", ".join(names.REWARD_RULES) + " (exact_match: 1 "
         "when the completion's last number equals the row's `field`; contains_answer: 1 when `field` occurs in it; "
-        "length_penalty: -(characters beyond `target_length`) / target_length)"))
+        "length_penalty: -(characters beyond `target_length`) / target_length; math_verify: 1 when the math-verify "
+        "package finds the answer equal to `field` (LaTeX, \\boxed{}, numbers; the `rlvr` extra); format: 1 when "
+        "the completion is `<think>...</think><answer>...</answer>`; code_tests: 1 when its code passes the asserts "
+        "in `tests_field`, run in a sandbox)"))
     field: str = Field("answer", description="the data column holding the answer")
     weight: float = Field(1.0, description="this rule's reward is multiplied by it; the rules are summed")
     target_length: int | None = Field(None, description="length_penalty: characters allowed before the penalty starts")
+    extract: Literal["auto", "tagged"] = Field("auto", description=(
+        "what exact_match, contains_answer, math_verify and code_tests read: the whole completion (auto; exact_match "
+        "takes its last number) or only the content of its last `<tag>...</tag>` (tagged; no tag scores 0)"))
+    tag: str = Field("answer", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", description=(
+        "the answer tag of `extract: tagged` and of the format rule"))
+    think_tag: str | None = Field("think", pattern=r"^[A-Za-z][A-Za-z0-9_\-]*$", description=(
+        "format: the reasoning tag required before the answer tag (null: the answer tag alone)"))
+    timeout: float = Field(5.0, gt=0, description=(
+        "math_verify, code_tests: wall-clock seconds allowed per completion; past it the completion scores 0"))
+    memory_mb: int = Field(512, ge=64, description="code_tests: address-space limit of the sandboxed code, in MiB")
+    tests_field: str = Field("tests", description="code_tests: the data column holding the test asserts")
 
     _check_registered = field_validator("type")(lambda cls, value: _registered(value, names.REWARD_RULES, "reward rule"))
+
+    @field_validator("type")
+    @classmethod
+    def _math_verify_installed(cls, value: str) -> str:
+        import importlib.util
+
+        if value == "math_verify" and importlib.util.find_spec("math_verify") is None:
+            raise ValueError("math_verify needs the math-verify package, which is not installed: pip install "
+                             "'hf-pipeline[rlvr]'")
+        return value
 
 
 class RLStage(TrainedStage):

@@ -1,6 +1,7 @@
 """The one answer check of the project's tasks: a completion's checkable answer is its last integer (else its
 stripped text), and it matches a reference when the two are equal as strings. The `exact_match` metric, the
-stages' held-out exact match and the `exact_match` / `contains_answer` rule rewards all read answers here.
+stages' held-out exact match and the `exact_match` / `contains_answer` rule rewards all read answers here; the
+rules' `extract: tagged` first narrows a completion to its last `<answer>...</answer>` (`tagged`).
 
 Pure Python; nothing runs at import.
 """
@@ -16,6 +17,12 @@ def extract_answer(text: str) -> str | None:
     """The last number in a completion (the checkable answer of the project's tasks), else the stripped text."""
     found = NUMBER.findall(text)
     return found[-1] if found else (text.strip() or None)
+
+
+def tagged(text: str, tag: str = "answer") -> str | None:
+    """The stripped content of the last `<tag>...</tag>` in the text, or None when there is none."""
+    found = re.findall(rf"<{re.escape(tag)}>(.*?)</{re.escape(tag)}>", text, flags=re.DOTALL)
+    return found[-1].strip() if found else None
 
 
 def is_integer(answer: str | None) -> bool:
