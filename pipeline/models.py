@@ -1,4 +1,5 @@
-"""Load tokenizers and models for a stage (safetensors only, remote code only when asked), apply LoRA, merge.
+"""Load tokenizers and models for a stage (safetensors only, remote code only when asked; a LoRA stage's base in 4 or
+8 bits through bitsandbytes for QLoRA), apply LoRA, merge.
 
 Called from stage modules inside a run; imports torch/transformers lazily so recipe validation stays light.
 """
@@ -82,6 +83,60 @@ def _cuda() -> bool:
     return torch.cuda.is_available()
 
 
+def quantize_problem(lora: schema.LoraSection, model: schema.ModelSection | None) -> tuple[str, str] | None:
+    """Why this machine cannot load a stage's base for `lora.quantize` (QLoRA): (message, fix), or None when it can.
+    Imports torch only when `quantize` is set, so validating other recipes stays light."""
+    import importlib.util
+
+    if lora.quantize is None:
+        return None
+    if model is not None and model.gguf_file:
+        return ("a base read from a GGUF file cannot be loaded quantized by bitsandbytes",
+                "drop `lora.quantize`, or start from a safetensors checkpoint of the model")
+    if not _cuda():
+        return (f"`quantize: {lora.quantize}` (QLoRA) loads the base through bitsandbytes, which needs a CUDA GPU, "
+                "and this machine has none", "remove `quantize` (plain LoRA runs on CPU) or run on a CUDA machine")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        return (f"`quantize: {lora.quantize}` (QLoRA) needs the bitsandbytes package, which is not installed",
+                "pip install bitsandbytes, or remove `quantize`")
+    return None
+
+
+def quantization_config(setting: str):
+    """transformers' BitsAndBytesConfig for `lora.quantize`: '4bit' is QLoRA's NF4 with double quantisation and
+    bfloat16 compute (float16 on a GPU without bfloat16); '8bit' is LLM.int8()."""
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    if setting == "8bit":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
+                              bnb_4bit_compute_dtype=torch.bfloat16 if bf16_supported() else torch.float16)
+
+
+def _quantized_kwargs(path: str, section: schema.ModelSection, setting: str) -> dict[str, Any]:
+    """`from_pretrained` arguments that load the base quantized onto this process's GPU (a quantized model cannot
+    be moved after loading). Refuses an adapter as the base: it would be merged into the quantized weights."""
+    from accelerate import PartialState
+
+    problem = quantize_problem(schema.LoraSection(quantize=setting), section)
+    if problem is not None:
+        raise PipelineError(problem[0], key="lora.quantize", fix=problem[1])
+    if is_adapter(path):
+        raise PipelineError(f"{path} is a LoRA adapter: a quantized stage would merge it into 4/8-bit weights",
+                            key="model.path", fix="merge it first (a `merge` stage, or `lora.merge: true` on its "
+                                                  "stage), or drop `lora.quantize`")
+    return {"quantization_config": quantization_config(setting), "device_map": {"": PartialState().local_process_index}}
+
+
+def prepare_quantized(model, gradient_checkpointing: bool):
+    """peft's preparation of a quantized base for training an adapter on it (frozen weights, norms in float32, input
+    gradients for checkpointing)."""
+    from peft import prepare_model_for_kbit_training
+
+    return prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+
+
 def torch_dtype(section: schema.ModelSection | None):
     """`model.dtype` as a torch dtype; 'auto' by `bf16_supported`."""
     import torch
@@ -146,15 +201,19 @@ def build_from_config(section: schema.ModelSection, tokenizer):
     return model.to(torch_dtype(section))
 
 
-def load_causal_lm(path: str, section: schema.ModelSection, *, merge_adapter: bool = True, tp_size: int = 1):
+def load_causal_lm(path: str, section: schema.ModelSection, *, merge_adapter: bool = True, tp_size: int = 1,
+                   quantize: str | None = None):
     """A causal LM from a folder or Hub id; an adapter folder is loaded on its base (merged by default). With
-    `tp_size` > 1 the weights are split across that many ranks at load (transformers' `tp_plan="auto"`)."""
+    `tp_size` > 1 the weights are split across that many ranks at load (transformers' `tp_plan="auto"`); with
+    `quantize` ('4bit' or '8bit', a stage's `lora.quantize`) it is loaded through bitsandbytes on this process's GPU."""
     from transformers import AutoModelForCausalLM
 
     check_safe_weights(path)
     kwargs = _load_kwargs(section)
     if tp_size > 1:
         kwargs.update(tp_plan="auto", tp_size=tp_size)
+    if quantize:
+        kwargs.update(_quantized_kwargs(path, section, quantize))
     try:
         if is_adapter(path):
             gguf_file = adapter_base_gguf(path)
@@ -340,6 +399,12 @@ def merge_requested(ctx: StageContext) -> bool:
     return bool(lora and lora.merge)
 
 
+def quantized(ctx: StageContext) -> bool:
+    """True when the stage trains its adapter on a base loaded in 4 or 8 bits (`lora.quantize`)."""
+    lora = getattr(ctx.config, "lora", None)
+    return bool(lora and lora.quantize)
+
+
 def library_of(ctx: StageContext, merge: bool) -> str:
     """'peft' when the stage writes a LoRA adapter, else 'transformers' (known on every rank before saving)."""
     return "peft" if getattr(ctx.config, "lora", None) is not None and not merge else "transformers"
@@ -361,11 +426,19 @@ def is_sharded(accelerator) -> bool:
 def save_trained(ctx: StageContext, trainer, tokenizer, *, merge_lora: bool | None = None) -> str:
     """Write a Trainer's model into the artifact folder; EVERY rank must call it. When the model is sharded (FSDP,
     ZeRO-3, TP), `Trainer.save_model` gathers the full weights collectively and the main process writes them; a LoRA
-    adapter to merge is then folded into its base on the main process. Returns the card's library name."""
+    adapter to merge is then folded into its base on the main process. An adapter trained on a quantized base
+    (`lora.quantize`) to merge is saved, then merged into the base reloaded unquantized. Returns the card's library
+    name."""
     merge = merge_requested(ctx) if merge_lora is None else merge_lora
     library = library_of(ctx, merge)
     if not is_sharded(trainer.accelerator):
-        return save_model(trainer.model, tokenizer, ctx.output_dir, merge_lora=merge) if ctx.is_main else library
+        if not ctx.is_main:
+            return library
+        if merge and quantized(ctx):  # never merge into 4/8-bit weights: reload the base unquantized to merge
+            save_model(trainer.model, tokenizer, ctx.output_dir)
+            merge_saved_adapter(Path(ctx.output_dir), tokenizer)
+            return library
+        return save_model(trainer.model, tokenizer, ctx.output_dir, merge_lora=merge)
     unwrapped = trainer.accelerator.unwrap_model(trainer.model)
     set_generation_padding(unwrapped, tokenizer)
     trainer.save_model(str(ctx.output_dir))

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from pipeline import registry, schema
+from pipeline import models, registry, schema
 from pipeline.data import looks_local
 from pipeline.errors import RecipeError
 
@@ -322,8 +322,8 @@ def _merge_defaults(stage_raw: dict, defaults: schema.Defaults, config_cls: type
 
 
 def _check_kind_traits(name: str, config: schema.StageBase, file: str, lines: dict[tuple, int]) -> None:
-    """Settings that only some kinds take, by their `registry.StageKind` traits: `train.group_by_length` where the
-    trainer pads batches of rows."""
+    """Settings that only some kinds take, by their `registry.StageKind` traits: `train.group_by_length` and
+    `data.skip_rows` where the trainer pads batches of rows (and reads them in the order the stage gives)."""
     train = getattr(config, "train", None)
     if isinstance(train, schema.TrainSection) and train.group_by_length \
             and not registry.traits(config.kind).length_grouping:
@@ -331,6 +331,29 @@ def _check_kind_traits(name: str, config: schema.StageBase, file: str, lines: di
         raise RecipeError(f"`train.group_by_length` applies to {', '.join(registry.length_grouped_kinds())} stages",
                           file=file, line=_line_for(lines, path), key=_dotted(path),
                           fix=f"remove it from this {config.kind} stage (set it on those stages, not in defaults)")
+    data = getattr(config, "data", None)
+    if isinstance(data, schema.DataSection) and data.skip_rows and not registry.traits(config.kind).length_grouping:
+        path = ("stages", name, "data", "skip_rows")
+        raise RecipeError(f"`data.skip_rows` applies to {', '.join(registry.length_grouped_kinds())} stages (the "
+                          "ones whose training order is known)", file=file, line=_line_for(lines, path),
+                          key=_dotted(path), fix=f"remove it from this {config.kind} stage")
+
+
+def _check_quantize(name: str, config: schema.StageBase, file: str, lines: dict[tuple, int]) -> None:
+    """`lora.quantize` (QLoRA) only on the kinds whose trainer takes a quantized base (`registry.StageKind.qlora`)
+    and on a machine that can load one (a CUDA GPU and bitsandbytes: `models.quantize_problem`), before anything
+    loads."""
+    lora = getattr(config, "lora", None)
+    if not isinstance(lora, schema.LoraSection) or lora.quantize is None:
+        return
+    path = ("stages", name, "lora", "quantize")
+    if not registry.traits(config.kind).qlora:
+        problem = (f"`lora.quantize` applies to {', '.join(registry.qlora_kinds())} stages, not {config.kind}",
+                   f"remove it from this {config.kind} stage (plain LoRA works here)")
+    else:
+        problem = models.quantize_problem(lora, getattr(config, "model", None))
+    if problem is not None:
+        raise RecipeError(problem[0], file=file, line=_line_for(lines, path), key=_dotted(path), fix=problem[1])
 
 
 def parse_recipe(data: dict[str, Any], path: Path, lines: dict[tuple, int] | None = None) -> Recipe:
@@ -369,6 +392,7 @@ def parse_recipe(data: dict[str, Any], path: Path, lines: dict[tuple, int] | Non
         except ValidationError as exc:
             raise _validation_error(exc, config_cls, prefix, file, lines) from None
         _check_kind_traits(name, stages[name], file, lines)
+        _check_quantize(name, stages[name], file, lines)
 
     parents = {name: _check_references(name, header.stages[name], cfg, stages, file, lines)
                for name, cfg in stages.items()}

@@ -25,7 +25,8 @@ class StageKind:
     reads no training rows); `chat_template`: its tokenizer must carry one (checked before anything trains);
     `figures`: what its progress line shows; `samples_episodes`: an online RL stage (episodes/s in its progress,
     reward/KL/entropy/length curves in the report); `length_grouping`: `train.group_by_length` applies (its trainer
-    pads each batch of rows to its longest)."""
+    pads each batch of rows to its longest); `qlora`: `lora.quantize` applies (its trainer fine-tunes an adapter on a
+    causal LM loaded in 4 or 8 bits)."""
 
     config: type[schema.StageBase]
     module: str
@@ -34,18 +35,28 @@ class StageKind:
     figures: Figures = LOSS_FIGURES
     samples_episodes: bool = False
     length_grouping: bool = False
+    qlora: bool = False
 
 
 STAGES: dict[str, StageKind] = {
     "tokenizer": StageKind(schema.TokenizerStage, "pipeline.stages.tokenizer", data_shape="text"),
     "pretrain": StageKind(schema.PretrainStage, "pipeline.stages.pretrain", data_shape="text"),
     "sft": StageKind(schema.SftStage, "pipeline.stages.sft", data_shape="sft", chat_template=True,
-                     length_grouping=True),
+                     length_grouping=True, qlora=True),
     "reward": StageKind(schema.RewardStage, "pipeline.stages.reward", data_shape="preference", chat_template=True,
                         length_grouping=True),
     "dpo": StageKind(schema.DpoStage, "pipeline.stages.dpo", data_shape="preference", chat_template=True,
-                     length_grouping=True),
-    "kto": StageKind(schema.KtoStage, "pipeline.stages.kto", data_shape="kto", chat_template=True),
+                     length_grouping=True, qlora=True),
+    "ipo": StageKind(schema.IpoStage, "pipeline.stages.dpo", data_shape="preference", chat_template=True,
+                     length_grouping=True, qlora=True),
+    "cpo": StageKind(schema.CpoStage, "pipeline.stages.cpo", data_shape="preference", chat_template=True,
+                     length_grouping=True, qlora=True),
+    "simpo": StageKind(schema.SimpoStage, "pipeline.stages.cpo", data_shape="preference", chat_template=True,
+                       length_grouping=True, qlora=True),
+    "orpo": StageKind(schema.OrpoStage, "pipeline.stages.orpo", data_shape="preference", chat_template=True,
+                      length_grouping=True, qlora=True),
+    "kto": StageKind(schema.KtoStage, "pipeline.stages.kto", data_shape="kto", chat_template=True,
+                     qlora=True),
     "merge": StageKind(schema.MergeStage, "pipeline.stages.merge"),
     "ppo": StageKind(schema.PpoStage, "pipeline.stages.ppo", data_shape="prompts", chat_template=True,
                      figures=(("reward/mean", "reward"), ("kl", "kl")), samples_episodes=True),
@@ -72,6 +83,11 @@ def config_class(name: str) -> type[schema.StageBase] | None:
 def length_grouped_kinds() -> list[str]:
     """The kinds whose `train.group_by_length` applies, in registry order."""
     return [name for name, entry in STAGES.items() if entry.length_grouping]
+
+
+def qlora_kinds() -> list[str]:
+    """The kinds whose `lora.quantize` applies, in registry order."""
+    return [name for name, entry in STAGES.items() if entry.qlora]
 
 
 def stage_module(name: str) -> ModuleType:

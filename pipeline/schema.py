@@ -77,6 +77,11 @@ class LoraSection(Strict):
         "module names to adapt (e.g. [q_proj, v_proj]) or every linear layer"))
     merge: bool = Field(False, description=(
         "save the base with the adapter merged in (full weights) instead of the adapter"))
+    quantize: Literal["4bit", "8bit"] | None = Field(None, exclude_if=lambda value: value is None, description=(
+        "QLoRA: load the base through bitsandbytes, 4bit (NF4, double quantisation, bf16 compute) or 8bit "
+        "(LLM.int8), and train the adapter on it; needs a CUDA GPU and the bitsandbytes package; sft, dpo, ipo, "
+        "cpo, simpo, orpo and kto stages; with `merge: true` the adapter is merged into the base reloaded "
+        "unquantized (null: the base in `model.dtype`; left out of the fingerprint when null)"))
 
 
 class DataSection(Strict):
@@ -96,6 +101,11 @@ class DataSection(Strict):
     fields: dict[str, str] = Field(default_factory=dict, description="canonical field -> column in the file")
     max_rows: int | None = Field(default=None, gt=0, description=(
         "train on at most this many usable rows (the first ones, held-out rows left out)"))
+    skip_rows: int | None = Field(default=None, gt=0, exclude_if=lambda value: value is None, description=(
+        "sft, reward and the pair kinds: leave out the first N training rows in the order the trainer reads them "
+        "(with `train.group_by_length` its seeded length-grouped order, else the file's; after `max_rows`). A stage "
+        "with the same data, tokenizer, `train` and seed that trains max_steps x batch_size x grad_accum = N rows "
+        "read exactly those, so this one trains on the rows after them (left out of the fingerprint when null)"))
     max_eval_rows: int | None = Field(default=None, gt=0, description=(
         "evaluate on at most this many usable held-out rows (the first ones)"))
     on_bad_rows: Literal["error", "skip"] = Field("error", description=(
@@ -177,8 +187,8 @@ class TrainSection(Strict):
     packing: bool | None = Field(default=None,
                                  description="null: on for pretrain; for sft only with FlashAttention (padding-free)")
     group_by_length: bool = Field(False, description=(
-        "sft, reward, dpo: batch rows of similar token length together (less padding); rows are shuffled, sorted "
-        "by length within groups of 50 batches, and the batches shuffled, all by the seed"))
+        "sft, reward, dpo, ipo, cpo, simpo, orpo: batch rows of similar token length together (less padding); rows "
+        "are shuffled, sorted by length within groups of 50 batches, and the batches shuffled, all by the seed"))
     num_workers: int = Field(0, ge=0, description="data loader worker processes (not part of the fingerprint)")
 
 
@@ -310,9 +320,58 @@ class DpoStage(TrainedStage):
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
     kind: Literal["dpo"] = Field(description="`dpo`")
     beta: float = Field(0.1, gt=0, description="strength of the pull towards the reference (higher: closer to it)")
-    loss_type: str = Field("sigmoid", description="TRL DPO loss: sigmoid, ipo, hinge, ...")
+    loss_type: str = Field("sigmoid", description=(
+        "TRL DPO loss: sigmoid, ipo, hinge, ... (IPO by name: the `ipo` kind; CPO, SimPO, ORPO: their kinds)"))
     precompute_ref_log_probs: bool = Field(False, description=(
         "compute the reference's log-probs once before training (saves memory)"))
+
+
+class IpoStage(TrainedStage):
+    """Identity preference optimisation: TRL DPOTrainer with `loss_type: ipo` (a squared loss pulling each pair's
+    log-ratio margin to 1 / (2 beta), which does not saturate); reference as in `dpo`."""
+
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
+    loss_type: ClassVar[str] = "ipo"  # the DPOTrainer loss the `dpo` module runs for this kind
+    kind: Literal["ipo"] = Field(description="`ipo`")
+    beta: float = Field(0.1, gt=0, description=(
+        "IPO's tau: the regularisation towards the reference (the margin target is 1 / (2 beta))"))
+    precompute_ref_log_probs: bool = Field(False, description=(
+        "compute the reference's log-probs once before training (saves memory)"))
+
+
+class CpoStage(TrainedStage):
+    """Contrastive preference optimisation (TRL's experimental CPOTrainer): no reference model; a preference loss on
+    the policy's own log-probs plus a behaviour-cloning (NLL) term on the chosen answers."""
+
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
+    kind: Literal["cpo"] = Field(description="`cpo`")
+    beta: float = Field(0.1, gt=0, description="temperature of the preference loss")
+    loss_type: Literal["sigmoid", "hinge", "ipo"] = Field("sigmoid", description=(
+        "preference loss on the policy's log-prob margin: sigmoid (CPO), hinge (SLiC) or ipo"))
+    cpo_alpha: float = Field(1.0, ge=0, description="weight of the NLL term on the chosen answers")
+
+
+class SimpoStage(TrainedStage):
+    """SimPO (TRL's experimental CPOTrainer with `loss_type: simpo` and `cpo_alpha: 0`): no reference model; the
+    reward is beta times the length-normalised log-prob, and chosen must beat rejected by `simpo_gamma`."""
+
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
+    kind: Literal["simpo"] = Field(description="`simpo`")
+    beta: float = Field(2.0, gt=0, description=(
+        "scale of the length-normalised reward (the SimPO paper's 2.0; TRL's own default is 0.1)"))
+    simpo_gamma: float = Field(1.0, ge=0, description=(
+        "target reward margin (the paper's gamma = beta / 2; TRL's own default is 0.5)"))
+    cpo_alpha: float = Field(0.0, ge=0, description="an NLL term on the chosen answers as in `cpo` (0: plain SimPO)")
+
+
+class OrpoStage(TrainedStage):
+    """Odds-ratio preference optimisation (TRL's experimental ORPOTrainer): the SFT loss on the chosen answers plus
+    a log odds-ratio loss, in one stage and with no reference model (it can start from a base model)."""
+
+    references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL}
+    kind: Literal["orpo"] = Field(description="`orpo`")
+    beta: float = Field(0.1, gt=0, description=(
+        "weight of the odds-ratio loss against the SFT loss (the paper's lambda)"))
 
 
 class KtoStage(TrainedStage):
@@ -504,7 +563,12 @@ class EvalSection(Strict):
         "what to measure: a metric registered in `pipeline.eval.metrics.METRICS` ("
         + ", ".join(names.METRICS) + ") or lm_eval (benchmarks through lm-eval); see docs/evaluation.md"))
     data: DataSection | None = Field(None, description="held-out rows (null: the evaluated artifact's own eval data)")
-    reward_model: str | None = Field(None, description="win_rate: the reward model that judges")
+    judge: str | None = Field(None, exclude_if=lambda value: value is None, description=(
+        "win_rate: the reward model that judges (`${stage}`, folder or Hub id), e.g. one trained apart from the "
+        "policy's own; the result is recorded as `win_rate_by_<judge>` (its stage's or folder's name), and the "
+        "manifests say whether it is the reward model the policy was trained against (docs/evaluation.md)"))
+    reward_model: str | None = Field(None, description=(
+        "win_rate: the reward model that judges, recorded as `win_rate` (the older name of `judge`)"))
     reference: str | None = Field(None, description="win_rate: the policy to compare against")
     tasks: list[str] = Field(default_factory=list, description="lm_eval: task names (local YAML tasks included)")
     include_path: str | None = Field(None, description="lm_eval: a folder of extra task YAMLs")
@@ -514,6 +578,12 @@ class EvalSection(Strict):
     _check_registered = field_validator("metric")(
         lambda cls, value: _registered(value, (*names.METRICS, "lm_eval"), "metric"))
 
+    @model_validator(mode="after")
+    def _one_judge(self):
+        if self.judge and self.reward_model:
+            raise ValueError("`judge` and `reward_model` both name win_rate's judge: set one of them")
+        return self
+
 
 class EvaluateStage(ModelStage):
     """Evaluate an artifact; results go to its own report artifact and into the evaluated model's card."""
@@ -521,6 +591,7 @@ class EvaluateStage(ModelStage):
     produces: ClassVar[str] = REPORT
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": (CAUSAL_LM, REWARD_MODEL),
                                                         "evals.reward_model": (REWARD_MODEL,),
+                                                        "evals.judge": (REWARD_MODEL,),
                                                         "evals.reference": (CAUSAL_LM,)}
     kind: Literal["evaluate"] = Field(description="`evaluate`")
     evals: list[EvalSection] = Field(min_length=1, description="the evaluations to run")

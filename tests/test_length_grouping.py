@@ -126,7 +126,7 @@ def test_stages_whose_batches_do_not_pad_refuse_it(kind, tmp_path):
 
     stage = {"kind": kind, "model": "m", "data": {"path": "d.jsonl"}, "train": {"group_by_length": True},
              **({"reward_model": "r"} if kind in ("ppo", "grpo") else {})}
-    with pytest.raises(RecipeError, match="group_by_length` applies to sft, reward, dpo stages"):
+    with pytest.raises(RecipeError, match="group_by_length` applies to sft, reward, dpo, ipo, cpo, simpo, orpo stages"):
         parse_recipe({"name": "r", "stages": {"s": stage}}, tmp_path / "recipe.yaml")
 
 
@@ -142,6 +142,6 @@ def test_in_defaults_it_is_refused_for_the_stages_it_does_not_apply_to(tmp_path)
         "name": "r", "output_dir": str(tmp_path / "out"), "defaults": {"train": {"group_by_length": True}},
         "stages": {"sft": {"kind": "sft", "model": "m", "data": {"path": "d.jsonl"}},
                    "ppo": {"kind": "ppo", "model": "${sft}", "reward_model": "r", "data": {"path": "p.jsonl"}}}}))
-    with pytest.raises(RecipeError, match=r"stages\.ppo.*group_by_length` applies to sft, reward, dpo stages.*"
+    with pytest.raises(RecipeError, match=r"stages\.ppo.*group_by_length` applies to sft, reward, dpo, ipo, cpo, simpo, orpo stages.*"
                                           r"not in defaults"):
         load_recipe(path)

@@ -25,6 +25,7 @@ class Result:
     key: str  # name in the manifest's `evaluation` dict
     value: float
     dataset: str
+    judge: dict[str, Any] | None = None  # win_rate: the judge's path and whether the policy was trained against it
 
 
 # ---------------------------------------------------------------------------------------------------- running
@@ -56,9 +57,9 @@ def _data_for(spec: schema.EvalSection, path: str) -> schema.DataSection:
 
 def check(spec: schema.EvalSection) -> None:
     """Refuse an evaluation that lacks what it needs, before any model is loaded."""
-    if spec.metric == "win_rate" and (not spec.reward_model or not spec.reference):
-        raise PipelineError("win_rate needs a reward model and a reference policy", key="reward_model",
-                            fix="set `reward_model:` and `reference:` (--reward-model, --reference)")
+    if spec.metric == "win_rate" and (not (spec.judge or spec.reward_model) or not spec.reference):
+        raise PipelineError("win_rate needs a reward model and a reference policy", key="judge",
+                            fix="set `judge:` (or `reward_model:`) and `reference:` (--reward-model, --reference)")
     if spec.metric == "lm_eval" and not spec.tasks:
         raise PipelineError("lm_eval needs tasks", key="tasks", fix="e.g. --tasks addition_loglik")
 
@@ -76,8 +77,10 @@ def run_one(path: str, spec: schema.EvalSection, loaded: dict[str, Any], batch_s
         return [Result("lm_eval", k, v, "lm-eval:" + k.split("/")[0]) for k, v in values.items()]
     section = _data_for(spec, path)
     values = metric.measure(model, tokenizer, section, spec, batch_size)
-    return [Result(spec.metric, key, float(values[name]), heldout.source_name(section))
-            for name, key in metric.KEYS.items()]
+    keys = metric.keys(spec) if hasattr(metric, "keys") else metric.KEYS
+    judge = metric.judge_record(path, spec) if hasattr(metric, "judge_record") else None
+    return [Result(spec.metric, key, float(values[name]), heldout.source_name(section), judge)
+            for name, key in keys.items()]
 
 
 def evaluate_artifact(path: str, evals: list[schema.EvalSection], batch_size: int = 16) -> list[Result]:
@@ -95,13 +98,21 @@ def evaluate_artifact(path: str, evals: list[schema.EvalSection], batch_size: in
 
 
 def record(path: str | Path, results: list[Result]) -> dict[str, Any]:
-    """Merge results into the artifact's manifest (`evaluation`, `evaluation_datasets`) and its card's model-index."""
+    """Merge results into the artifact's manifest (`evaluation`, `evaluation_datasets`, `evaluation_kinds`, and
+    `evaluation_judges` for win rates) and its card's model-index."""
     folder = Path(path)
+    judges = judges_of(results)
     manifest = artifacts.update_manifest(folder, evaluation={r.key: r.value for r in results},
                                          evaluation_datasets={r.key: r.dataset for r in results},
-                                         evaluation_kinds={r.key: r.eval for r in results})
+                                         evaluation_kinds={r.key: r.eval for r in results},
+                                         **({"evaluation_judges": judges} if judges else {}))
     write_model_index(folder, manifest)
     return manifest
+
+
+def judges_of(results: list[Result]) -> dict[str, dict[str, Any]]:
+    """Result key -> its judge (path, and whether the policy was trained against it), for the results that have one."""
+    return {r.key: r.judge for r in results if r.judge is not None}
 
 
 def task_of(kind: str) -> tuple[str, str]:

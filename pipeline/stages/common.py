@@ -1,5 +1,6 @@
 """What the stage modules share, so no stage imports another: loading the starting policy and the stage's data,
-the held-out preference log-probs, and `run_trainer`, the course (`pipeline.course`) for a transformers/TRL trainer:
+the held-out preference log-probs and measures, and `run_trainer`, the course (`pipeline.course`) for a
+transformers/TRL trainer:
 
     measure the starting model -> build the trainer -> train (resuming) -> measure the trained model -> save -> result
 
@@ -12,13 +13,14 @@ from typing import Any, Callable
 from pipeline import models, parallel, training
 from pipeline.course import Measure, run_course
 from pipeline.data import LoadedData, length_grouped_order, load_data
-from pipeline.errors import PipelineError
+from pipeline.errors import DataError, PipelineError
 from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
 
 
 def load_policy(ctx: StageContext, key: str = "model"):
-    """The stage's starting causal LM (adapters merged), its tokenizer and its path (the card's base model)."""
+    """The stage's starting causal LM (adapters merged; with `lora.quantize`, loaded in 4 or 8 bits and prepared
+    for training an adapter on it), its tokenizer and its path (the card's base model)."""
     cfg = ctx.config
     section = getattr(cfg, key)
     path = ctx.resolve(section.path)
@@ -27,9 +29,13 @@ def load_policy(ctx: StageContext, key: str = "model"):
     if not tokenizer.chat_template:
         raise PipelineError(f"the tokenizer at {path} has no chat template", key=f"stages.{ctx.name}.{key}",
                             fix="train it with the `tokenizer` stage, or use an instruct model's tokenizer")
-    model = models.load_causal_lm(path, section, tp_size=parallel.tensor_parallel_size(ctx))
-    if getattr(cfg, "lora", None) is not None:
-        models.check_lora_targets(model, cfg.lora)
+    lora = getattr(cfg, "lora", None)
+    quantize = lora.quantize if lora is not None else None
+    model = models.load_causal_lm(path, section, tp_size=parallel.tensor_parallel_size(ctx), quantize=quantize)
+    if quantize:
+        model = models.prepare_quantized(model, cfg.train.gradient_checkpointing)
+    if lora is not None:
+        models.check_lora_targets(model, lora)
     return model, tokenizer, path
 
 
@@ -51,14 +57,42 @@ def preference_logprobs(model, tokenizer, dataset) -> tuple[list[float], list[fl
     return chosen, rejected
 
 
+def preference_measures(tokenizer, dataset, beta: float) -> Measure:
+    """The held-out measures of the stages that train on preference pairs (dpo, ipo, cpo, simpo, orpo). Before: the
+    chosen-over-rejected log-prob margin and preference accuracy, keeping the log-probs as the starting model's.
+    After: the same, and the implicit reward (policy minus starting-model log-prob: DPO's and IPO's reference, the
+    reference-free methods' starting point) accuracy and margin (times `beta`)."""
+    reference: dict[str, list[float]] = {}
+
+    def measure(model, phase: str) -> dict:
+        chosen, rejected = preference_logprobs(model, tokenizer, dataset)
+        result = measures.pairwise_accuracy(chosen, rejected)
+        metrics = {f"eval_margin_{phase}": result["margin"], f"eval_preference_accuracy_{phase}": result["accuracy"]}
+        if phase == "before":
+            reference.update(chosen=chosen, rejected=rejected)
+            return metrics
+        implicit = measures.pairwise_accuracy([c - r for c, r in zip(chosen, reference["chosen"])],
+                                              [c - r for c, r in zip(rejected, reference["rejected"])])
+        return {**metrics, "eval_reward_accuracy": implicit["accuracy"],
+                "eval_reward_margin": beta * implicit["margin"]}
+
+    return measure
+
+
 def length_grouped(ctx: StageContext, dataset, count: Callable[[dict], int]):
     """The training rows in length-grouped batch order (`count(row)`: a row's tokens) when the stage's
-    `train.group_by_length` is on (the trainer then reads them in order), else unchanged."""
-    section = ctx.config.train
-    if not section.group_by_length:
+    `train.group_by_length` is on (the trainer then reads them in order), else unchanged; then the first
+    `data.skip_rows` of that order left out."""
+    section, skip = ctx.config.train, ctx.config.data.skip_rows or 0
+    if not section.group_by_length and not skip:
         return dataset
-    order = length_grouped_order([count(row) for row in dataset], section.batch_size, ctx.seed)
-    return dataset.select(order)
+    order = list(range(len(dataset)))
+    if section.group_by_length:
+        order = length_grouped_order([count(row) for row in dataset], section.batch_size, ctx.seed)
+    if skip >= len(order):
+        raise DataError(f"`skip_rows: {skip}` leaves none of the {len(order)} training rows", file=ctx.config.data.path,
+                        key=f"stages.{ctx.name}.data.skip_rows", fix="lower `skip_rows` (or raise `max_rows`)")
+    return dataset.select(order[skip:])
 
 
 def tags(ctx: StageContext, *names: str) -> list[str]:

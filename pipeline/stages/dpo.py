@@ -1,36 +1,18 @@
-"""`dpo` stage: direct preference optimisation with TRL's DPOTrainer. The reference model is the input model
-(TRL keeps a frozen copy), or with LoRA the same base with the adapter disabled (one copy of the weights).
-Metrics: on held-out pairs, the policy's chosen-over-rejected log-prob margin and preference accuracy, before and
-after, plus the implicit-reward accuracy against the reference.
+"""`dpo` and `ipo` stages: direct preference optimisation with TRL's DPOTrainer (`ipo`: the same trainer with IPO's
+loss, `loss_type="ipo"`). The reference model is the input model (TRL keeps a frozen copy), or with LoRA the same
+base with the adapter disabled (one copy of the weights). Metrics (`common.preference_measures`): on held-out pairs,
+the policy's chosen-over-rejected log-prob margin and preference accuracy, before and after, plus the
+implicit-reward accuracy against the reference.
+
+Launched by `python -m pipeline run recipe.yaml` for a recipe's `dpo` and `ipo` stages. Nothing runs at import.
 """
 from __future__ import annotations
 
 from pipeline import data as data_lib
 from pipeline import models, training
-from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.common import (length_grouped, load_policy, load_stage_data, preference_logprobs, run_trainer,
+from pipeline.stages.common import (length_grouped, load_policy, load_stage_data, preference_measures, run_trainer,
                                     tags)
-
-
-def held_out_measures(tokenizer, dataset, beta: float):
-    """Before: the chosen-over-rejected log-prob margin and preference accuracy, keeping the log-probs as the
-    reference's. After: the same, and the implicit reward (policy minus reference log-prob) accuracy and margin."""
-    reference: dict[str, list[float]] = {}
-
-    def measure(model, phase: str) -> dict:
-        chosen, rejected = preference_logprobs(model, tokenizer, dataset)
-        result = measures.pairwise_accuracy(chosen, rejected)
-        metrics = {f"eval_margin_{phase}": result["margin"], f"eval_preference_accuracy_{phase}": result["accuracy"]}
-        if phase == "before":
-            reference.update(chosen=chosen, rejected=rejected)
-            return metrics
-        implicit = measures.pairwise_accuracy([c - r for c, r in zip(chosen, reference["chosen"])],
-                                              [c - r for c, r in zip(rejected, reference["rejected"])])
-        return {**metrics, "eval_reward_accuracy": implicit["accuracy"],
-                "eval_reward_margin": beta * implicit["margin"]}
-
-    return measure
 
 
 def run(ctx: StageContext) -> StageResult:
@@ -46,7 +28,7 @@ def run(ctx: StageContext) -> StageResult:
     pairs = length_grouped(ctx, loaded.train, data_lib.row_tokens(tokenizer))
     return run_trainer(
         ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_pairs": len(loaded.train)},
-        measure=held_out_measures(tokenizer, loaded.eval, cfg.beta) if loaded.eval is not None else None,
+        measure=preference_measures(tokenizer, loaded.eval, cfg.beta) if loaded.eval is not None else None,
         make_trainer=lambda: DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
                                         peft_config=peft_config),
-        base_model=base, tags=tags(ctx, "dpo"))
+        base_model=base, tags=tags(ctx, *dict.fromkeys((cfg.kind, "dpo"))))

@@ -9,6 +9,7 @@ import; only pydantic and the schema are imported.
 from __future__ import annotations
 
 import argparse
+import inspect
 import sys
 import typing
 from pathlib import Path
@@ -87,7 +88,7 @@ def field_table(model: type[BaseModel], skip: tuple[str, ...] = ()) -> list[str]
 def stage_section(kind: str, cls: type[schema.StageBase]) -> list[str]:
     """Heading, docstring, what it produces, where references are allowed, and its own fields."""
     refs = ", ".join(f"`{key}` ({' or '.join(kinds)})" for key, kinds in cls.references.items()) or "none"
-    lines = [f"### `{kind}`", "", (cls.__doc__ or "").strip(), "",
+    lines = [f"### `{kind}`", "", inspect.cleandoc(cls.__doc__ or ""), "",
              f"Produces a **{cls.produces}** artifact. `${{stage}}` references allowed in: {refs}.", ""]
     return lines + field_table(cls, skip=tuple(schema.StageBase.model_fields)) + [""]
 
@@ -102,7 +103,7 @@ def generate() -> str:
         lines += stage_section(kind, cls)
     lines += ["## Shared sections (generated)", ""]
     for title, model in SECTIONS:
-        lines += [f"### {title}", "", (model.__doc__ or "").strip(), ""] + field_table(model) + [""]
+        lines += [f"### {title}", "", inspect.cleandoc(model.__doc__ or ""), ""] + field_table(model) + [""]
     lines.append(END)
     return "\n".join(lines)
 

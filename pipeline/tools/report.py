@@ -1,7 +1,7 @@
 """Run report: OUTPUT/report.md and OUTPUT/report.html with PNGs (stage graph; each stage's held-out measures before
 -> after as a bar chart; train loss with the held-out loss before and after on one plot; reward, KL, entropy and
-response length of the RL stages), every stage's metrics side by side, timings and lineage, built only from the
-artifacts' manifests (`metrics`, `log_history`).
+response length of the RL stages), every stage's metrics side by side, which reward model judged each win rate,
+timings and lineage, built only from the artifacts' manifests (`metrics`, `judges`, `log_history`).
 
 Written at the end of `python -m pipeline run recipe.yaml` (main process), or on demand with
 `python -m pipeline report OUTPUT`. Plots use matplotlib's Agg backend; nothing runs at import.
@@ -232,6 +232,16 @@ def metrics_table(stages: list[dict[str, Any]]) -> tuple[list[str], list[list[st
     return header, rows
 
 
+def judges_table(stages: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """One row per win rate of an `evaluate` stage: the policy, the value, the judge and whether the policy was
+    trained against that judge (its own reward model) or not (an independent judge)."""
+    rows = [[m["stage"], Path(m.get("evaluated") or "").name, key,
+             fmt((m.get("metrics") or {}).get(key, "")), Path(str(judge.get("path"))).name,
+             "yes" if judge.get("is_policy_reward_model") else "no (independent)"]
+            for m in stages for key, judge in (m.get("judges") or {}).items()]
+    return ["stage", "policy", "win rate", "value", "judge", "policy trained against it"], rows
+
+
 def timing_table(stages: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     rows = [[m["stage"], m.get("kind", ""), fmt(float(m.get("duration_s", 0.0))), m.get("created_at", "")]
             for m in stages]
@@ -261,7 +271,9 @@ def html_table(header: list[str], rows: list[list[str]]) -> str:
 
 
 def _sections(stages, graph: Path, images: dict[str, list[tuple[str, Path]]]) -> list[tuple[str, Any]]:
+    judges = judges_table(stages)
     return [("Stage graph", ("graph", graph)), ("Metrics", metrics_table(stages)),
+            *([("Win-rate judges", judges)] if judges[1] else []),
             ("Before -> after", ("images", images["measures"], "No held-out measures before and after.")),
             ("Loss curves", ("images", images["loss"], "No loss logged.")),
             ("RL curves", ("images", images["rl"], "No RL stage.")),

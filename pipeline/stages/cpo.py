@@ -1,0 +1,44 @@
+"""`cpo` and `simpo` stages: reference-free preference optimisation with TRL's CPOTrainer (`trl.experimental.cpo`).
+`cpo` is contrastive preference optimisation: a preference loss on the policy's own log-probs (`loss_type`: sigmoid,
+hinge or ipo) plus a behaviour-cloning term on the chosen answers weighted by `cpo_alpha`. `simpo` is SimPO, the
+same trainer with `loss_type="simpo"` and `cpo_alpha=0`: the length-normalised log-prob margin must beat a target
+margin `simpo_gamma`. No reference model is kept. Metrics (`common.preference_measures`, as `dpo`): on held-out
+pairs the chosen-over-rejected log-prob margin and preference accuracy before and after, and the implicit-reward
+accuracy against the starting model.
+
+Launched by `python -m pipeline run recipe.yaml` for a recipe's `cpo` and `simpo` stages. Nothing runs at import.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+from pipeline import data as data_lib
+from pipeline import models, training
+from pipeline.stage import StageContext, StageResult
+from pipeline.stages.common import (length_grouped, load_policy, load_stage_data, preference_measures, run_trainer,
+                                    tags)
+
+
+def loss_settings(cfg) -> dict[str, Any]:
+    """CPOConfig's loss fields for a `cpo` or a `simpo` stage."""
+    if cfg.kind == "simpo":
+        return {"loss_type": "simpo", "simpo_gamma": cfg.simpo_gamma, "cpo_alpha": cfg.cpo_alpha}
+    return {"loss_type": cfg.loss_type, "cpo_alpha": cfg.cpo_alpha}
+
+
+def run(ctx: StageContext) -> StageResult:
+    from trl.experimental.cpo import CPOConfig, CPOTrainer
+
+    cfg = ctx.config
+    model, tokenizer, base = load_policy(ctx)
+    loaded = load_stage_data(ctx, too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
+    args = CPOConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length, beta=cfg.beta,
+                     **loss_settings(cfg))
+    peft_config = models.lora_config(cfg.lora) if cfg.lora else None
+    pairs = length_grouped(ctx, loaded.train, data_lib.row_tokens(tokenizer))
+    return run_trainer(
+        ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_pairs": len(loaded.train)},
+        measure=preference_measures(tokenizer, loaded.eval, cfg.beta) if loaded.eval is not None else None,
+        make_trainer=lambda: CPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
+                                        peft_config=peft_config),
+        base_model=base, tags=tags(ctx, cfg.kind))
