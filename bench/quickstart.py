@@ -2,11 +2,13 @@
 
     python bench/quickstart.py                 # seeds 0 1 2 -> bench/results/quickstart.{json,md}, README table
     python bench/quickstart.py --seeds 0       # one seed (the table then says so)
+    python bench/quickstart.py --jobs 2        # two seeds at a time, one core each (on a 2-core machine)
     python bench/quickstart.py --from-runs     # no training: the results again from the runs already in --out
     python bench/quickstart.py --tables-only   # quickstart.md and the README table again from quickstart.json
 
 Each seed runs `python -m pipeline run recipes/quickstart.yaml seed=N` in a fresh process (one intra-op thread, as
-CI runs it) into bench/out/quickstart/seed-N; wall time and peak resident memory are that process's. The table gives,
+CI runs it) into bench/out/quickstart/seed-N, `--jobs` of them at a time (the table says how many); wall time and
+peak resident memory are that process's. The table gives,
 per stage and measure, the mean, min and max over the seeds; a goal holds only if it holds on every seed. The same
 GOALS are asserted by tests/test_quickstart.py. The README's quickstart table is copied from the results file
 between its `<!-- quickstart-table -->` markers, never typed by hand.
@@ -133,7 +135,15 @@ def locked_versions() -> dict[str, str]:
     return {name: pins[name] for name in SHOWN_LIBRARIES if name in pins}
 
 
-def summarise(runs: list[dict]) -> dict:
+def measure_seeds(seeds: list[int], out: Path, jobs: int) -> list[dict]:
+    """`measure_seed` for each seed, `jobs` processes at a time, in seed order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
+        return list(pool.map(lambda seed: measure_seed(seed, out), seeds))
+
+
+def summarise(runs: list[dict], jobs: int = 1) -> dict:
     """Per measure: mean/min/max over seeds; per goal: held on every seed?"""
     rows = []
     for stage, label, keys in MEASURES:
@@ -152,7 +162,7 @@ def summarise(runs: list[dict]) -> dict:
                  for stage in runs[0]["manifests"]}
     return {"seeds": [run["seed"] for run in runs], "rows": rows, "goals": goals,
             "wall_s": [run["wall_s"] for run in runs], "peak_rss_mib": [run["peak_rss_mib"] for run in runs],
-            "stage_duration_s": durations, "versions": locked_versions(),
+            "stage_duration_s": durations, "versions": locked_versions(), "jobs": jobs,
             "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), torch CPU capability "
                        f"{_cpu_capability()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}"}
 
@@ -173,7 +183,9 @@ def _cell(values: list[float]) -> str:
 
 def markdown(summary: dict) -> str:
     seeds = ", ".join(map(str, summary["seeds"]))
-    lines = [f"Quickstart on seeds {seeds} ({len(summary['seeds'])} runs of `recipes/quickstart.yaml`, "
+    jobs = summary.get("jobs", 1)
+    together = f", {jobs} at a time" if jobs > 1 else ""
+    lines = [f"Quickstart on seeds {seeds} ({len(summary['seeds'])} runs of `recipes/quickstart.yaml`{together}, "
              f"`python bench/quickstart.py`). Machine: {summary['machine']}.", "",
              "| stage | held-out measure (before -> after) | mean | min | max |", "| --- | --- | --- | --- | --- |"]
     for row in summary["rows"]:
@@ -217,6 +229,7 @@ def arguments():
     parser = common.bench_parser(__doc__)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2], help="the quickstart's seeds to run")
     common.add_out(parser, ROOT / "bench" / "out" / "quickstart", note="; each seed in seed-N, runs.json beside them")
+    parser.add_argument("--jobs", type=int, default=1, help="seeds run at a time (each in its own process)")
     parser.add_argument("--from-runs", action="store_true",
                         help="do not train: rebuild the results from the runs already in --out")
     return parser
@@ -228,8 +241,8 @@ def main(argv: list[str] | None = None) -> int:
         summary = common.load_results(NAME)
         common.write_tables(NAME, markdown(summary), BLOCK, block_body(summary))
         return 0
-    runs = load_runs(args.out, args.seeds) if args.from_runs else [measure_seed(seed, args.out) for seed in args.seeds]
-    summary = summarise(runs)
+    runs = load_runs(args.out, args.seeds) if args.from_runs else measure_seeds(args.seeds, args.out, args.jobs)
+    summary = summarise(runs, args.jobs)
     (args.out / "runs.json").write_text(json.dumps([{k: v for k, v in run.items() if k != "manifests"}
                                                      for run in runs]) + "\n")
     common.write_results(NAME, summary, markdown(summary), BLOCK, block_body(summary))
