@@ -12,7 +12,7 @@ from typing import Any, Callable
 
 from pipeline import models, parallel, training
 from pipeline.course import Measure, run_course
-from pipeline.data import LoadedData, length_grouped_order, load_data
+from pipeline.data import LoadedData, length_grouped_order, load_data, row_tokens, too_long_for
 from pipeline.errors import DataError, PipelineError
 from pipeline.eval import measures
 from pipeline.stage import StageContext, StageResult
@@ -110,3 +110,23 @@ def run_trainer(ctx: StageContext, *, tokenizer, model, make_trainer: Callable[[
     are no held-out rows; `before_save(trainer)` runs just before saving."""
     loop = training.TrainerLoop(ctx, model, make_trainer, merge_lora=merge_lora, before_save=before_save)
     return run_course(ctx, loop, tokenizer=tokenizer, loaded=loaded, metrics=metrics, measure=measure, **result)
+
+
+def run_preference_trainer(ctx: StageContext, trainer_cls, config_cls, *, card_tags: list[str],
+                           **config_fields: Any) -> StageResult:
+    """The course for a trainer on chosen/rejected pairs (DPO, IPO, CPO, SimPO, ORPO): the starting policy, the
+    stage's pairs in length-grouped order when asked, `config_cls` from the `train:` section plus `max_length`, `beta`
+    and `config_fields` (the method's loss settings), and `preference_measures` on the held-out pairs."""
+    cfg = ctx.config
+    model, tokenizer, base = load_policy(ctx)
+    loaded = load_stage_data(ctx, too_long=too_long_for(tokenizer, cfg.train.max_length))
+    args = config_cls(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length, beta=cfg.beta,
+                      **config_fields)
+    peft_config = models.lora_config(cfg.lora) if cfg.lora else None
+    pairs = length_grouped(ctx, loaded.train, row_tokens(tokenizer))
+    return run_trainer(
+        ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_pairs": len(loaded.train)},
+        measure=preference_measures(tokenizer, loaded.eval, cfg.beta) if loaded.eval is not None else None,
+        make_trainer=lambda: trainer_cls(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
+                                         peft_config=peft_config),
+        base_model=base, tags=tags(ctx, *card_tags))

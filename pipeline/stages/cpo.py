@@ -12,11 +12,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from pipeline import data as data_lib
-from pipeline import models, training
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.common import (length_grouped, load_policy, load_stage_data, preference_measures, run_trainer,
-                                    tags)
+from pipeline.stages.common import run_preference_trainer
 
 
 def loss_settings(cfg) -> dict[str, Any]:
@@ -29,16 +26,4 @@ def loss_settings(cfg) -> dict[str, Any]:
 def run(ctx: StageContext) -> StageResult:
     from trl.experimental.cpo import CPOConfig, CPOTrainer
 
-    cfg = ctx.config
-    model, tokenizer, base = load_policy(ctx)
-    loaded = load_stage_data(ctx, too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
-    args = CPOConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length, beta=cfg.beta,
-                     **loss_settings(cfg))
-    peft_config = models.lora_config(cfg.lora) if cfg.lora else None
-    pairs = length_grouped(ctx, loaded.train, data_lib.row_tokens(tokenizer))
-    return run_trainer(
-        ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_pairs": len(loaded.train)},
-        measure=preference_measures(tokenizer, loaded.eval, cfg.beta) if loaded.eval is not None else None,
-        make_trainer=lambda: CPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
-                                        peft_config=peft_config),
-        base_model=base, tags=tags(ctx, cfg.kind))
+    return run_preference_trainer(ctx, CPOTrainer, CPOConfig, card_tags=[ctx.config.kind], **loss_settings(ctx.config))

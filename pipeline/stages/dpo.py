@@ -8,27 +8,14 @@ Launched by `python -m pipeline run recipe.yaml` for a recipe's `dpo` and `ipo` 
 """
 from __future__ import annotations
 
-from pipeline import data as data_lib
-from pipeline import models, training
 from pipeline.stage import StageContext, StageResult
-from pipeline.stages.common import (length_grouped, load_policy, load_stage_data, preference_measures, run_trainer,
-                                    tags)
+from pipeline.stages.common import run_preference_trainer
 
 
 def run(ctx: StageContext) -> StageResult:
     from trl import DPOConfig, DPOTrainer
 
     cfg = ctx.config
-    model, tokenizer, base = load_policy(ctx)
-    loaded = load_stage_data(ctx, too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length))
-    args = DPOConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length, beta=cfg.beta,
-                     loss_type=[cfg.loss_type], precompute_ref_log_probs=cfg.precompute_ref_log_probs,
-                     padding_free=False)
-    peft_config = models.lora_config(cfg.lora) if cfg.lora else None
-    pairs = length_grouped(ctx, loaded.train, data_lib.row_tokens(tokenizer))
-    return run_trainer(
-        ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_pairs": len(loaded.train)},
-        measure=preference_measures(tokenizer, loaded.eval, cfg.beta) if loaded.eval is not None else None,
-        make_trainer=lambda: DPOTrainer(model=model, args=args, train_dataset=pairs, processing_class=tokenizer,
-                                        peft_config=peft_config),
-        base_model=base, tags=tags(ctx, *dict.fromkeys((cfg.kind, "dpo"))))
+    return run_preference_trainer(ctx, DPOTrainer, DPOConfig, card_tags=list(dict.fromkeys((cfg.kind, "dpo"))),
+                                  loss_type=[cfg.loss_type], precompute_ref_log_probs=cfg.precompute_ref_log_probs,
+                                  padding_free=False)
