@@ -88,23 +88,12 @@ def test_schema_needs_a_reward_and_kto_a_batch_for_its_kl():
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> Path:
     """A tiny ChatML tokenizer, Llama policy and Llama reward model, saved as folders."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM, LlamaForSequenceClassification
-
-    from pipeline.stages.tokenizer import build
+    from tiny_models import save_tiny_chat_model
 
     root = tmp_path_factory.mktemp("tiny")
     texts = [row["prompt"] + " " + row["chosen"] for row in map(json.loads, open(DATA / "preferences.jsonl"))]
-    tokenizer = build(texts, 400, 1, "chatml", 256)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    for name, model in (("policy", LlamaForCausalLM(config)),
-                        ("rm", LlamaForSequenceClassification(LlamaConfig(**config.to_dict(), num_labels=1)))):
-        model.save_pretrained(root / name)
-        tokenizer.save_pretrained(root / name)
+    save_tiny_chat_model(root / "policy", texts)
+    save_tiny_chat_model(root / "rm", texts, reward=True, seed=None)  # drawn right after the policy's weights
     return root
 
 

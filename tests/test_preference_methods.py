@@ -25,22 +25,10 @@ METHODS = ("ipo", "cpo", "simpo", "orpo")
 @pytest.fixture(scope="module")
 def policy(tmp_path_factory) -> Path:
     """A tiny ChatML tokenizer and Llama policy, saved as one folder."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from tiny_models import save_tiny_chat_model
 
-    from pipeline.stages.tokenizer import build
-
-    root = tmp_path_factory.mktemp("policy")
     texts = [row["prompt"] + " " + row["chosen"] for row in map(json.loads, open(DATA / "preferences.jsonl"))]
-    tokenizer = build(texts, 400, 1, "chatml", 256)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(root)
-    tokenizer.save_pretrained(root)
-    return root
+    return save_tiny_chat_model(tmp_path_factory.mktemp("policy"), texts)
 
 
 def run_stage(tmp_path: Path, name: str, stage: dict):

@@ -106,21 +106,10 @@ def test_an_adapter_is_refused_as_a_quantized_base(monkeypatch, tmp_path):
 
 def tiny_policy(folder: Path) -> Path:
     """A tiny ChatML tokenizer and Llama policy (sizes bitsandbytes quantizes in blocks of 64)."""
-    import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    from pipeline.stages.tokenizer import build
+    from tiny_models import save_tiny_chat_model
 
     texts = [row["prompt"] + " " + row["completion"] for row in map(json.loads, open(DATA / "sft.jsonl"))]
-    tokenizer = build(texts, 400, 1, "chatml", 256)
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-                         pad_token_id=tokenizer.pad_token_id)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(folder)
-    tokenizer.save_pretrained(folder)
-    return folder
+    return save_tiny_chat_model(folder, texts, hidden=64, intermediate=128, layers=2)
 
 
 @pytest.mark.gpu
