@@ -339,9 +339,10 @@ def _fmt(value: Any) -> str:
 
 
 def copy_logs(work_dir: Path, folder: Path) -> None:
-    """The stage's train.log (and other ranks' train.rank<N>.log) into its artifact, secrets scrubbed. They are not
-    inputs of anything: fingerprints and skipping read only the manifest."""
-    for log_file in sorted(Path(work_dir).glob("train*.log")):
+    """The stage's train.log (and other ranks' train.rank<N>.log, and a vLLM rollout server's vllm-server.log) into
+    its artifact, secrets scrubbed. They are not inputs of anything: fingerprints and skipping read only the
+    manifest."""
+    for log_file in sorted([*Path(work_dir).glob("train*.log"), *Path(work_dir).glob("vllm-server.log")]):
         text = log_file.read_text(encoding="utf-8", errors="replace")
         (Path(folder) / log_file.name).write_text(scrub(text), encoding="utf-8")
 

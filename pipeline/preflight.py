@@ -50,6 +50,7 @@ def check(recipe: Recipe) -> None:
         _check_max_length(recipe, name, config)
         _check_shared_tokenizer(recipe, name, config)
         _check_export_tools(recipe, name, config)
+        _check_rollout_engine(recipe, name, config)
 
 
 # ----------------------------------------------------------------------------------------------------- helpers
@@ -115,6 +116,18 @@ def _check_export_tools(recipe: Recipe, name: str, config: schema.StageBase) -> 
         gguf.require(config.quant)
     except PipelineError as exc:
         raise _error(recipe, name, ("kind",), exc.message, exc.fix or gguf.INSTALL, cls=PipelineError) from None
+
+
+def _check_rollout_engine(recipe: Recipe, name: str, config: schema.StageBase) -> None:
+    """`rollout: {engine: vllm}` without a `url` starts a server from `rollout.python`: it must exist, before the
+    stages ahead of this one train."""
+    section = getattr(config, "rollout", None)
+    if section is None or section.engine != "vllm" or section.url is not None:
+        return
+    if not Path(section.python).exists():
+        raise _error(recipe, name, ("rollout", "python"), f"no vLLM interpreter at {section.python}",
+                     "create it with `bash requirements/vllm.sh` (GPU: VLLM_CUDA=1), point rollout.python at a "
+                     "Python that has vllm, or set rollout.url to a running server", cls=PipelineError)
 
 
 # ------------------------------------------------------------------------------------------------------ data

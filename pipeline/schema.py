@@ -453,6 +453,41 @@ class RuleReward(Strict):
         return value
 
 
+class RolloutSection(Strict):
+    """Where an RL stage samples its rollouts (and its held-out sampled answers): transformers `generate` in the
+    trainer's own process (`hf`), or a vLLM server in its own process and environment (`vllm`), started for the
+    stage and stopped with it, whose weights follow the policy every step (docs/online-rl.md#rollouts-on-vllm)."""
+
+    engine: Literal["hf", "vllm"] = Field("hf", description=(
+        "hf: `model.generate` in the trainer (today's numbers, bit for bit); vllm: an OpenAI-compatible vLLM server"))
+    python: str = Field(".venv-vllm/bin/python", description=(
+        "vllm: the interpreter of the environment that has vLLM (bash requirements/vllm.sh creates "
+        "`.venv-vllm`); a relative path is taken from the working directory"))
+    url: str | None = Field(None, description=(
+        "vllm: an already running server (http://host:port) serving the stage's starting model; it is neither "
+        "started nor stopped, and must run with the flags docs/online-rl.md lists (LoRA policies: --enable-lora)"))
+    sync: Literal["auto", "adapter", "merged"] = Field("auto", description=(
+        "vllm: how the policy's weights reach the server before each rollout: adapter (a LoRA policy's adapter "
+        "only, loaded under a new name), merged (the whole policy, LoRA merged in, reloaded in place); auto: "
+        "adapter for LoRA policies, merged for full ones (the measured defaults, docs/online-rl.md)"))
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
+        "vllm: the server's weights' dtype (auto: bfloat16 when the stage trains in bf16, else float32)"))
+    max_model_len: int | None = Field(None, gt=0, description=(
+        "vllm: the server's context length (null: the stage's train.max_length)"))
+    kv_cache_gb: float = Field(1.0, gt=0, description="vllm on CPU: KV-cache memory of the server, in GiB")
+    gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description=(
+        "vllm on a GPU: the share of the device's memory the server may take (the trainer shares the device)"))
+    threads: int = Field(1, gt=0, description="vllm on CPU: the server's intra-op threads")
+    start_timeout: float = Field(600.0, gt=0, description="vllm: seconds to wait for the started server's health")
+    server_args: list[str] = Field(default_factory=list, description=(
+        "vllm: extra command-line flags for the started server (e.g. [--enable-prefix-caching])"))
+    importance_correction: bool = Field(False, description=(
+        "ppo with vllm: weight each token's policy-gradient term by the truncated importance ratio "
+        "min(pi_old / pi_vllm, importance_cap) of the trainer's and the server's log-probs (TRL and verl's "
+        "truncated importance sampling), correcting for the two engines' numerical mismatch"))
+    importance_cap: float = Field(2.0, ge=1, description="ppo with vllm: the truncation of importance_correction")
+
+
 class RLStage(TrainedStage):
     """Fields every online RL stage has (PPO, GRPO, RLOO): rule rewards, sampling, and the held-out measurement."""
 
@@ -464,6 +499,9 @@ class RLStage(TrainedStage):
     eval_samples: int = Field(4, gt=0, description=(
         "answers sampled per held-out prompt for the sampled reward, exact match and (PPO) KL, before and after "
         "training"))
+    rollout: RolloutSection = Field(default_factory=RolloutSection, exclude_if=lambda value: value == RolloutSection(),
+                                    description=(
+        "where rollouts are sampled: `{engine: hf}` (default) or `{engine: vllm, ...}` (a vLLM server)"))
 
 
 class PpoStage(RLStage):
@@ -538,6 +576,13 @@ class OnlineRLStage(RLStage):
     beta: float = Field(0.04, ge=0, description="KL coefficient against the reference model (0: no reference kept)")
 
     @model_validator(mode="after")
+    def _ppo_corrects_importance(self):
+        if self.rollout.importance_correction:
+            raise ValueError("rollout.importance_correction is ppo's: TRL's GRPO/RLOO apply theirs only to their "
+                             "own vLLM client; remove it (docs/online-rl.md#rollouts-on-vllm)")
+        return self
+
+    @model_validator(mode="after")
     def _some_reward(self):
         if not self.reward_model and not self.rewards:
             raise ValueError("set `reward_model:` (e.g. ${reward}) or at least one rule in `rewards:`")
@@ -554,6 +599,13 @@ class RlooStage(OnlineRLStage):
     """REINFORCE leave-one-out (TRL RLOOTrainer)."""
 
     kind: Literal["rloo"] = Field(description="`rloo`")
+
+    @model_validator(mode="after")
+    def _no_vllm_rollouts(self):
+        if self.rollout.engine == "vllm":
+            raise ValueError("rollout.engine: vllm is not available for rloo (TRL's RLOOTrainer takes no rollout "
+                             "function): use a grpo stage with vllm rollouts, or engine: hf")
+        return self
 
 
 class EvalSection(Strict):

@@ -118,6 +118,33 @@ def test_policy_loss_gradient_flows_only_unclipped():
     assert new.grad.tolist()[0] == pytest.approx([0.0, -0.45])
 
 
+def test_truncated_importance_weights_by_hand():
+    old = torch.tensor([[math.log(0.5), math.log(0.9), math.log(0.2)]])
+    sampler = torch.tensor([[math.log(0.5), math.log(0.3), math.log(0.4)]])
+    weights = losses.truncated_importance_weights(old, sampler, cap=2.0)
+    # ratios pi_old / pi_vllm: 1.0, 3.0 -> truncated to 2.0, 0.5 (kept: only the top is truncated)
+    assert weights.tolist()[0] == pytest.approx([1.0, 2.0, 0.5])
+    assert not weights.requires_grad
+
+
+def test_importance_weights_scale_each_tokens_surrogate():
+    new = torch.tensor([[math.log(1.5), math.log(0.5), math.log(1.1)]])
+    advantages = torch.tensor([[1.0, 1.0, -2.0]])
+    weights = torch.tensor([[2.0, 1.0, 0.5]])
+    loss, _, _ = losses.policy_loss(new, torch.zeros(1, 3), advantages, torch.ones(1, 3), 0.2, weights=weights)
+    # the per-token terms of test_policy_loss_clipping (-1.2, -0.5, 2.2) times 2, 1, 0.5
+    assert loss.item() == pytest.approx((-2.4 - 0.5 + 1.1) / 3)
+
+
+def test_logprob_mismatch_over_valid_tokens_only():
+    old = torch.tensor([[-1.0, -2.0, -3.0], [-1.0, -1.0, 0.0]])
+    sampler = torch.tensor([[-1.1, -2.0, -9.0], [-1.3, -1.0, 0.0]])
+    mask = torch.tensor([[1.0, 1.0, 0.0], [1.0, 1.0, 0.0]])  # the 6.0 gap sits on padding
+    mean, largest = losses.logprob_mismatch(old, sampler, mask)
+    assert mean == pytest.approx((0.1 + 0.0 + 0.3 + 0.0) / 4)
+    assert largest == pytest.approx(0.3)
+
+
 def test_value_loss_by_hand():
     old = torch.tensor([[0.0, 0.0]])
     values = torch.tensor([[1.0, 0.1]])

@@ -30,20 +30,38 @@ def kl_estimate(logprobs: torch.Tensor, ref_logprobs: torch.Tensor,
 
 
 def policy_loss(logprobs: torch.Tensor, old_logprobs: torch.Tensor, advantages: torch.Tensor, mask: torch.Tensor,
-                clip_range: float,
-                count: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                clip_range: float, count: torch.Tensor | None = None,
+                weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """PPO clipped surrogate: (loss, clip fraction, approx-KL = mean((logp - old)^2) / 2), all masked means.
 
     Every term is per token, so with `count` = the whole minibatch's valid tokens the results of its pieces (rows
-    split into micro-batches) sum to the minibatch's."""
+    split into micro-batches) sum to the minibatch's. `weights` (B, R), when given, multiply each token's
+    surrogate term (`truncated_importance_weights`)."""
     log_ratio = logprobs - old_logprobs
     ratio = torch.exp(log_ratio)
     unclipped = -advantages * ratio
     clipped = -advantages * torch.clamp(ratio, 1.0 - clip_range, 1.0 + clip_range)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask, count=count)
+    per_token = torch.maximum(unclipped, clipped)
+    loss = masked_mean(per_token if weights is None else per_token * weights, mask, count=count)
     clip_fraction = masked_mean((clipped > unclipped).float(), mask, count=count)
     approx_kl = 0.5 * masked_mean(log_ratio ** 2, mask, count=count)
     return loss, clip_fraction.detach(), approx_kl.detach()
+
+
+def truncated_importance_weights(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,
+                                 cap: float) -> torch.Tensor:
+    """Per-token truncated importance weights min(pi_old(y) / pi_sampler(y), cap) = min(exp(old - sampler), cap),
+    without gradient: the correction for responses sampled by another engine (vLLM) than the one that computes
+    the trainer's log-probs, whose numbers differ slightly (TRL's and verl's truncated importance sampling)."""
+    return torch.exp(old_logprobs - sampler_logprobs).clamp(max=cap).detach()
+
+
+def logprob_mismatch(old_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,
+                     mask: torch.Tensor) -> tuple[float, float]:
+    """(mean, max) over valid tokens of |trainer log-prob - sampler log-prob| of the sampled tokens."""
+    gap = (old_logprobs - sampler_logprobs).abs() * mask
+    count = mask.sum().clamp(min=1)
+    return (gap.sum() / count).item(), gap.max().item() if gap.numel() else 0.0
 
 
 def value_loss(values: torch.Tensor, old_values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor,

@@ -48,6 +48,8 @@ class Rollout:
     rows: list[dict[str, Any]]  # B data rows the prompts came from (their `answer` etc. for rule rewards)
     scores: torch.Tensor | None = None  # (B,) float: reward model + rules - missing-EOS penalty, once scored
     experience: Experience | None = None  # PPO's per-token tensors, once attached (`PPOTrainer.collect`)
+    sampler_logprobs: torch.Tensor | None = None  # (B, R) the sampling engine's log-probs of the response tokens
+    # (vLLM's; None when the trainer's own `generate` sampled them)
 
 
 def encode_prompts(tokenizer, rows: list[dict[str, Any]]) -> list[list[int]]:
@@ -129,15 +131,21 @@ def unshard_root(model) -> None:
 
 
 def rollout(policy, tokenizer, rows: list[dict[str, Any]], prompt_ids: list[list[int]], cfg,
-            do_sample: bool = True, synced_gpus: bool = False) -> Rollout:
-    """Sample, truncate and decode one batch of episodes (`cfg` is the stage's `PpoStage`)."""
-    query, query_mask, response = sample(policy, tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens,
-                                         temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
-                                         do_sample=do_sample, synced_gpus=synced_gpus)
-    response, mask, ended = truncate(response, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer,
+            do_sample: bool = True, synced_gpus: bool = False, engine=None,
+            seeds: list[int] | None = None) -> Rollout:
+    """Sample, truncate and decode one batch of episodes (`cfg` is the stage's `PpoStage`) with `engine` (a
+    `pipeline.rl.engines` engine; None: transformers `generate` on the policy). `seeds`: one per prompt, for
+    engines that take them (vLLM); `generate` draws from the global RNG."""
+    from pipeline.rl.engines import HFEngine
+
+    sampled = (engine or HFEngine()).sample(policy, tokenizer, prompt_ids, max_new_tokens=cfg.max_new_tokens,
+                                            temperature=cfg.temperature, top_k=cfg.top_k, top_p=cfg.top_p,
+                                            do_sample=do_sample, synced_gpus=synced_gpus, seeds=seeds)
+    response, mask, ended = truncate(sampled.response, tokenizer.eos_token_id, tokenizer.pad_token_id, tokenizer,
                                      cfg.stop_strings)
     texts = decode(tokenizer, response, mask, cfg.stop_strings)
-    return Rollout(query, query_mask, response, mask, ended, texts, rows)
+    sampler = None if sampled.sampler_logprobs is None else sampled.sampler_logprobs * mask
+    return Rollout(sampled.query, sampled.query_mask, response, mask, ended, texts, rows, sampler_logprobs=sampler)
 
 
 def decode(tokenizer, response: torch.Tensor, mask: torch.Tensor, stop_strings: list[str]) -> list[str]:
@@ -201,7 +209,8 @@ def select(batch: Rollout, index: list[int]) -> Rollout:
     return Rollout(batch.query[idx], batch.query_mask[idx], batch.response[idx], batch.response_mask[idx],
                    batch.has_eos[idx], [batch.texts[i] for i in index], [batch.rows[i] for i in index],
                    None if batch.scores is None else batch.scores[idx],
-                   None if batch.experience is None else batch.experience.select(idx))
+                   None if batch.experience is None else batch.experience.select(idx),
+                   None if batch.sampler_logprobs is None else batch.sampler_logprobs[idx])
 
 
 def micro_batches(batch: Rollout, size: int) -> list[tuple[list[int], Rollout]]:

@@ -23,6 +23,7 @@ from pipeline.models import is_sharded, mixed_precision
 from pipeline.rl import advantages as adv
 from pipeline.rl import losses
 from pipeline.rl import rollout as ro
+from pipeline.rl.engines import HFEngine, step_seeds
 
 log = logging.getLogger("pipeline")
 CHECKPOINT = "ppo-checkpoint.pt"
@@ -157,13 +158,15 @@ def lower_frozen_weights(holders, dtype: torch.dtype) -> int:
 class PPOTrainer:
     """Holds models, optimisers and the KL controller; `train()` runs `total_episodes` episodes. `trackers`
     (Accelerate tracker objects, pipeline.tracking.accelerate_trackers) receive `tracker_config` once and every
-    step's log entry, on the step axis of `log_history`."""
+    step's log entry, on the step axis of `log_history`. `engine` (pipeline.rl.engines) samples the rollouts:
+    None is transformers `generate` on the policy."""
 
     def __init__(self, cfg, models: Models, train_rows: list[dict], work_dir: Path | None, seed: int = 0,
-                 trackers: list | None = None, tracker_config: dict[str, Any] | None = None):
+                 trackers: list | None = None, tracker_config: dict[str, Any] | None = None, engine=None):
         from accelerate import Accelerator
 
         self.cfg, self.m, self.work_dir, self.seed = cfg, models, work_dir, seed
+        self.engine = engine or HFEngine()
         self.tracker_config = tracker_config
         precision = mixed_precision(cfg.train.mixed_precision)  # an explicit bf16 holds on CPU too
         release_other_precision(precision)
@@ -243,10 +246,13 @@ class PPOTrainer:
         rows = [self.rows[i] for i in idx]
         policy = self.accelerator.unwrap_model(self.m.policy)
         policy.eval()
+        if self.engine.name != "hf":
+            times["time/weight_sync"] = self.engine.sync(policy, self.state.step)
+        seeds = step_seeds(self.seed, self.state.step, len(idx), self.rank, self.world)
         started = time.perf_counter()
         with self.accelerator.autocast():  # sampling at the run's precision (bf16 halves it on a CPU with AVX512-BF16)
             batch = ro.rollout(policy, self.m.tokenizer, rows, [self.prompt_ids[i] for i in idx], cfg,
-                               synced_gpus=self.sharded)
+                               synced_gpus=self.sharded, engine=self.engine, seeds=seeds)
         times["time/generation"] = time.perf_counter() - started
         started = time.perf_counter()
         with torch.no_grad(), self.accelerator.autocast():  # no_grad, not inference_mode (FSDP2)
@@ -282,8 +288,12 @@ class PPOTrainer:
         cfg, mask, ex = self.cfg, part.response_mask.float(), part.experience
         logprobs, entropy = ro.policy_forward(self.m.policy, part, cfg.temperature, with_entropy=True,
                                               entropy_grad=cfg.entropy_coef > 0)
+        weights = None
+        if cfg.rollout.importance_correction and part.sampler_logprobs is not None:
+            weights = losses.truncated_importance_weights(ex.old_logprobs, part.sampler_logprobs,
+                                                          cfg.rollout.importance_cap)
         pg_loss, clip_frac, approx_kl = losses.policy_loss(logprobs, ex.old_logprobs, ex.advantages, mask,
-                                                           cfg.clip_range, count)
+                                                           cfg.clip_range, count, weights)
         mean_entropy = adv.masked_mean(entropy, mask, count=count)
         stats = {"loss/policy": pg_loss.detach(), "policy/clipfrac": clip_frac, "policy/approx_kl": approx_kl,
                  "policy/entropy": mean_entropy.detach()}
@@ -366,6 +376,10 @@ class PPOTrainer:
         started = time.perf_counter()
         stats = self.update(batch)
         times["time/update"] = time.perf_counter() - started
+        if batch.sampler_logprobs is not None:  # how far the sampling engine's numbers are from the trainer's
+            gap_mean, gap_max = losses.logprob_mismatch(batch.experience.old_logprobs, batch.sampler_logprobs,
+                                                        batch.response_mask.float())
+            stats.update({"rollout/logprob_diff_mean": gap_mean, "rollout/logprob_diff_max": gap_max})
         stats = self._mean_over_ranks(stats)
         kl_per_episode = self._all(batch.experience.kl.sum(1))
         kl_seq = kl_per_episode.mean().item()  # the same on every rank, so the adaptive KL coefficient stays in step

@@ -15,6 +15,7 @@ from pipeline import data as data_lib
 from pipeline import models, training
 from pipeline.eval import answers, measures
 from pipeline.errors import PipelineError
+from pipeline.rl.engines import make_engine, step_seeds
 from pipeline.rl.rewards import rule_rewards
 from pipeline.stage import StageContext, StageResult
 from pipeline.stages.common import load_policy, load_stage_data, run_trainer, tags
@@ -142,8 +143,30 @@ def held_out_measures(ctx: StageContext, tokenizer, evalset, reward_model, rewar
     return measure
 
 
+def engine_rollouts(engine, tokenizer, cfg, seed: int):
+    """TRL's `rollout_func` on a `pipeline.rl.engines` engine: before sampling, the engine gets the trainer's
+    policy when its optimiser step moved; then one completion per prompt it is given (TRL's sampler already repeats
+    each prompt `num_generations` times), each from its own seed (the step's and the prompt's), rendered with the
+    chat template as TRL renders its own prompts. Returns the prompt and completion ids and the engine's log-probs."""
+    def rollout_func(prompts: list, trainer) -> dict[str, list]:
+        policy = trainer.accelerator.unwrap_model(trainer.model)
+        engine.sync(policy, trainer.state.global_step)
+        prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
+                                                    return_dict=True)["input_ids"] for p in prompts]
+        rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
+        completions = engine.client.generate(
+            prompt_ids, step_seeds(seed, trainer.state.global_step, len(prompt_ids), rank, world),
+            model=engine.model_name, max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=0, top_p=1.0,
+            stop_token_ids=[tokenizer.eos_token_id])
+        return {"prompt_ids": prompt_ids, "completion_ids": [c.token_ids for c in completions],
+                "logprobs": [c.logprobs for c in completions]}
+
+    return rollout_func
+
+
 def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_extra: Any) -> StageResult:
-    """Train the policy with `trainer_cls` (GRPOTrainer or RLOOTrainer) and save it like the `sft` stage."""
+    """Train the policy with `trainer_cls` (GRPOTrainer or RLOOTrainer) and save it like the `sft` stage; with
+    `rollout: {engine: vllm}` (GRPO) its rollouts come from a vLLM server through TRL's `rollout_func`."""
     cfg = ctx.config
     check_group_size(ctx)
     model, tokenizer, base = load_policy(ctx)
@@ -151,13 +174,19 @@ def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_ex
     loaded = load_stage_data(ctx)
     evalset = eval_prompts(loaded, cfg.eval_prompts)
     funcs, classes = reward_functions(cfg, reward_model, reward_tokenizer)
-    return run_trainer(
-        ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_prompts": len(loaded.train)},
-        measure=held_out_measures(ctx, tokenizer, evalset, reward_model, reward_tokenizer) if evalset is not None
-        else None,
-        make_trainer=lambda: trainer_cls(model=model, reward_funcs=funcs,
-                                         args=trainer_config(ctx, config_cls, **config_extra),
-                                         train_dataset=loaded.train, processing_class=tokenizer,
-                                         reward_processing_classes=classes,
-                                         peft_config=models.lora_config(cfg.lora) if cfg.lora else None),
-        base_model=base, tags=tags(ctx, tag))
+    engine = make_engine(ctx, model, tokenizer, cfg.lora.r if cfg.lora else None,
+                         models.mixed_precision(cfg.train.mixed_precision), cfg.train.max_length)
+    hook = {} if engine.name == "hf" else {"rollout_func": engine_rollouts(engine, tokenizer, cfg, ctx.seed)}
+    try:
+        return run_trainer(
+            ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_prompts": len(loaded.train)},
+            measure=held_out_measures(ctx, tokenizer, evalset, reward_model, reward_tokenizer)
+            if evalset is not None else None,
+            make_trainer=lambda: trainer_cls(model=model, reward_funcs=funcs,
+                                             args=trainer_config(ctx, config_cls, **config_extra),
+                                             train_dataset=loaded.train, processing_class=tokenizer,
+                                             reward_processing_classes=classes,
+                                             peft_config=models.lora_config(cfg.lora) if cfg.lora else None, **hook),
+            base_model=base, tags=tags(ctx, tag))
+    finally:
+        engine.close()

@@ -17,6 +17,7 @@ from pipeline.errors import PipelineError
 from pipeline.eval import answers, measures
 from pipeline.rl import rollout as ro
 from pipeline.rl import trainer as tr
+from pipeline.rl.engines import make_engine, step_seeds
 from pipeline.stage import StageContext, StageResult
 from pipeline.stages.common import load_policy, load_stage_data, tags
 
@@ -57,25 +58,26 @@ def critic_lora(critic_model, section: schema.LoraSection | None):
 
 
 def evaluate(policy, m: tr.Models, rows: list[dict[str, Any]], cfg, seed: int, synced: bool = False,
-             kl: bool = False) -> dict[str, float]:
+             kl: bool = False, engine=None) -> dict[str, float]:
     """The policy on held-out prompts: greedy answers (mean reward, exact match) and answers sampled at the training
     temperature, `eval_samples` per prompt (`sampled_reward`, `sampled_accuracy`, and with `kl` the KL to the frozen
     reference `m.reference`), drawn from `seed` so that before and after compare like with like. Rewards are the
     stage's own (reward model + rules). Every rank evaluates the same prompts; `synced` when the policy is sharded
-    (FSDP)."""
+    (FSDP). `engine`: the stage's rollout engine (None: `generate` on the policy), its weights already the policy's."""
     if not rows:
         return {}
     import torch
 
     prompt_ids = ro.encode_prompts(m.tokenizer, rows)
-    batch = ro.rollout(policy, m.tokenizer, rows, prompt_ids, cfg, do_sample=False, synced_gpus=synced)
+    batch = ro.rollout(policy, m.tokenizer, rows, prompt_ids, cfg, do_sample=False, synced_gpus=synced,
+                       engine=engine)
     with torch.no_grad():  # not inference_mode: FSDP2 reuses the gathered weights in training
         rewards = ro.score(m.reward, m.tokenizer, batch, cfg, m.reward_tokenizer)
     out = {"reward": rewards.mean().item()}
     if has_answers(rows):
         out["accuracy"] = answers.exact_match(batch.texts, [row["answer"] for row in rows])
     with measures.seeded_sampling(seed):
-        out.update(sampled_evaluation(policy, m, rows, cfg, synced, kl))
+        out.update(sampled_evaluation(policy, m, rows, cfg, synced, kl, engine, seed))
     return out
 
 
@@ -84,9 +86,10 @@ def has_answers(rows: list[dict[str, Any]]) -> bool:
 
 
 def sampled_evaluation(policy, m: tr.Models, rows: list[dict[str, Any]], cfg, synced: bool = False,
-                       kl: bool = False) -> dict[str, float]:
+                       kl: bool = False, engine=None, seed: int = 0) -> dict[str, float]:
     """Mean reward, exact match and (with `kl`) KL of `eval_samples` sampled answers per prompt, generated in
-    batches of `rollout_batch_size`. KL: mean over answers of the sum over tokens of log pi(y) - log ref(y)."""
+    batches of `rollout_batch_size` (by `engine`, each answer from its own seed, the same before and after). KL:
+    mean over answers of the sum over tokens of log pi(y) - log ref(y)."""
     import torch
 
     repeated = [row for row in rows for _ in range(cfg.eval_samples)]
@@ -94,7 +97,7 @@ def sampled_evaluation(policy, m: tr.Models, rows: list[dict[str, Any]], cfg, sy
     for start in range(0, len(repeated), cfg.rollout_batch_size):
         chunk = repeated[start:start + cfg.rollout_batch_size]
         batch = ro.rollout(policy, m.tokenizer, chunk, ro.encode_prompts(m.tokenizer, chunk), cfg, do_sample=True,
-                           synced_gpus=synced)
+                           synced_gpus=synced, engine=engine, seeds=step_seeds(seed, -1 - start, len(chunk)))
         texts += batch.texts
         with torch.no_grad():  # not inference_mode: FSDP2 reuses the gathered weights in training
             rewards += ro.score(m.reward, m.tokenizer, batch, cfg, m.reward_tokenizer).tolist()
@@ -132,6 +135,10 @@ def refuse_sharding(ctx: StageContext) -> None:
         raise PipelineError(f"the ppo stage does not run under {sharding}", key=f"stages.{ctx.name}",
                             fix="launch it with FSDP2 (recipes/accelerate/fsdp2.yaml) or DDP; run the other "
                                 "stages with this launch and ppo separately with `--only`")
+    if ctx.config.rollout.engine == "vllm":
+        raise PipelineError("vllm rollouts under FSDP are not supported: the merged weights would be gathered on "
+                            "every step", key=f"stages.{ctx.name}.rollout.engine",
+                            fix="launch with DDP (one server serves every rank), or use engine: hf under FSDP")
     if ctx.config.value_lora:
         raise PipelineError("value_lora: true shares the reward model's weights with the critic, which FSDP shards",
                             key=f"stages.{ctx.name}.value_lora",
@@ -189,8 +196,10 @@ def held_out_measures(trainer: tr.PPOTrainer, rows: list[dict[str, Any]], seed: 
     """The course's measure: `evaluate` at the run's precision (as training samples and scores), as
     `eval_<measure>_before` / `_after`, and after training the KL to the reference as `kl`."""
     def measure(policy, phase: str) -> dict[str, Any]:
+        trainer.engine.sync(policy, trainer.state.step)
         with trainer.accelerator.autocast():
-            found = evaluate(policy, trainer.m, rows, trainer.cfg, seed, trainer.sharded, kl=phase == "after")
+            found = evaluate(policy, trainer.m, rows, trainer.cfg, seed, trainer.sharded, kl=phase == "after",
+                             engine=trainer.engine)
         out = {f"eval_{k}_{phase}": v for k, v in found.items() if k != "kl"}
         return {**out, "kl": found["kl"]} if "kl" in found else out
 
@@ -205,10 +214,16 @@ def run(ctx: StageContext) -> StageResult:
     loaded = load_stage_data(ctx, too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length - cfg.max_new_tokens))
     m = build_models(ctx, policy, tokenizer)
     held_out = eval_rows(loaded, cfg)
-    trainer = tr.PPOTrainer(cfg, m, [loaded.train[i] for i in range(len(loaded.train))], ctx.work_dir, ctx.seed,
-                            trackers=tracking.accelerate_trackers(ctx),
-                            tracker_config=tracking.flat(tracking.resolved_config(ctx)))
-    metrics = {"train_prompts": len(loaded.train), "eval_prompts": len(held_out), "steps": trainer.total_steps,
-               "episodes": trainer.total_steps * cfg.rollout_batch_size}
-    return run_course(ctx, PPOLoop(trainer), tokenizer=tokenizer, loaded=loaded, metrics=metrics,
-                      measure=held_out_measures(trainer, held_out, ctx.seed), base_model=base, tags=tags(ctx, "ppo"))
+    engine = make_engine(ctx, m.policy, tokenizer, cfg.lora.r if cfg.lora else None,
+                         models.mixed_precision(cfg.train.mixed_precision), cfg.train.max_length)
+    try:
+        trainer = tr.PPOTrainer(cfg, m, [loaded.train[i] for i in range(len(loaded.train))], ctx.work_dir, ctx.seed,
+                                trackers=tracking.accelerate_trackers(ctx),
+                                tracker_config=tracking.flat(tracking.resolved_config(ctx)), engine=engine)
+        metrics = {"train_prompts": len(loaded.train), "eval_prompts": len(held_out), "steps": trainer.total_steps,
+                   "episodes": trainer.total_steps * cfg.rollout_batch_size}
+        return run_course(ctx, PPOLoop(trainer), tokenizer=tokenizer, loaded=loaded, metrics=metrics,
+                          measure=held_out_measures(trainer, held_out, ctx.seed), base_model=base,
+                          tags=tags(ctx, "ppo"))
+    finally:
+        engine.close()
