@@ -25,7 +25,7 @@ DOC = Path(__file__).resolve().parents[2] / "docs" / "recipes.md"
 SECTIONS = (("Recipe header", schema.RecipeHeader), ("`defaults:`", schema.Defaults),
             ("`model:` section", schema.ModelSection), ("`lora:` section", schema.LoraSection),
             ("`data:` section", schema.DataSection), ("`train:` section", schema.TrainSection),
-            ("`push_to_hub:`", schema.HubTarget), ("`rewards:` item", schema.RuleReward),
+            ("`push_to_hub:`", schema.HubTarget), ("`rewards:` item", schema.RuleReward), ("`rollout:` section", schema.RolloutSection),
             ("`evals:` item", schema.EvalSection), ("`parallelism:`", schema.ParallelismSection))
 
 
