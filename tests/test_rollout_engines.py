@@ -102,3 +102,33 @@ def test_a_missing_vllm_interpreter_is_refused_before_training(tmp_path):
     line = result.stderr.strip().splitlines()[-1]
     assert "stages.grpo.rollout.python" in line and "requirements/vllm.sh" in line and str(recipe) in line
     assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_request_names_the_error_the_servers_log_ends_with(tmp_path):
+    from pipeline.errors import TrainingError
+    from pipeline.rl.engines import VLLMEngine
+    from pipeline.rl.vllm_server import VLLMServer
+
+    log = tmp_path / "vllm-server.log"
+    log.write_text("(Worker pid=1) ERROR [multiproc_executor.py:1063] Traceback (most recent call last):\n"
+                   "(Worker pid=1) ERROR [multiproc_executor.py:1063] RuntimeError: Unsupported CPU attention "
+                   "configuration: head_dim=16\n"
+                   "(APIServer pid=2) ERROR [async_llm.py:906] vllm.v1.engine.exceptions.EngineDeadError: "
+                   "EngineCore encountered an issue. See stack trace (above) for the root cause.\n")
+    server = VLLMServer(ServerSpec(model="/m", python="p", log_path=log, key="stages.ppo.rollout"))
+    assert server.root_cause() == "RuntimeError: Unsupported CPU attention configuration: head_dim=16"
+
+    engine = VLLMEngine.__new__(VLLMEngine)  # only the server matters to the error's wording
+    engine.server = server
+    with pytest.raises(TrainingError) as raised:
+        with engine.explained_errors():
+            raise TrainingError("vLLM server http://x/v1/completions: HTTP 500: EngineCore encountered an issue",
+                                key="rollout")
+    assert "the server's log says: RuntimeError: Unsupported CPU attention configuration: head_dim=16" in str(
+        raised.value)
+    assert str(log) in str(raised.value)
+
+    log.write_text("INFO all fine\n")
+    with pytest.raises(TrainingError, match="HTTP 500$|HTTP 500 "):  # nothing to add: the error as it was
+        with engine.explained_errors():
+            raise TrainingError("HTTP 500", key="rollout")

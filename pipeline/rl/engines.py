@@ -18,6 +18,7 @@ from __future__ import annotations
 import shutil
 import tempfile
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -148,10 +149,11 @@ class VLLMEngine:
         started = time.perf_counter()
         name = f"policy-v{version}"
         if self.ranks.main:
-            if self.sync_mode == "adapter":
-                self.push_adapter(policy, name)
-            else:
-                self.push_merged(policy)
+            with self.explained_errors():
+                if self.sync_mode == "adapter":
+                    self.push_adapter(policy, name)
+                else:
+                    self.push_merged(policy)
         self.ranks.barrier()
         self.model_name = name if self.sync_mode == "adapter" else self.base_name
         self.version = version
@@ -183,10 +185,11 @@ class VLLMEngine:
         from pipeline.rl.rollout import left_pad
 
         device = next(policy.parameters()).device
-        completions = self.client.generate(
-            prompt_ids, seeds or [None] * len(prompt_ids), model=self.model_name, max_tokens=max_new_tokens,
-            temperature=temperature if do_sample else 0.0, top_k=top_k if do_sample else 0,
-            top_p=top_p if do_sample else 1.0, stop_token_ids=[tokenizer.eos_token_id])
+        with self.explained_errors():
+            completions = self.client.generate(
+                prompt_ids, seeds or [None] * len(prompt_ids), model=self.model_name, max_tokens=max_new_tokens,
+                temperature=temperature if do_sample else 0.0, top_k=top_k if do_sample else 0,
+                top_p=top_p if do_sample else 1.0, stop_token_ids=[tokenizer.eos_token_id])
         query, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
         response = torch.full((len(prompt_ids), max_new_tokens), tokenizer.pad_token_id, dtype=torch.long)
         logprobs = torch.zeros((len(prompt_ids), max_new_tokens))
@@ -195,6 +198,19 @@ class VLLMEngine:
             response[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             logprobs[row, :len(ids)] = torch.tensor(completion.logprobs[:len(ids)])
         return Sampled(query, query_mask, response.to(device), logprobs.to(device))
+
+    @contextmanager
+    def explained_errors(self):
+        """A failed request to the server this stage started names the error its log ends with (the server's
+        HTTP 500 says only "EngineCore encountered an issue") and the log's path."""
+        try:
+            yield
+        except TrainingError as error:
+            cause = self.server.root_cause() if self.server is not None else None
+            if cause is None:
+                raise
+            raise TrainingError(f"{error.message}; the server's log says: {cause}", key=error.key,
+                                fix=f"read {self.server.spec.log_path}") from None
 
     def close(self) -> None:
         """Stop the started server and remove the synced weights (rank 0; the other ranks have neither)."""

@@ -13,6 +13,7 @@ Used by `pipeline.rl.engines` when a stage sets `rollout: {engine: vllm}`; nothi
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -26,6 +27,9 @@ from pipeline.errors import PipelineError
 
 LORA_RANKS = (1, 8, 16, 32, 64, 128, 256, 320, 512)  # the ranks vLLM's --max-lora-rank accepts
 PR_SET_PDEATHSIG = 1
+
+
+ROOT_CAUSE = re.compile(r"\b[A-Za-z_][\w.]*(?:Error|Exception): .*$")
 
 
 @dataclass
@@ -145,6 +149,19 @@ class VLLMServer:
             time.sleep(0.5)
         raise PipelineError(f"the vLLM server was not healthy after {self.spec.start_timeout:.0f} s",
                             key=f"{self.spec.key}.start_timeout", fix=f"raise it, or read {self.spec.log_path}")
+
+    def root_cause(self) -> str | None:
+        """The last `SomeError: message` line of the server's log that is not the engine's generic "engine dead"
+        report (vLLM logs the worker's exception, then a chain of EngineDeadErrors); None when there is none."""
+        try:
+            text = self.spec.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return None
+        for line in reversed(text):
+            found = ROOT_CAUSE.search(line)
+            if found and "EngineDead" not in found.group(0) and "See stack trace" not in line:
+                return found.group(0).strip()
+        return None
 
     def log_tail(self, lines: int = 3) -> str:
         try:
