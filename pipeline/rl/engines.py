@@ -9,12 +9,14 @@ Weight sync, both ways (docs/online-rl.md#rollouts-on-vllm has the measured cost
 - `merged`: the whole policy (a LoRA policy's adapter merged in, without touching the policy) is written as one
   safetensors file and reloaded into the served model in place; the prefix cache is dropped.
 Under DDP every rank holds the same weights: rank 0 pushes them and the others wait at a barrier; each rank then
-samples its own prompts from the one server.
+samples its own prompts from the one server. Under FSDP2 every rank gathers the shards (a collective) and rank 0
+pushes the whole, merged weights (`sync: adapter` is refused there).
 
 Built by `make_engine(ctx, ...)` in the ppo and grpo stages; nothing runs at import.
 """
 from __future__ import annotations
 
+import functools
 import shutil
 import tempfile
 import time
@@ -25,7 +27,8 @@ from typing import Any
 
 import torch
 
-from pipeline.errors import TrainingError
+from pipeline import parallel
+from pipeline.errors import PipelineError, TrainingError
 from pipeline.rl.vllm_client import VLLMClient
 from pipeline.rl.vllm_server import ServerSpec, VLLMServer
 
@@ -67,38 +70,87 @@ def is_lora(policy) -> bool:
     return hasattr(policy, "peft_config") and hasattr(policy, "get_base_model")
 
 
-def merged_weights(policy) -> dict[str, torch.Tensor]:
+def is_sharded(policy) -> bool:
+    """Whether FSDP2 holds (some of) the policy's parameters as shards (DTensors)."""
+    return any(is_dtensor(p) for p in policy.parameters())
+
+
+def whole(tensor: torch.Tensor) -> torch.Tensor:
+    """`tensor` whole: an FSDP2 shard (DTensor) is gathered from every rank, a collective each rank must call in the
+    same order; any other tensor is returned as it is."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def merged_weights(policy, keep: bool = True) -> dict[str, torch.Tensor]:
     """The policy's weights under their checkpoint names: a LoRA policy's base with each adapter's delta added
-    (computed, not merged into the policy, which stays as it is). Tensors sharing storage (tied embeddings) are
-    kept once."""
+    (computed, not merged into the policy, which stays as it is). Tensors shared by two names (tied embeddings)
+    are kept once. Under FSDP2 every rank calls it (each shard is gathered, in the same order on every rank) and
+    only a rank with `keep` holds the result (the others get {})."""
+    out: dict[str, torch.Tensor] = {}
+    for name, compute in weight_sources(policy).items():
+        value = compute().detach()
+        if keep:
+            out[name] = value.contiguous()
+    return out
+
+
+def weight_sources(policy) -> dict[str, Any]:
+    """Checkpoint name -> a function computing that weight, in state-dict order, each shared tensor once."""
     if not is_lora(policy):
-        return dedupe(dict(policy.state_dict()))
+        return {k: functools.partial(whole, v) for k, v in unique(policy.state_dict(keep_vars=True)).items()}
     from peft.tuners.lora import LoraLayer
 
     base = policy.get_base_model()
-    out: dict[str, torch.Tensor] = {}
+    sources: dict[str, Any] = {}
     for name, module in base.named_modules():
         if isinstance(module, LoraLayer):
-            weight = module.base_layer.weight.detach()
-            delta = sum(module.get_delta_weight(a) for a in module.active_adapters if a in module.lora_A)
-            out[f"{name}.weight"] = weight + delta.to(weight.dtype)
+            sources[f"{name}.weight"] = functools.partial(merged_layer, module)
             if getattr(module.base_layer, "bias", None) is not None:
-                out[f"{name}.bias"] = module.base_layer.bias.detach()
-    for key, value in base.state_dict().items():
+                sources[f"{name}.bias"] = functools.partial(whole, module.base_layer.bias)
+    for key, value in unique(base.state_dict(keep_vars=True)).items():
         if "lora_" not in key and ".base_layer." not in key:
-            out.setdefault(key, value)
-    return dedupe(out)
+            sources.setdefault(key, functools.partial(whole, value))
+    return sources
 
 
-def dedupe(weights: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    seen, out = set(), {}
-    for key, value in weights.items():
-        pointer = value.data_ptr()
-        if pointer in seen:
-            continue
-        seen.add(pointer)
-        out[key] = value.detach().contiguous()
+def unique(state: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """`state` (from `state_dict(keep_vars=True)`: the parameters themselves) with each tensor under its first name
+    only: tied weights are one Parameter object."""
+    seen: set[int] = set()
+    out = {}
+    for key, value in state.items():
+        if id(value) not in seen:
+            seen.add(id(value))
+            out[key] = value
     return out
+
+
+def merged_layer(module) -> torch.Tensor:
+    """A LoRA layer's base weight plus its active adapters' deltas (gathered first where FSDP2 shards them)."""
+    weight = whole(module.base_layer.weight).detach()
+    adapters = [a for a in module.active_adapters if a in module.lora_A]
+    if not any(is_dtensor(p) for p in module.parameters()):
+        delta = sum(module.get_delta_weight(a) for a in adapters)
+    else:
+        delta = sum(sharded_delta(module, a) for a in adapters)
+    return weight + delta.to(weight.dtype)
+
+
+def is_dtensor(tensor) -> bool:
+    from torch.distributed.tensor import DTensor
+
+    return isinstance(tensor, DTensor)
+
+
+def sharded_delta(module, adapter: str) -> torch.Tensor:
+    """`module.get_delta_weight(adapter)` for a LoRA layer whose A and B FSDP2 shards: B @ A x scaling, gathered."""
+    if module.use_dora.get(adapter):
+        raise TrainingError("a DoRA adapter cannot be merged for the vLLM server under FSDP",
+                            key="lora.use_dora", fix="turn DoRA off, or launch with DDP")
+    delta = (whole(module.lora_B[adapter].weight) @ whole(module.lora_A[adapter].weight)) * module.scaling[adapter]
+    return delta.T if module.fan_in_fan_out else delta
 
 
 class Ranks:
@@ -142,20 +194,25 @@ class VLLMEngine:
         self.scratch = scratch or Path(tempfile.mkdtemp(prefix="hf-pipeline-vllm-"))
         self.last_sync_s = 0.0
 
-    def sync(self, policy, version: int) -> float:
-        """Push the policy's weights when `version` differs from the server's; the seconds it took (0 if nothing)."""
+    def sync(self, policy, version: int | str) -> float:
+        """Push the policy's weights when `version` (a step, or a phase such as "trained") differs from the
+        server's; the seconds it took (0 if nothing). A policy without adapters (a LoRA policy already merged) is
+        pushed merged whatever the mode."""
         if version == self.version:
             return 0.0
         started = time.perf_counter()
         name = f"policy-v{version}"
-        if self.ranks.main:
+        adapter = self.sync_mode == "adapter" and is_lora(policy)
+        if adapter and self.ranks.main:
             with self.explained_errors():
-                if self.sync_mode == "adapter":
-                    self.push_adapter(policy, name)
-                else:
-                    self.push_merged(policy)
+                self.push_adapter(policy, name)
+        elif not adapter and (self.ranks.main or is_sharded(policy)):  # under FSDP2 every rank gathers
+            with self.explained_errors():
+                self.push_merged(policy)
         self.ranks.barrier()
-        self.model_name = name if self.sync_mode == "adapter" else self.base_name
+        if not adapter and self.model_name != self.base_name:  # back to the base name: the old adapter is stale
+            self.drop_adapter()
+        self.model_name = name if adapter else self.base_name
         self.version = version
         self.last_sync_s = time.perf_counter() - started
         return self.last_sync_s
@@ -165,17 +222,25 @@ class VLLMEngine:
         policy.save_pretrained(str(folder), safe_serialization=True)
         self.client.load_adapter(name, str(folder))
         if self.model_name != self.base_name:  # the previous adapter: unloaded, its files removed
-            self.client.unload_adapter(self.model_name)
+            self.drop_adapter()
+
+    def drop_adapter(self) -> None:
+        """Unload the adapter the server samples from now (rank 0) and remove its files."""
+        if self.ranks.main:
+            with self.explained_errors():
+                self.client.unload_adapter(self.model_name)
             shutil.rmtree(self.scratch / self.model_name, ignore_errors=True)
 
     def push_merged(self, policy) -> None:
         from safetensors.torch import save_file
 
-        folder = self.scratch / "merged"
-        folder.mkdir(parents=True, exist_ok=True)
         with torch.no_grad():
             weights = {k: v.to(self.dtype) if v.is_floating_point() else v
-                       for k, v in merged_weights(policy).items()}
+                       for k, v in merged_weights(policy, keep=self.ranks.main).items()}
+        if not self.ranks.main:
+            return
+        folder = self.scratch / "merged"
+        folder.mkdir(parents=True, exist_ok=True)
         save_file({k: v.cpu() for k, v in weights.items()}, str(folder / "model.safetensors"))
         self.client.reload_weights(str(folder))
 
@@ -185,11 +250,9 @@ class VLLMEngine:
         from pipeline.rl.rollout import left_pad
 
         device = next(policy.parameters()).device
-        with self.explained_errors():
-            completions = self.client.generate(
-                prompt_ids, seeds or [None] * len(prompt_ids), model=self.model_name, max_tokens=max_new_tokens,
-                temperature=temperature if do_sample else 0.0, top_k=top_k if do_sample else 0,
-                top_p=top_p if do_sample else 1.0, stop_token_ids=[tokenizer.eos_token_id])
+        completions = self.complete(prompt_ids, seeds or [None] * len(prompt_ids), max_tokens=max_new_tokens,
+                                    temperature=temperature if do_sample else 0.0, top_k=top_k if do_sample else 0,
+                                    top_p=top_p if do_sample else 1.0, stop_token_ids=[tokenizer.eos_token_id])
         query, query_mask = left_pad(prompt_ids, tokenizer.pad_token_id, device)
         response = torch.full((len(prompt_ids), max_new_tokens), tokenizer.pad_token_id, dtype=torch.long)
         logprobs = torch.zeros((len(prompt_ids), max_new_tokens))
@@ -198,6 +261,12 @@ class VLLMEngine:
             response[row, :len(ids)] = torch.tensor(ids, dtype=torch.long)
             logprobs[row, :len(ids)] = torch.tensor(completion.logprobs[:len(ids)])
         return Sampled(query, query_mask, response.to(device), logprobs.to(device))
+
+    def complete(self, prompt_ids: list[list[int]], seeds: list[int | None], **settings: Any) -> list:
+        """One completion (token ids and their log-probs) per prompt from the synced weights, prompt i drawn with
+        seeds[i]; `settings`: max_tokens, temperature, top_k, top_p, stop_token_ids."""
+        with self.explained_errors():
+            return self.client.generate(prompt_ids, seeds, model=self.model_name, **settings)
 
     @contextmanager
     def explained_errors(self):
@@ -221,10 +290,11 @@ class VLLMEngine:
             shutil.rmtree(self.scratch, ignore_errors=True)
 
 
-def sync_mode(section, lora: bool) -> str:
-    """`rollout.sync` resolved: auto is adapter for LoRA policies and merged for full ones."""
+def sync_mode(section, lora: bool, sharded: bool = False) -> str:
+    """`rollout.sync` resolved: auto is adapter for LoRA policies and merged for full ones, and merged for any
+    policy FSDP shards (the gathered weights are whole there; an adapter is not)."""
     if section.sync == "auto":
-        return "adapter" if lora else "merged"
+        return "adapter" if lora and not sharded else "merged"
     return section.sync
 
 
@@ -262,7 +332,12 @@ def make_engine(ctx, policy, tokenizer, lora_rank: int | None, precision: str, m
     section = ctx.config.rollout
     if section.engine == "hf":
         return HFEngine()
-    mode = sync_mode(section, lora_rank is not None)
+    sharded = sharded_launch(ctx)
+    if sharded and section.sync == "adapter":
+        raise PipelineError("sync: adapter does not run under FSDP: the adapter's weights are sharded",
+                            key=f"stages.{ctx.name}.rollout.sync",
+                            fix="use sync: merged (auto picks it under FSDP: the gathered weights are merged)")
+    mode = sync_mode(section, lora_rank is not None, sharded)
     dtype = server_dtype(section, precision)
     ranks, server, url = Ranks(), None, section.url
     scratch = Path(ctx.work_dir) / "vllm"  # the serving folder and synced weights (rank 0's); a rerun starts afresh
@@ -295,6 +370,11 @@ def make_engine(ctx, policy, tokenizer, lora_rank: int | None, precision: str, m
         if ranks.main:
             shutil.rmtree(scratch, ignore_errors=True)
         raise
+
+
+def sharded_launch(ctx) -> bool:
+    """Whether this launch shards the stage's models (FSDP over more than one process)."""
+    return ctx.state.num_processes > 1 and parallel.sharding_in_launch(ctx.recipe.header.parallelism) == "FSDP"
 
 
 def step_seeds(seed: int, step: int, count: int, rank: int = 0, world: int = 1) -> list[int]:

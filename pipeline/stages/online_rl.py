@@ -9,7 +9,7 @@ Nothing runs at import.
 from __future__ import annotations
 
 import functools
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from pipeline import data as data_lib
 from pipeline import models, training
@@ -95,18 +95,42 @@ def eval_prompts(loaded, limit: int):
     return loaded.eval.select(range(min(limit, len(loaded.eval))))
 
 
-def measure_policy(model, tokenizer, dataset, cfg, reward_model, reward_tokenizer, suffix: str,
+Answer = Callable[..., list[str]]  # (prompts, sample=bool, seeds=list|None) -> decoded completions
+
+
+def generated_answers(model, tokenizer, cfg) -> Answer:
+    """Held-out answers from transformers `generate` on `model` (the `hf` engine)."""
+    def answer(prompts: list, *, sample: bool, seeds: list[int] | None) -> list[str]:
+        return measures.generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens, do_sample=sample,
+                                 temperature=cfg.temperature)
+
+    return answer
+
+
+def engine_answers(engine, tokenizer, cfg) -> Answer:
+    """Held-out answers from the stage's vLLM engine (its weights already the measured model's), each sampled
+    answer from its own seed, rendered as TRL renders its prompts."""
+    def answer(prompts: list, *, sample: bool, seeds: list[int] | None) -> list[str]:
+        completions = engine.complete(
+            prompt_ids(tokenizer, prompts), seeds or [None] * len(prompts), max_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature if sample else 0.0, top_k=0, top_p=1.0,
+            stop_token_ids=[tokenizer.eos_token_id])
+        return [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
+
+    return answer
+
+
+def measure_policy(answer: Answer, dataset, cfg, reward_model, reward_tokenizer, suffix: str,
                    seed: int) -> dict[str, float]:
     """Held-out prompts answered greedily (`eval_reward_*`, `eval_rule_reward_*`, `eval_exact_match_*`) and sampled
     at the training temperature, `eval_samples` answers per prompt (`eval_sampled_reward_*`, ...): the distribution
     the trainer optimises, drawn from `seed` so that before and after compare like with like."""
     prompts, rows = dataset["prompt"], list(dataset)
-    greedy = measures.generate(model, tokenizer, prompts, max_new_tokens=cfg.max_new_tokens)
+    greedy = answer(prompts, sample=False, seeds=None)
     metrics = answer_measures(greedy, prompts, rows, cfg, reward_model, reward_tokenizer, suffix, "")
     repeated = [i for i in range(len(rows)) for _ in range(cfg.eval_samples)]
     with measures.seeded_sampling(seed):
-        sampled = measures.generate(model, tokenizer, [prompts[i] for i in repeated],
-                                   max_new_tokens=cfg.max_new_tokens, do_sample=True, temperature=cfg.temperature)
+        sampled = answer([prompts[i] for i in repeated], sample=True, seeds=step_seeds(seed, -1, len(repeated)))
     metrics.update(answer_measures(sampled, [prompts[i] for i in repeated], [rows[i] for i in repeated], cfg,
                                    reward_model, reward_tokenizer, suffix, "sampled_"))
     return metrics
@@ -129,18 +153,31 @@ def answer_measures(predictions: list[str], prompts: list, rows: list[dict], cfg
     return metrics
 
 
-def held_out_measures(ctx: StageContext, tokenizer, evalset, reward_model, reward_tokenizer):
-    """`measure_policy` before and after training (on the process's device), and the number of prompts after."""
+def held_out_measures(ctx: StageContext, tokenizer, evalset, reward_model, reward_tokenizer, engine):
+    """`measure_policy` before and after training (on the process's device), and the number of prompts after. On a
+    vLLM engine the answers come from the server: before training it holds the starting weights; after, the trained
+    ones are pushed first."""
     def measure(model, phase: str) -> dict[str, Any]:
         if phase == "before":
             model.to(ctx.state.device)
             if reward_model is not None:
                 reward_model.to(ctx.state.device)
-        metrics = measure_policy(model, tokenizer, evalset, ctx.config, reward_model, reward_tokenizer, phase,
-                                 ctx.seed)
+        if engine.name == "hf":
+            answer = generated_answers(model, tokenizer, ctx.config)
+        else:
+            if phase == "after":
+                engine.sync(model, "trained")
+            answer = engine_answers(engine, tokenizer, ctx.config)
+        metrics = measure_policy(answer, evalset, ctx.config, reward_model, reward_tokenizer, phase, ctx.seed)
         return metrics if phase == "before" else {**metrics, "eval_prompts": len(evalset)}
 
     return measure
+
+
+def prompt_ids(tokenizer, prompts: list) -> list[list[int]]:
+    """Chat prompts as token ids, rendered with the generation prompt as TRL renders its own."""
+    return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
+                                          return_dict=True)["input_ids"] for p in prompts]
 
 
 def engine_rollouts(engine, tokenizer, cfg, seed: int):
@@ -151,14 +188,12 @@ def engine_rollouts(engine, tokenizer, cfg, seed: int):
     def rollout_func(prompts: list, trainer) -> dict[str, list]:
         policy = trainer.accelerator.unwrap_model(trainer.model)
         engine.sync(policy, trainer.state.global_step)
-        prompt_ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
-                                                    return_dict=True)["input_ids"] for p in prompts]
+        ids = prompt_ids(tokenizer, prompts)
         rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
-        completions = engine.client.generate(
-            prompt_ids, step_seeds(seed, trainer.state.global_step, len(prompt_ids), rank, world),
-            model=engine.model_name, max_tokens=cfg.max_new_tokens, temperature=cfg.temperature, top_k=0, top_p=1.0,
-            stop_token_ids=[tokenizer.eos_token_id])
-        return {"prompt_ids": prompt_ids, "completion_ids": [c.token_ids for c in completions],
+        completions = engine.complete(
+            ids, step_seeds(seed, trainer.state.global_step, len(ids), rank, world), max_tokens=cfg.max_new_tokens,
+            temperature=cfg.temperature, top_k=0, top_p=1.0, stop_token_ids=[tokenizer.eos_token_id])
+        return {"prompt_ids": ids, "completion_ids": [c.token_ids for c in completions],
                 "logprobs": [c.logprobs for c in completions]}
 
     return rollout_func
@@ -180,7 +215,7 @@ def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_ex
     try:
         return run_trainer(
             ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_prompts": len(loaded.train)},
-            measure=held_out_measures(ctx, tokenizer, evalset, reward_model, reward_tokenizer)
+            measure=held_out_measures(ctx, tokenizer, evalset, reward_model, reward_tokenizer, engine)
             if evalset is not None else None,
             make_trainer=lambda: trainer_cls(model=model, reward_funcs=funcs,
                                              args=trainer_config(ctx, config_cls, **config_extra),

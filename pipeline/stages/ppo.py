@@ -135,10 +135,6 @@ def refuse_sharding(ctx: StageContext) -> None:
         raise PipelineError(f"the ppo stage does not run under {sharding}", key=f"stages.{ctx.name}",
                             fix="launch it with FSDP2 (recipes/accelerate/fsdp2.yaml) or DDP; run the other "
                                 "stages with this launch and ppo separately with `--only`")
-    if ctx.config.rollout.engine == "vllm":
-        raise PipelineError("vllm rollouts under FSDP are not supported: the merged weights would be gathered on "
-                            "every step", key=f"stages.{ctx.name}.rollout.engine",
-                            fix="launch with DDP (one server serves every rank), or use engine: hf under FSDP")
     if ctx.config.value_lora:
         raise PipelineError("value_lora: true shares the reward model's weights with the critic, which FSDP shards",
                             key=f"stages.{ctx.name}.value_lora",
