@@ -168,9 +168,9 @@ def worker_stage(spec: dict) -> dict:
 def grpo_figures(history: list[dict], timing: list[dict], wall: float, server_peak: float) -> dict:
     """GRPO (TRL's trainer) logs its whole step time, not a generation split: step s/step over the steps after the
     first, and the gap TRL measures between the sampler's and its own log-probs (vLLM side)."""
-    step_times = [t["step_time"] for t in timing if "step_time" in t][1:] or [t["step_time"] for t in timing
-                                                                               if "step_time" in t]
-    step_s = sum(step_times) / len(step_times)
+    step_times = [t["step_time"] for t in timing if "step_time" in t]
+    timed = step_times[1:] or step_times  # the first step warms up
+    step_s = sum(timed) / len(timed)
     steps = [h for h in history if "reward" in h]
     result = {"wall_s": round(wall, 1), "step_s": round(step_s, 3), "episodes_per_s": round(16 / step_s, 3),
               "rewards": [h["reward"] for h in steps], "server_peak_rss_mib": server_peak, **common.peak_memory()}

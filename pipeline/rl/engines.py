@@ -70,17 +70,10 @@ def is_lora(policy) -> bool:
     return hasattr(policy, "peft_config") and hasattr(policy, "get_base_model")
 
 
-def is_sharded(policy) -> bool:
-    """Whether FSDP2 holds (some of) the policy's parameters as shards (DTensors)."""
-    return any(is_dtensor(p) for p in policy.parameters())
-
-
 def whole(tensor: torch.Tensor) -> torch.Tensor:
     """`tensor` whole: an FSDP2 shard (DTensor) is gathered from every rank, a collective each rank must call in the
     same order; any other tensor is returned as it is."""
-    from torch.distributed.tensor import DTensor
-
-    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+    return tensor.full_tensor() if is_dtensor(tensor) else tensor
 
 
 def merged_weights(policy, keep: bool = True) -> dict[str, torch.Tensor]:
@@ -185,8 +178,9 @@ class VLLMEngine:
     name = "vllm"
 
     def __init__(self, client: VLLMClient, sync_mode: str, dtype: torch.dtype, server: VLLMServer | None = None,
-                 ranks: Ranks | None = None, scratch: Path | None = None):
+                 ranks: Ranks | None = None, scratch: Path | None = None, sharded: bool = False):
         self.client, self.sync_mode, self.dtype, self.server = client, sync_mode, dtype, server
+        self.sharded = sharded  # FSDP2 shards the policy: every rank takes part in gathering merged weights
         self.ranks = ranks or Ranks()
         self.base_name = client.served_model()
         self.model_name = self.base_name
@@ -196,22 +190,19 @@ class VLLMEngine:
 
     def sync(self, policy, version: int | str) -> float:
         """Push the policy's weights when `version` (a step, or a phase such as "trained") differs from the
-        server's; the seconds it took (0 if nothing). A policy without adapters (a LoRA policy already merged) is
-        pushed merged whatever the mode."""
+        server's; the seconds it took (0 if nothing)."""
         if version == self.version:
             return 0.0
         started = time.perf_counter()
         name = f"policy-v{version}"
-        adapter = self.sync_mode == "adapter" and is_lora(policy)
-        if adapter and self.ranks.main:
+        adapter = self.sync_mode == "adapter"
+        if self.ranks.main or (self.sharded and not adapter):  # under FSDP2 every rank gathers the merged weights
             with self.explained_errors():
-                self.push_adapter(policy, name)
-        elif not adapter and (self.ranks.main or is_sharded(policy)):  # under FSDP2 every rank gathers
-            with self.explained_errors():
-                self.push_merged(policy)
+                if adapter:
+                    self.push_adapter(policy, name)
+                else:
+                    self.push_merged(policy)
         self.ranks.barrier()
-        if not adapter and self.model_name != self.base_name:  # back to the base name: the old adapter is stale
-            self.drop_adapter()
         self.model_name = name if adapter else self.base_name
         self.version = version
         self.last_sync_s = time.perf_counter() - started
@@ -222,13 +213,7 @@ class VLLMEngine:
         policy.save_pretrained(str(folder), safe_serialization=True)
         self.client.load_adapter(name, str(folder))
         if self.model_name != self.base_name:  # the previous adapter: unloaded, its files removed
-            self.drop_adapter()
-
-    def drop_adapter(self) -> None:
-        """Unload the adapter the server samples from now (rank 0) and remove its files."""
-        if self.ranks.main:
-            with self.explained_errors():
-                self.client.unload_adapter(self.model_name)
+            self.client.unload_adapter(self.model_name)
             shutil.rmtree(self.scratch / self.model_name, ignore_errors=True)
 
     def push_merged(self, policy) -> None:
@@ -363,7 +348,8 @@ def make_engine(ctx, policy, tokenizer, lora_rank: int | None, precision: str, m
         if url is None:
             raise TrainingError("the vLLM server did not start on rank 0", key=f"stages.{ctx.name}.rollout",
                                 fix="read rank 0's error and vllm-server.log in the stage's work folder")
-        return VLLMEngine(VLLMClient(url), mode, getattr(torch, dtype), server=server, ranks=ranks, scratch=scratch)
+        return VLLMEngine(VLLMClient(url), mode, getattr(torch, dtype), server=server, ranks=ranks, scratch=scratch,
+                          sharded=sharded)
     except BaseException:
         if server is not None:
             server.stop()

@@ -111,10 +111,8 @@ def engine_answers(engine, tokenizer, cfg) -> Answer:
     """Held-out answers from the stage's vLLM engine (its weights already the measured model's), each sampled
     answer from its own seed, rendered as TRL renders its prompts."""
     def answer(prompts: list, *, sample: bool, seeds: list[int] | None) -> list[str]:
-        completions = engine.complete(
-            prompt_ids(tokenizer, prompts), seeds or [None] * len(prompts), max_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature if sample else 0.0, top_k=0, top_p=1.0,
-            stop_token_ids=[tokenizer.eos_token_id])
+        _, completions = engine_completions(engine, tokenizer, prompts, seeds or [None] * len(prompts),
+                                            cfg.max_new_tokens, cfg.temperature if sample else 0.0)
         return [tokenizer.decode(c.token_ids, skip_special_tokens=True) for c in completions]
 
     return answer
@@ -174,10 +172,14 @@ def held_out_measures(ctx: StageContext, tokenizer, evalset, reward_model, rewar
     return measure
 
 
-def prompt_ids(tokenizer, prompts: list) -> list[list[int]]:
-    """Chat prompts as token ids, rendered with the generation prompt as TRL renders its own."""
-    return [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True,
-                                          return_dict=True)["input_ids"] for p in prompts]
+def engine_completions(engine, tokenizer, prompts: list, seeds: list, max_new_tokens: int, temperature: float):
+    """The chat `prompts` rendered with the generation prompt as TRL renders its own, and one completion each from
+    the engine (prompt i drawn with seeds[i]; temperature 0: greedy): (prompt ids, completions)."""
+    ids = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=True, return_dict=True)["input_ids"]
+           for p in prompts]
+    completions = engine.complete(ids, seeds, max_tokens=max_new_tokens, temperature=temperature, top_k=0, top_p=1.0,
+                                  stop_token_ids=[tokenizer.eos_token_id])
+    return ids, completions
 
 
 def engine_rollouts(engine, tokenizer, cfg, seed: int):
@@ -188,11 +190,9 @@ def engine_rollouts(engine, tokenizer, cfg, seed: int):
     def rollout_func(prompts: list, trainer) -> dict[str, list]:
         policy = trainer.accelerator.unwrap_model(trainer.model)
         engine.sync(policy, trainer.state.global_step)
-        ids = prompt_ids(tokenizer, prompts)
         rank, world = trainer.accelerator.process_index, trainer.accelerator.num_processes
-        completions = engine.complete(
-            ids, step_seeds(seed, trainer.state.global_step, len(ids), rank, world), max_tokens=cfg.max_new_tokens,
-            temperature=cfg.temperature, top_k=0, top_p=1.0, stop_token_ids=[tokenizer.eos_token_id])
+        seeds = step_seeds(seed, trainer.state.global_step, len(prompts), rank, world)
+        ids, completions = engine_completions(engine, tokenizer, prompts, seeds, cfg.max_new_tokens, cfg.temperature)
         return {"prompt_ids": ids, "completion_ids": [c.token_ids for c in completions],
                 "logprobs": [c.logprobs for c in completions]}
 
