@@ -131,6 +131,16 @@ def run_pipeline(args: list[str], log: IO, env: dict[str, str] | None = None) ->
 # ------------------------------------------------------------------------------------------------------ measures
 
 
+def cpu_line() -> str:
+    """The machine in one line: architecture, CPU count and torch's CPU capability (AVX2, AVX512, ...)."""
+    import platform
+
+    import torch
+
+    return (f"{platform.machine()}, {os.cpu_count()} CPU(s), torch CPU capability "
+            f"{torch.backends.cpu.get_cpu_capability()}")
+
+
 def peak_memory() -> dict:
     """This process's peak resident memory (and peak CUDA memory on a GPU), in MiB."""
     import torch

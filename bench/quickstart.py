@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import re
 import sys
 from dataclasses import dataclass
@@ -163,14 +162,7 @@ def summarise(runs: list[dict], jobs: int = 1) -> dict:
     return {"seeds": [run["seed"] for run in runs], "rows": rows, "goals": goals,
             "wall_s": [run["wall_s"] for run in runs], "peak_rss_mib": [run["peak_rss_mib"] for run in runs],
             "stage_duration_s": durations, "versions": locked_versions(), "jobs": jobs,
-            "machine": f"{platform.machine()}, {os.cpu_count()} CPU(s), torch CPU capability "
-                       f"{_cpu_capability()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}"}
-
-
-def _cpu_capability() -> str:
-    import torch
-
-    return torch.backends.cpu.get_cpu_capability()
+            "machine": f"{common.cpu_line()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS', '1')}"}
 
 
 def _fmt(value: float) -> str:

@@ -16,7 +16,11 @@ epochs; GRPO 4 prompts x 4 completions, 48 new tokens; both score with a small r
 PPO's critic) on SmolLM2's tokenizer, so the policy's sampling and update dominate. Per side: generation s/step and
 weight-sync s/step (PPO; TRL logs no split for GRPO), whole step s/step (the first step left out as warm-up),
 episodes/s, the mean and max |vLLM - trainer| log-prob gap of sampled tokens, the reward per step and seed, and the
-trainer's and the server's peak RSS. Nothing runs at import.
+trainer's and the server's peak RSS.
+
+Part `throughput` (`--only throughput`): generation alone, no trainer running: 16 prompts x 48 new tokens on
+`generate` at 1 and 2 torch threads and on the stages' vLLM server at 1 and 2 threads in float32 and 2 threads in
+bfloat16, each a fresh worker (`--worker throughput`), one warm-up round then the mean of two. Nothing runs at import.
 """
 from __future__ import annotations
 
@@ -35,6 +39,10 @@ SIDES = (("ppo", "full", "hf", None), ("ppo", "full", "vllm", "merged"), ("ppo",
          ("ppo", "lora", "vllm", "adapter"), ("ppo", "lora", "vllm", "merged"), ("grpo", "full", "hf", None),
          ("grpo", "full", "vllm", "merged"))
 KEYS = tuple(f"{method}/{policy}/{engine}/{sync or '-'}" for method, policy, engine, sync in SIDES)
+# Generation alone (no trainer running): engine, server/torch threads, dtype.
+ENGINE_SETTINGS = (("hf", 1, "float32"), ("hf", 2, "float32"), ("vllm", 1, "float32"), ("vllm", 2, "float32"),
+                   ("vllm", 2, "bfloat16"))
+THROUGHPUT = "throughput"
 BLOCK = common.Block(common.ROOT / "docs" / "online-rl.md", "<!-- rollout-table -->", "<!-- /rollout-table -->")
 
 
@@ -181,6 +189,85 @@ def grpo_figures(history: list[dict], timing: list[dict], wall: float, server_pe
     return result
 
 
+def rendered_prompts(paths: dict, count: int = 16) -> tuple[list[list[int]], int, int]:
+    """The first `count` training prompts rendered by the policy's chat template, its pad and EOS ids."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(paths["policy"])
+    rows = [json.loads(line) for line in Path(paths["data"]).read_text().splitlines()[:count]]
+    prompts = [tokenizer.apply_chat_template(row["prompt"], add_generation_prompt=True, return_dict=True)["input_ids"]
+               for row in rows]
+    return prompts, tokenizer.pad_token_id, tokenizer.eos_token_id
+
+
+def worker_throughput(spec: dict) -> dict:
+    """Trial: 16 prompts x 48 new tokens (T=1, a seed per prompt) on one engine with nothing else running; one
+    warm-up round, then the mean of `rounds` timed ones. hf: `generate` on the trainer's side at torch threads;
+    vllm: the server the stages start (eager), with `threads` intra-op threads."""
+    import torch
+
+    prompts, pad, eos = rendered_prompts(spec["paths"])
+    timed = []
+    if spec["engine"] == "hf":
+        from transformers import AutoModelForCausalLM
+
+        from pipeline.rl.rollout import left_pad
+
+        torch.set_num_threads(spec["threads"])
+        model = AutoModelForCausalLM.from_pretrained(spec["paths"]["policy"], dtype=getattr(torch, spec["dtype"]))
+        query, mask = left_pad(prompts, pad, "cpu")
+        for round_ in range(spec["rounds"] + 1):
+            torch.manual_seed(round_)
+            started = time.perf_counter()
+            with torch.no_grad():
+                out = model.eval().generate(input_ids=query, attention_mask=mask, max_new_tokens=48, do_sample=True,
+                                            temperature=1.0, top_k=0, pad_token_id=pad, eos_token_id=eos)
+            response = out[:, query.shape[1]:]
+            timed.append((time.perf_counter() - started, int((response != pad).sum())))
+    else:
+        from pipeline.rl.vllm_client import VLLMClient
+        from pipeline.rl.vllm_server import ServerSpec, VLLMServer
+
+        log = Path(tempfile.mkdtemp(prefix="bench-throughput-")) / "vllm-server.log"
+        server_spec = ServerSpec(model=spec["paths"]["policy"], python=str(common.ROOT / ".venv-vllm" / "bin" / "python"),
+                                 log_path=log, key="bench", dtype=spec["dtype"], threads=spec["threads"])
+        with VLLMServer(server_spec) as server:
+            client = VLLMClient(server.url)
+            model = client.served_model()
+            for round_ in range(spec["rounds"] + 1):
+                started = time.perf_counter()
+                done = client.generate(prompts, [round_ * 100 + i for i in range(len(prompts))], model=model,
+                                       max_tokens=48, temperature=1.0, top_k=0, top_p=1.0, stop_token_ids=[eos])
+                timed.append((time.perf_counter() - started, sum(len(c.token_ids) for c in done)))
+    seconds = sum(t for t, _ in timed[1:]) / spec["rounds"]
+    tokens = sum(n for _, n in timed[1:]) / spec["rounds"]
+    return {"generation_s": round(seconds, 2), "tokens_per_s": round(tokens / seconds, 1)}
+
+
+def throughput_markdown(rows: list[dict]) -> str:
+    lines = ["| engine | threads | dtype | generation s (16 x 48 tokens) | tokens/s | vs hf at the same threads |",
+             "|---|---|---|---|---|---|"]
+    hf = {(r["threads"], r["dtype"]): r for r in rows if r["engine"] == "hf"}
+    for row in rows:
+        base = hf.get((row["threads"], "float32"))
+        ratio = f"{base['generation_s'] / row['generation_s']:.2f}x" if base else "-"
+        lines.append(f"| {row['engine']} | {row['threads']} | {row['dtype']} | {row['generation_s']} | "
+                     f"{row['tokens_per_s']} | {ratio} |")
+    return "\n".join(lines)
+
+
+def measure_throughput(paths: dict, rounds: int) -> list[dict]:
+    rows = []
+    for engine, threads, dtype in ENGINE_SETTINGS:
+        found = common.run_worker(Path(__file__), THROUGHPUT, {"paths": paths, "engine": engine, "threads": threads,
+                                                               "dtype": dtype, "rounds": rounds})
+        if "error" in found:
+            sys.exit(f"{THROUGHPUT} {engine} {threads} {dtype}: {common.error_line(found)}")
+        print(THROUGHPUT, engine, threads, dtype, found, flush=True)
+        rows.append({"engine": engine, "threads": threads, "dtype": dtype, **found})
+    return rows
+
+
 def markdown(results: dict) -> str:
     rows = ["| method | policy | engine | sync | generation s/step | sync s/step | step s/step | episodes/s | "
             "gen. speed-up | step speed-up | log-prob gap mean / max | trainer / server peak RSS MiB | seeds |",
@@ -198,6 +285,19 @@ def markdown(results: dict) -> str:
     return "\n".join(rows)
 
 
+def tables(results: dict) -> str:
+    """The stage table (when any side was measured) and the generation-alone table (when measured), with the
+    machine and settings they ran on."""
+    parts = [f"SmolLM2-135M-Instruct, {results.get('cpu', 'CPU')}; {results['versions']}."]
+    if results.get(THROUGHPUT):
+        parts.append("Generation alone (no trainer running; 16 HH-RLHF prompts x 48 new tokens, T=1; mean of 2 "
+                     "rounds after a warm-up):\n\n" + throughput_markdown(results[THROUGHPUT]))
+    if results.get("sides"):
+        parts.append(f"Whole stages ({results['settings']['steps']} steps, the first left out of the means):\n\n"
+                     + markdown(results))
+    return "\n\n".join(parts)
+
+
 def average(trials: list[dict]) -> dict:
     """Per-side figures averaged over seeds (rewards kept per seed)."""
     keys = [k for k in trials[0] if isinstance(trials[0][k], (int, float))]
@@ -208,13 +308,13 @@ def average(trials: list[dict]) -> dict:
 
 
 def main() -> int:
-    parser = common.bench_parser(__doc__, workers=("stage",), parts=KEYS)
+    parser = common.bench_parser(__doc__, workers=("stage", THROUGHPUT), parts=KEYS + (THROUGHPUT,))
     common.add_quick(parser, "2 steps, one seed")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0])
     parser.add_argument("--steps", type=int, default=3)
     args = parser.parse_args()
     if args.worker:
-        return common.serve_worker({"stage": worker_stage}, args)
+        return common.serve_worker({"stage": worker_stage, THROUGHPUT: worker_throughput}, args)
     if args.tables_only:
         results = common.load_results("rollout")
     else:
@@ -223,11 +323,15 @@ def main() -> int:
         steps = 2 if args.quick else args.steps
         settings = {"steps": steps, "rollout_batch_size": 16, "max_new_tokens": 48, "ppo_epochs": 2,
                     "grpo_generations": 4, "dtype": "float32", "model": "SmolLM2-135M-Instruct"}
-        stored = common.load_results("rollout") if args.only and not args.quick else {}
-        results = {"settings": settings, "versions": common.versions(),
-                   "sides": stored.get("sides", {}) if stored.get("settings") == settings else {}}
+        stored = common.load_results("rollout") if not args.quick else {}
+        same = stored.get("settings") == settings
+        results = {"settings": settings, "versions": common.versions(), "cpu": common.cpu_line(),
+                   "sides": stored.get("sides", {}) if same else {},
+                   THROUGHPUT: stored.get(THROUGHPUT, [])}  # its settings are fixed (ENGINE_SETTINGS)
+        if THROUGHPUT in common.selected(args, KEYS + (THROUGHPUT,)):
+            results[THROUGHPUT] = measure_throughput(paths, rounds=1 if args.quick else 2)
         for (method, policy, engine, sync), key in zip(SIDES, KEYS):
-            if key not in common.selected(args, KEYS):
+            if key not in common.selected(args, KEYS + (THROUGHPUT,)):
                 continue
             trials = []
             for seed in args.seeds:
@@ -239,11 +343,12 @@ def main() -> int:
             results["sides"][key] = average(trials)
         results["sides"] = {key: results["sides"][key] for key in KEYS if key in results["sides"]}
         if args.quick:
-            print(markdown(results))
+            print(tables(results))
             return 0
         common.save_results("rollout", results)
-    body = markdown(results)
-    common.write_tables("rollout", f"# Rollouts: vLLM against transformers generate\n\n{body}\n", BLOCK, body)
+    body = tables(results)
+    common.write_tables("rollout", f"# Rollouts: vLLM against transformers generate\n\n{body}\n", BLOCK,
+                        body + "\n")
     return 0
 
 
