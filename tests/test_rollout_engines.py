@@ -132,3 +132,12 @@ def test_a_failed_request_names_the_error_the_servers_log_ends_with(tmp_path):
     with pytest.raises(TrainingError, match="HTTP 500$|HTTP 500 "):  # nothing to add: the error as it was
         with engine.explained_errors():
             raise TrainingError("HTTP 500", key="rollout")
+
+
+def test_auto_sync_merges_except_a_lora_policy_on_a_gpu():
+    auto, adapter = schema.RolloutSection(engine="vllm"), schema.RolloutSection(engine="vllm", sync="adapter")
+    assert engines.sync_mode(auto, lora=True) == "merged"  # on CPU merged is the faster (docs/online-rl.md)
+    assert engines.sync_mode(auto, lora=True, on_gpu=True) == "adapter"
+    assert engines.sync_mode(auto, lora=True, sharded=True, on_gpu=True) == "merged"
+    assert engines.sync_mode(auto, lora=False, on_gpu=True) == "merged"
+    assert engines.sync_mode(adapter, lora=True) == "adapter"  # a setting is kept as it is

@@ -214,7 +214,7 @@ def test_grpo_lora_on_vllm_trains_through_trls_rollout_func(tmp_path, tiny, vllm
                        "max_length": 128},
              "num_generations": 4, "max_new_tokens": 6, "eval_prompts": 2, "eval_samples": 2,
              "rewards": [{"type": "exact_match"}, {"type": "length_penalty", "target_length": 4}],  # lengths vary
-             "rollout": {"engine": "vllm", "python": vllm_python}}
+             "rollout": {"engine": "vllm", "python": vllm_python, "sync": "adapter"}}  # auto merges on CPU
     recipe = tmp_path / "grpo.yaml"
     recipe.write_text(yaml.safe_dump({"name": "grpo", "output_dir": str(tmp_path / "out"), "seed": 0,
                                       "stages": {"grpo": stage}}))
