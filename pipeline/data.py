@@ -25,7 +25,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-from pipeline import schema
+from pipeline import chat_templates, schema
 from pipeline.errors import DataError
 
 HH_TURN = re.compile(r"\n\n(Human|Assistant): ?")
@@ -305,13 +305,14 @@ def _tool_call(call: Any) -> dict[str, Any]:
 
 
 def _openai_content(message: dict) -> str | None:
-    """A message's text: its content (the text of content parts joined), then one JSON line per tool call."""
+    """A message's text: its content (the text of content parts joined), then each tool call as a <tool_call> block
+    of its JSON (Hermes/Qwen style, what the `chatml-tools` template renders and TRL's GRPO parses)."""
     content = message.get("content")
     if isinstance(content, list):
         content = "".join(p["text"] for p in content if isinstance(p, dict) and isinstance(p.get("text"), str))
     calls = message.get("tool_calls")
     if isinstance(calls, list) and calls:
-        lines = [json.dumps(_tool_call(call), ensure_ascii=False) for call in calls]
+        lines = [chat_templates.tool_call_text(**_tool_call(call)) for call in calls]
         content = "\n".join(([content] if isinstance(content, str) and content else []) + lines)
     return content if isinstance(content, str) else None
 
@@ -332,10 +333,11 @@ def openai_messages(value: Any) -> list[dict[str, str]] | None:
 
 def _openai_row(row: dict, fields: dict[str, str]) -> dict:
     """`row` with its `messages` as {role, content} text when they are OpenAI messages that are not that already
-    (rows that already are stay as they are)."""
+    (rows that already are stay as they are; tool calls are always flattened, even beside string contents)."""
     column = fields.get("messages", "messages")
     value = row.get(column)
-    converted = None if value is None or _is_messages(value) else openai_messages(value)
+    plain = _is_messages(value) and not any(m.get("tool_calls") for m in value)
+    converted = None if value is None or plain else openai_messages(value)
     return row if converted is None else {**row, column: converted}
 
 
@@ -643,27 +645,31 @@ def _report(bad: BadRows, source: str, section: schema.DataSection, key: str) ->
         logging.getLogger("pipeline").warning("%s: skipped %d bad rows: %s", source, bad.count, bad.summary())
 
 
-def row_tokens(tokenizer) -> Callable[[dict], int]:
+def row_tokens(tokenizer, tools: list | None = None) -> Callable[[dict], int]:
     """A row's length in chat-template tokens: its longest of prompt plus completion (or chosen, or rejected); a
-    prompt-only row: the prompt with the generation prompt, as it is sampled from."""
+    prompt-only row: the prompt with the generation prompt, as it is sampled from. `tools`: the tool schemas the
+    stage's prompts show, counted too."""
+    shown = {"tools": tools} if tools else {}
+
     def tokens(text: str) -> int:
         return len(tokenizer(text, add_special_tokens=False)["input_ids"])
 
     def count(item: dict) -> int:
         answers = [key for key in ("completion", "chosen", "rejected") if key in item]
         if not answers:
-            return tokens(tokenizer.apply_chat_template(item["prompt"], tokenize=False, add_generation_prompt=True))
-        return max(tokens(tokenizer.apply_chat_template(item["prompt"] + item[key], tokenize=False))
+            return tokens(tokenizer.apply_chat_template(item["prompt"], tokenize=False, add_generation_prompt=True,
+                                                        **shown))
+        return max(tokens(tokenizer.apply_chat_template(item["prompt"] + item[key], tokenize=False, **shown))
                    for key in answers)
 
     return count
 
 
-def too_long_for(tokenizer, max_length: int) -> Callable[[dict], bool] | None:
-    """A `too_long` row check: a row over `max_length` chat-template tokens (`row_tokens`)."""
+def too_long_for(tokenizer, max_length: int, tools: list | None = None) -> Callable[[dict], bool] | None:
+    """A `too_long` row check: a row over `max_length` chat-template tokens (`row_tokens`, with `tools` shown)."""
     if tokenizer is None or not getattr(tokenizer, "chat_template", None):
         return None
-    count = row_tokens(tokenizer)
+    count = row_tokens(tokenizer, tools)
     return lambda item: count(item) > max_length
 
 

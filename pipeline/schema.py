@@ -11,7 +11,7 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
-from pipeline import names
+from pipeline import chat_templates, names
 
 REF_PATTERN = re.compile(r"^\$\{([A-Za-z_][A-Za-z0-9_\-]*)\}$")
 STAGE_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_\-]*$")
@@ -255,6 +255,20 @@ class TrainedStage(ModelStage):
         "train a LoRA adapter instead of the full weights (null: full fine-tuning)"))
     data: DataSection = Field(description="the training rows and their held-out rows")
     train: TrainSection = Field(default_factory=TrainSection, description="optimisation settings")
+    chat_template: str | None = Field(None, exclude_if=lambda value: value is None, description=(
+        "replace the tokenizer's chat template (saved with the artifact): `chatml`, `chatml-tools` (ChatML that "
+        "renders tool schemas, calls and results; needed for `tools:` on a ChatML model such as SmolLM2), a .jinja "
+        "file or inline Jinja (null: the tokenizer's own)"))
+
+    @field_validator("chat_template")
+    @classmethod
+    def _template_form(cls, value):
+        known = chat_templates.TEMPLATES
+        if value is not None and not (value in known or value.endswith(".jinja")
+                                      or chat_templates.looks_like_jinja(value)):
+            raise ValueError(f"unknown chat template '{value}': use {', '.join(known)}, a .jinja file or an inline "
+                             "Jinja template")
+        return value
 
 
 _ANY_MODEL = (CAUSAL_LM,)
@@ -269,7 +283,8 @@ class TokenizerStage(StageBase):
     vocab_size: int = Field(8000, ge=300, description="vocabulary size, special tokens included")
     min_frequency: int = Field(2, ge=1, description="a merge must occur this often")
     text_fields: list[str] = Field(default_factory=lambda: ["text"], description="columns whose text is used")
-    chat_template: str = Field("chatml", description="`chatml`, or a Jinja chat template")
+    chat_template: str = Field("chatml", description=(
+        "`chatml`, `chatml-tools` (ChatML that also renders tools), or a Jinja chat template"))
     model_max_length: int = Field(2048, gt=0, description="the tokenizer's model_max_length")
 
 
@@ -300,6 +315,11 @@ class SftStage(TrainedStage):
     tokenizer: str | None = Field(None, description=(
         "tokenizer artifact or folder (default: the model's); needs a chat template"))
     completion_only_loss: bool = Field(True, description="loss on the completion tokens only (off: on the prompt too)")
+    tools: list[str] = Field(default_factory=list, exclude_if=lambda value: not value, description=(
+        "tools whose schemas each conversation's prompt shows (the same as a grpo stage with these tools renders), "
+        "from `pipeline.rl.tools`: " + ", ".join(names.TOOLS) + "; tool calls in the data read as <tool_call> blocks"))
+
+    _tools = field_validator("tools")(lambda cls, value: [_registered(v, names.TOOLS, "tool") for v in value])
 
 
 class RewardStage(TrainedStage):
@@ -469,7 +489,7 @@ class RolloutSection(Strict):
     sync: Literal["auto", "adapter", "merged"] = Field("auto", description=(
         "vllm: how the policy's weights reach the server before each rollout: adapter (a LoRA policy's adapter "
         "only, loaded under a new name), merged (the whole policy, LoRA merged in, reloaded in place); auto: "
-        "adapter for LoRA policies, merged for full ones (the measured defaults, docs/online-rl.md)"))
+        "adapter for LoRA policies on a GPU, merged otherwise (merged is the faster on CPU: docs/online-rl.md)"))
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field("auto", description=(
         "vllm: the server's weights' dtype (auto: bfloat16 when the stage trains in bf16, else float32)"))
     max_model_len: int | None = Field(None, gt=0, description=(
@@ -477,7 +497,9 @@ class RolloutSection(Strict):
     kv_cache_gb: float = Field(1.0, gt=0, description="vllm on CPU: KV-cache memory of the server, in GiB")
     gpu_memory_utilization: float = Field(0.3, gt=0, le=1, description=(
         "vllm on a GPU: the share of the device's memory the server may take (the trainer shares the device)"))
-    threads: int = Field(1, gt=0, description="vllm on CPU: the server's intra-op threads")
+    threads: int | None = Field(None, gt=0, description=(
+        "vllm on CPU: the server's intra-op threads; default: the trainer's own (torch's thread count), which wait "
+        "while the server samples"))
     start_timeout: float = Field(600.0, gt=0, description="vllm: seconds to wait for the started server's health")
     server_args: list[str] = Field(default_factory=list, description=(
         "vllm: extra command-line flags for the started server (e.g. [--enable-prefix-caching])"))
@@ -505,14 +527,16 @@ class RLStage(TrainedStage):
 
 
 class PpoStage(RLStage):
-    """Our PPO on Accelerate: policy (+value head or critic), frozen reference, learned reward model."""
+    """Our PPO on Accelerate: policy (+value head or critic), frozen reference, a learned reward model and/or rule
+    rewards."""
 
     references: ClassVar[dict[str, tuple[str, ...]]] = {"model.path": _ANY_MODEL, "reward_model": (REWARD_MODEL,),
                                                         "value_model": (REWARD_MODEL,)}
     kind: Literal["ppo"] = Field(description="`ppo`")
-    reward_model: str = Field(description=(
+    reward_model: str | None = Field(None, description=(
         "`reward` stage artifact (or sequence-classification folder) scoring each (prompt, response); another "
-        "tokenizer than the policy's is handled by decoding and re-encoding"))
+        "tokenizer than the policy's is handled by decoding and re-encoding (null: rule `rewards:` alone, e.g. "
+        "verifiable rewards; the critic is then `value_model` or a value head)"))
     value_model: str | None = Field(default=None, description="critic init; default: the reward model")
     value_head: bool = Field(False, description="a linear value head on the policy instead of a critic")
     value_lora: bool = Field(False, description="train the critic as LoRA adapters (the stage's `lora:` settings, or "
@@ -564,6 +588,15 @@ class PpoStage(RLStage):
             raise ValueError("`value_lora: true` adapts a separate critic, `value_head: true` has none: set one of them")
         return self
 
+    @model_validator(mode="after")
+    def _a_reward_and_a_critic(self):
+        if not self.reward_model and not self.rewards:
+            raise ValueError("set `reward_model:` (e.g. ${reward}) or at least one rule in `rewards:`")
+        if not self.reward_model and not (self.value_head or self.value_model):
+            raise ValueError("without `reward_model:` the critic has nothing to start from: set `value_head: true` "
+                             "(a value head on the policy) or `value_model:`")
+        return self
+
 
 class OnlineRLStage(RLStage):
     """Fields shared by TRL's online trainers (GRPO, RLOO)."""
@@ -593,6 +626,20 @@ class GrpoStage(OnlineRLStage):
     """Group-relative policy optimisation (TRL GRPOTrainer)."""
 
     kind: Literal["grpo"] = Field(description="`grpo`")
+    tools: list[str] = Field(default_factory=list, exclude_if=lambda value: not value, description=(
+        "tools the policy may call while it samples (TRL's multi-turn tool loop; the results are masked out of the "
+        "loss), from `pipeline.rl.tools`: " + ", ".join(names.TOOLS) + "; the chat template must render tools "
+        "(`chat_template: chatml-tools` for ChatML models)"))
+    max_tool_calls: int = Field(3, ge=1, description="with `tools`: the most tool-calling rounds per completion")
+
+    _tools = field_validator("tools")(lambda cls, value: [_registered(v, names.TOOLS, "tool") for v in value])
+
+    @model_validator(mode="after")
+    def _tools_on_hf(self):
+        if self.tools and self.rollout.engine == "vllm":
+            raise ValueError("`tools` need rollout.engine: hf (TRL runs its tool loop on its own generation, not on a "
+                             "rollout function): remove one of them")
+        return self
 
 
 class RlooStage(OnlineRLStage):

@@ -5,11 +5,20 @@ scores with `rewards: [{type: math_verify}]` or `[{type: exact_match, extract: t
     python -m pipeline.tasks --out data/rlvr --tasks add,mul,chain,linear,order --n 2000 --eval-n 200 --seed 0
     # -> data/rlvr/train.jsonl (2000 rows) and data/rlvr/eval.jsonl (200 rows); --format plain drops the
     #    "answer in <think>/<answer> tags" instruction from the prompts
+    python -m pipeline.tasks --out data/tools --tasks arith --format tools --n 500 --eval-n 100 --sft 200
+    # -> also data/tools/sft.jsonl: 200 worked transcripts (OpenAI messages) for an sft warm-up stage
 
 Tasks (`TASKS`): `add` (one-digit a + b or a - b), `mul` (one-digit products), `chain` (sums and differences of 3-5
 one-digit numbers), `linear` (solve a*x + b = c for an integer x), `order` (who is tallest or shortest, from
 shuffled pairwise comparisons of 3-4 people: a logic task whose answer is a name, so score it with
-`extract: tagged` or `contains_answer`; math_verify is for numbers). Each row is `{"prompt", "answer", "task"}`.
+`extract: tagged` or `contains_answer`; math_verify is for numbers), `arith` (a + b, a - b or a * b of 2-3-digit
+numbers: the tool task; not in the default mixture). Each row is `{"prompt", "answer", "task"}`.
+
+Prompt styles (`--format`): `tagged` asks for <think>/<answer> tags, `plain` is the bare question, `tools` asks the
+model to use the calculator tool (`pipeline.rl.tools`) and answer in <answer> tags. `--sft K` also writes `sft.jsonl`:
+K worked transcripts of training items in the same style (tools: a calculator call, its result, the answer; tagged:
+the sum in <think> and the answer), OpenAI messages an sft stage with `train_on: all_turns` learns every assistant
+turn of (tool results stay in the prompt, out of the loss).
 
 Held out: the eval file holds `eval_n` distinct items (an item is a task's problem, e.g. ("add", 3, "-", 5), whatever
 its wording), and no training row is any of them; training rows are drawn with replacement from the rest, so small
@@ -31,22 +40,28 @@ class Item(NamedTuple):
     key: tuple  # the problem itself: two items with the same key are the same problem
     question: str
     answer: str
+    expression: str | None = None  # arithmetic items: the expression a calculator call evaluates
 
 
-INSTRUCTION = (" Think step by step inside <think> </think> tags, then give the final answer inside "
-               "<answer> </answer> tags.")
+INSTRUCTIONS = {
+    "tagged": (" Think step by step inside <think> </think> tags, then give the final answer inside "
+               "<answer> </answer> tags."),
+    "plain": "",
+    "tools": " Use the calculator tool, then give the final answer inside <answer> </answer> tags.",
+}
+INSTRUCTION = INSTRUCTIONS["tagged"]
 NAMES = ("Alice", "Bob", "Carol", "Dave", "Erin", "Frank", "Grace", "Heidi")
 ATTEMPTS = 10_000  # draws allowed per row before a task's item space counts as exhausted
 
 
 def add(rng: random.Random) -> Item:
     a, b, op = rng.randrange(10), rng.randrange(10), rng.choice("+-")
-    return Item(("add", a, op, b), f"What is {a} {op} {b}?", str(a + b if op == "+" else a - b))
+    return Item(("add", a, op, b), f"What is {a} {op} {b}?", str(a + b if op == "+" else a - b), f"{a} {op} {b}")
 
 
 def mul(rng: random.Random) -> Item:
     a, b = rng.randrange(10), rng.randrange(10)
-    return Item(("mul", a, b), f"What is {a} * {b}?", str(a * b))
+    return Item(("mul", a, b), f"What is {a} * {b}?", str(a * b), f"{a} * {b}")
 
 
 def chain(rng: random.Random) -> Item:
@@ -55,7 +70,7 @@ def chain(rng: random.Random) -> Item:
     total, text = numbers[0], str(numbers[0])
     for op, n in zip(ops, numbers[1:]):
         total, text = (total + n if op == "+" else total - n), f"{text} {op} {n}"
-    return Item(("chain", text), f"What is {text}?", str(total))
+    return Item(("chain", text), f"What is {text}?", str(total), text)
 
 
 def linear(rng: random.Random) -> Item:
@@ -74,8 +89,15 @@ def order(rng: random.Random) -> Item:
     return Item(("order", tuple(people), ask), f"{' '.join(facts)} Who is the {ask}?", answer)
 
 
+def arith(rng: random.Random) -> Item:
+    a, b, op = rng.randrange(10, 1000), rng.randrange(10, 1000), rng.choice("+-*")
+    value = a + b if op == "+" else a - b if op == "-" else a * b
+    return Item(("arith", a, op, b), f"What is {a} {op} {b}?", str(value), f"{a} {op} {b}")
+
+
 TASKS: dict[str, Callable[[random.Random], Item]] = {"add": add, "mul": mul, "chain": chain, "linear": linear,
-                                                     "order": order}
+                                                     "order": order, "arith": arith}
+DEFAULT_TASKS = ("add", "mul", "chain", "linear", "order")
 
 
 def draw(rng: random.Random, task: str, refuse: Callable[[tuple], bool]) -> Item:
@@ -92,12 +114,28 @@ def row(item: Item, task: str, instruction: str) -> dict:
     return {"prompt": item.question + instruction, "answer": item.answer, "task": task}
 
 
-def generate(tasks: list[str], n: int, eval_n: int, seed: int = 0, tagged: bool = True) -> tuple[list, list]:
-    """(training rows, held-out rows): tasks drawn uniformly per row; held-out items distinct and never trained on."""
+def transcript(item: Item, instruction: str, style: str) -> dict:
+    """A worked conversation for an item (OpenAI messages): with tools, a calculator call on its expression, the
+    tool's result and the tagged answer; otherwise its working in <think> tags and the tagged answer."""
+    user = {"role": "user", "content": item.question + instruction}
+    answer = {"role": "assistant", "content": f"<answer>{item.answer}</answer>"}
+    if style == "tools" and item.expression is not None:
+        call = {"role": "assistant", "content": "", "tool_calls": [{"type": "function", "function": {
+            "name": "calculator", "arguments": json.dumps({"expression": item.expression})}}]}
+        return {"messages": [user, call, {"role": "tool", "name": "calculator", "content": item.answer}, answer]}
+    working = f"{item.expression} = {item.answer}" if item.expression is not None else item.answer
+    return {"messages": [user, {"role": "assistant",
+                                "content": f"<think>{working}</think> <answer>{item.answer}</answer>"}]}
+
+
+def generate(tasks: list[str], n: int, eval_n: int, seed: int = 0, tagged: bool = True,
+             style: str | None = None) -> tuple[list, list]:
+    """(training rows, held-out rows): tasks drawn uniformly per row; held-out items distinct and never trained on.
+    `style` (an INSTRUCTIONS key) overrides `tagged`."""
     unknown = [t for t in tasks if t not in TASKS]
     if unknown or not tasks:
         raise ValueError(f"unknown task(s) {unknown}: choose from {', '.join(TASKS)}")
-    rng, instruction = random.Random(seed), INSTRUCTION if tagged else ""
+    rng, instruction = random.Random(seed), INSTRUCTIONS[style or ("tagged" if tagged else "plain")]
     held_out: set[tuple] = set()
     eval_rows = []
     for _ in range(eval_n):
@@ -112,6 +150,21 @@ def generate(tasks: list[str], n: int, eval_n: int, seed: int = 0, tagged: bool 
     return train_rows, eval_rows
 
 
+def transcripts(tasks: list[str], count: int, eval_rows: list[dict], seed: int, style: str) -> list[dict]:
+    """`count` worked transcripts of items not in `eval_rows` (its own stream, seed + 1, so the rows of
+    `generate` with the same arguments do not change)."""
+    rng, instruction = random.Random(seed + 1), INSTRUCTIONS[style]
+    held_out = {r["prompt"] for r in eval_rows}
+    out = []
+    for _ in range(count):
+        task = rng.choice(tasks)
+        item = draw(rng, task, lambda key, task=task: False)
+        while item.question + instruction in held_out:
+            item = TASKS[task](rng)
+        out.append(transcript(item, instruction, style))
+    return out
+
+
 def write_jsonl(path: Path, rows: list[dict]) -> None:
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
 
@@ -119,19 +172,24 @@ def write_jsonl(path: Path, rows: list[dict]) -> None:
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pipeline.tasks", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", required=True, help="folder for train.jsonl and eval.jsonl")
-    parser.add_argument("--tasks", default=",".join(TASKS), help=f"comma-separated, from: {', '.join(TASKS)}")
+    parser.add_argument("--tasks", default=",".join(DEFAULT_TASKS), help=f"comma-separated, from: {', '.join(TASKS)}")
     parser.add_argument("--n", type=int, default=1000, help="training rows")
     parser.add_argument("--eval-n", type=int, default=100, help="held-out rows (distinct items)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--format", choices=("tagged", "plain"), default="tagged",
-                        help="tagged: the prompt asks for <think>/<answer> tags; plain: the bare question")
+    parser.add_argument("--format", choices=tuple(INSTRUCTIONS), default="tagged",
+                        help="tagged: the prompt asks for <think>/<answer> tags; plain: the bare question; tools: "
+                             "asks for a calculator call and an <answer> tag")
+    parser.add_argument("--sft", type=int, default=0, metavar="K",
+                        help="also write sft.jsonl: K worked transcripts of training items, in the same style")
     return parser.parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
     try:
-        train, held = generate(args.tasks.split(","), args.n, args.eval_n, args.seed, args.format == "tagged")
+        tasks = args.tasks.split(",")
+        train, held = generate(tasks, args.n, args.eval_n, args.seed, style=args.format)
+        worked = transcripts(tasks, args.sft, held, args.seed, args.format) if args.sft else []
     except ValueError as err:
         print(f"error: --tasks/--eval-n: {err}", file=sys.stderr)
         return 2
@@ -140,6 +198,9 @@ def main(argv: list[str] | None = None) -> int:
     write_jsonl(out / "train.jsonl", train)
     write_jsonl(out / "eval.jsonl", held)
     print(f"wrote {out / 'train.jsonl'} ({len(train)} rows) and {out / 'eval.jsonl'} ({len(held)} held-out rows)")
+    if worked:
+        write_jsonl(out / "sft.jsonl", worked)
+        print(f"wrote {out / 'sft.jsonl'} ({len(worked)} worked transcripts)")
     return 0
 
 

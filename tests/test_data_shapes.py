@@ -99,7 +99,7 @@ def test_sharegpt_turns_in_every_spelling():
 def test_openai_messages_with_system_and_tool_roles():
     sft = load(SHAPES / "messages_tools.jsonl", "sft")
     assert sft.format == "messages" and len(sft.train) == 6
-    call = json.dumps({"name": "add", "arguments": {"a": 2, "b": 5}})
+    call = "<tool_call>\n" + json.dumps({"name": "add", "arguments": {"a": 2, "b": 5}}) + "\n</tool_call>"
     assert sft.train[1] == {"prompt": [user("Tell me 2 + 5."), assistant(call), {"role": "tool", "content": "7"}],
                             "completion": [assistant("So 2 + 5 = 7")]}
     assert sft.train[0]["prompt"] == [SYSTEM, user("What is 3 + 4?")]

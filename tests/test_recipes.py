@@ -25,6 +25,8 @@ SHIPPED = {
     "real/qwen2.5-0.5b-chain.yaml",
     "real/smollm2-135m-gguf-sft.yaml",
     "real/smollm2-hh-rlhf.yaml",
+    "real/smollm2-rlvr.yaml",
+    "real/smollm2-tools.yaml",
 }
 
 

@@ -19,7 +19,7 @@ from pipeline.__main__ import main
 ROOT = Path(__file__).resolve().parents[1]
 PIPELINE = ROOT / "pipeline"
 # The floor: the stage contract and what it stands on. Each may import only the others (and no module above).
-FLOOR = {"errors", "names", "schema", "data", "models", "registry", "recipe", "console", "stage"}
+FLOOR = {"errors", "names", "chat_templates", "schema", "data", "models", "registry", "recipe", "console", "stage"}
 
 
 @pytest.fixture
@@ -114,7 +114,8 @@ def test_the_package_holds_no_bench_code():
 def test_each_registry_is_built_on_the_names_the_schema_checks():
     from pipeline import names
     from pipeline.eval import metrics
-    from pipeline.rl import rewards
+    from pipeline.rl import rewards, tools
 
     assert tuple(rewards.RULES) == names.REWARD_RULES
+    assert tuple(tools.TOOLS) == names.TOOLS
     assert metrics.METRICS == names.METRICS and all(metrics.path(name).exists() for name in names.METRICS)

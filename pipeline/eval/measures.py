@@ -19,9 +19,12 @@ def _device(model):
     return next(model.parameters()).device
 
 
-def render(tokenizer, prompt: list[dict], completion: list[dict] | None = None) -> tuple[str, str]:
-    """(prompt text with generation prompt, completion text) under the tokenizer's chat template."""
-    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+def render(tokenizer, prompt: list[dict], completion: list[dict] | None = None,
+           tools: list | None = None) -> tuple[str, str]:
+    """(prompt text with generation prompt, completion text) under the tokenizer's chat template; `tools`: the tool
+    functions (or schemas) the template shows in the prompt."""
+    prompt_text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True,
+                                                **({"tools": tools} if tools else {}))
     if completion is None:
         return prompt_text, ""
     full = tokenizer.apply_chat_template(prompt + completion, tokenize=False)
@@ -126,8 +129,9 @@ def perplexity(loss: float) -> float:
 
 
 def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 32, batch_size: int = 16,
-             do_sample: bool = False, temperature: float = 1.0) -> list[str]:
-    """Greedy (or sampled, at `temperature`) completions for chat prompts, decoded without special tokens."""
+             do_sample: bool = False, temperature: float = 1.0, tools: list | None = None) -> list[str]:
+    """Greedy (or sampled, at `temperature`) completions for chat prompts (showing `tools`, when given), decoded
+    without special tokens."""
     import torch
 
     device, outputs = _device(model), []
@@ -137,7 +141,7 @@ def generate(model, tokenizer, prompts: list[list[dict]], max_new_tokens: int = 
     try:
         with torch.no_grad():
             for batch in _batches(prompts, batch_size):
-                texts = [render(tokenizer, p)[0] for p in batch]
+                texts = [render(tokenizer, p, tools=tools)[0] for p in batch]
                 enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
                 sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if do_sample \
                     else {"do_sample": False}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from pipeline import models, parallel, training
+from pipeline import chat_templates, models, parallel, training
 from pipeline.course import Measure, run_course
 from pipeline.data import LoadedData, length_grouped_order, load_data, row_tokens, too_long_for
 from pipeline.errors import DataError, PipelineError
@@ -26,6 +26,8 @@ def load_policy(ctx: StageContext, key: str = "model"):
     path = ctx.resolve(section.path)
     tokenizer = models.load_tokenizer(ctx.resolve(getattr(cfg, "tokenizer", None)) or path,
                                       trust_remote_code=section.trust_remote_code, gguf_file=section.gguf_file)
+    chat_templates.apply(tokenizer, getattr(cfg, "chat_template", None), f"stages.{ctx.name}.chat_template",
+                         tools=bool(getattr(cfg, "tools", None)))
     if not tokenizer.chat_template:
         raise PipelineError(f"the tokenizer at {path} has no chat template", key=f"stages.{ctx.name}.{key}",
                             fix="train it with the `tokenizer` stage, or use an instruct model's tokenizer")

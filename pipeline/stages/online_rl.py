@@ -16,6 +16,7 @@ from pipeline import models, training
 from pipeline.eval import answers, measures
 from pipeline.errors import PipelineError
 from pipeline.rl.engines import make_engine, step_seeds
+from pipeline.rl import tools as tools_lib
 from pipeline.rl.rewards import rule_rewards
 from pipeline.stage import StageContext, StageResult
 from pipeline.stages.common import load_policy, load_stage_data, run_trainer, tags
@@ -24,9 +25,11 @@ TRAINER_KWARGS = ("trainer_state", "log_extra", "log_metric", "environments")  #
 
 
 def completion_text(completion: Any) -> str:
-    """A completion as text: TRL passes conversational completions as a list of messages."""
+    """A completion as text: TRL passes conversational completions as a list of messages (with tools: the
+    assistant's turns and the tool results between them); the answer is the last assistant turn's text."""
     if isinstance(completion, list):
-        return completion[-1]["content"] if completion else ""
+        said = [m for m in completion if m.get("role", "assistant") == "assistant"]
+        return (said[-1].get("content") or "") if said else ""
     return str(completion)
 
 
@@ -107,6 +110,36 @@ def generated_answers(model, tokenizer, cfg) -> Answer:
     return answer
 
 
+def tool_answers(model, tokenizer, cfg) -> Answer:
+    """Held-out answers with the stage's tools, as TRL's GRPO tool loop runs them: generate; while a completion
+    holds tool calls (at most `max_tool_calls` rounds), run them, append the call and its results to the
+    conversation and generate again; the answer is the last turn's text."""
+    schemas = tools_lib.functions(cfg.tools)
+
+    def answer(prompts: list, *, sample: bool, seeds: list[int] | None) -> list[str]:
+        conversations = [list(p) for p in prompts]
+        finals = measures.generate(model, tokenizer, conversations, max_new_tokens=cfg.max_new_tokens,
+                                   do_sample=sample, temperature=cfg.temperature, tools=schemas)
+        for _ in range(cfg.max_tool_calls):
+            calling = [i for i, text in enumerate(finals) if tools_lib.parse_calls(text)]
+            if not calling:
+                break
+            for i in calling:
+                calls = tools_lib.parse_calls(finals[i])
+                conversations[i].append({"role": "assistant", "content": "", "tool_calls": [
+                    {"type": "function", "function": {"name": name, "arguments": args}} for name, args in calls]})
+                conversations[i] += [{"role": "tool", "name": name, "content": tools_lib.call(name, args, cfg.tools)}
+                                     for name, args in calls]
+            again = measures.generate(model, tokenizer, [conversations[i] for i in calling],
+                                      max_new_tokens=cfg.max_new_tokens, do_sample=sample,
+                                      temperature=cfg.temperature, tools=schemas)
+            for i, text in zip(calling, again):
+                finals[i] = text
+        return finals
+
+    return answer
+
+
 def engine_answers(engine, tokenizer, cfg) -> Answer:
     """Held-out answers from the stage's vLLM engine (its weights already the measured model's), each sampled
     answer from its own seed, rendered as TRL renders its prompts."""
@@ -160,7 +193,9 @@ def held_out_measures(ctx: StageContext, tokenizer, evalset, reward_model, rewar
             model.to(ctx.state.device)
             if reward_model is not None:
                 reward_model.to(ctx.state.device)
-        if engine.name == "hf":
+        if getattr(ctx.config, "tools", None):
+            answer = tool_answers(model, tokenizer, ctx.config)
+        elif engine.name == "hf":
             answer = generated_answers(model, tokenizer, ctx.config)
         else:
             if phase == "after":
@@ -212,6 +247,9 @@ def run_online(ctx: StageContext, trainer_cls, config_cls, tag: str, **config_ex
     engine = make_engine(ctx, model, tokenizer, cfg.lora.r if cfg.lora else None,
                          models.mixed_precision(cfg.train.mixed_precision), cfg.train.max_length)
     hook = {} if engine.name == "hf" else {"rollout_func": engine_rollouts(engine, tokenizer, cfg, ctx.seed)}
+    if getattr(cfg, "tools", None):  # grpo's (the schema refuses tools on vllm rollouts)
+        hook["tools"] = tools_lib.functions(cfg.tools)
+        config_extra["max_tool_calling_iterations"] = cfg.max_tool_calls
     try:
         return run_trainer(
             ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_prompts": len(loaded.train)},

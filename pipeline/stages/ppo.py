@@ -1,6 +1,7 @@
 """`ppo` stage: our own PPO (pipeline.rl) on Accelerate. Policy = `model` (full or LoRA), frozen reference = the
 same starting policy (the base with the adapter disabled under LoRA), critic initialised from `value_model` (default
-the reward model) or a value head, reward = `reward_model` score + rule `rewards`.
+the reward model) or a value head, reward = `reward_model` score + rule `rewards` (either alone: rules alone train on
+verifiable rewards, with a value head or `value_model` for the critic).
 
 Launched as part of a recipe: `python -m pipeline run recipes/quickstart.yaml`. Metrics: held-out mean reward and
 exact-match accuracy (greedy) of the starting policy and the PPO policy, and the final KL to the reference.
@@ -25,11 +26,8 @@ from pipeline.stages.common import load_policy, load_stage_data, tags
 def build_models(ctx: StageContext, policy, tokenizer) -> tr.Models:
     """Reward model, critic and reference around the loaded policy (LoRA applied here when configured)."""
     cfg = ctx.config
-    reward_path = ctx.resolve(cfg.reward_model)
-    reward = models.load_reward_model(reward_path)
-    reward_tokenizer = models.load_tokenizer(reward_path)
-    same_vocab = reward_tokenizer.get_vocab() == tokenizer.get_vocab()
-    reward.config.pad_token_id = reward_tokenizer.pad_token_id
+    reward, reward_tokenizer, reward_path = load_reward(ctx.resolve(cfg.reward_model))
+    same_vocab = reward_tokenizer is None or reward_tokenizer.get_vocab() == tokenizer.get_vocab()
     reference = None
     if cfg.lora is not None:
         from peft import get_peft_model
@@ -39,7 +37,7 @@ def build_models(ctx: StageContext, policy, tokenizer) -> tr.Models:
         reference = tr.reference_copy(policy)
     if cfg.value_head:
         critic = tr.ValueHead(policy)
-    elif cfg.value_lora and same_vocab and ctx.resolve(cfg.value_model) in (None, reward_path):
+    elif cfg.value_lora and reward is not None and same_vocab and ctx.resolve(cfg.value_model) in (None, reward_path):
         adapted = critic_lora(reward, cfg.lora)  # one copy of the weights: the reward model is the adapters-off view
         critic, reward = tr.Critic(adapted), tr.WithoutAdapters(adapted)
     else:
@@ -48,6 +46,15 @@ def build_models(ctx: StageContext, policy, tokenizer) -> tr.Models:
         critic = tr.Critic(critic_lora(critic_model, cfg.lora) if cfg.value_lora else critic_model)
     return tr.Models(policy=policy, critic=critic, reward=reward, tokenizer=tokenizer, reference=reference,
                      reward_tokenizer=None if same_vocab else reward_tokenizer)
+
+
+def load_reward(path: str | None):
+    """(reward model, its tokenizer, its path), or three Nones when the stage scores with rules alone."""
+    if path is None:
+        return None, None, None
+    reward, reward_tokenizer = models.load_reward_model(path), models.load_tokenizer(path)
+    reward.config.pad_token_id = reward_tokenizer.pad_token_id
+    return reward, reward_tokenizer, path
 
 
 def critic_lora(critic_model, section: schema.LoraSection | None):

@@ -3,13 +3,11 @@ template (ChatML by default). Runs on the main process only (it is quick); other
 """
 from __future__ import annotations
 
+from pipeline import chat_templates
 from pipeline.stages.common import load_stage_data
 from pipeline.stage import StageContext, StageResult
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
 SPECIAL = {"eos_token": "<|im_end|>", "bos_token": "<|endoftext|>", "pad_token": "<|pad|>"}
-TEMPLATES = {"chatml": CHATML}
 
 
 def build(texts, vocab_size: int, min_frequency: int, chat_template: str, model_max_length: int):
@@ -27,7 +25,7 @@ def build(texts, vocab_size: int, min_frequency: int, chat_template: str, model_
     tok.train_from_iterator(texts, trainer)
     fast = PreTrainedTokenizerFast(tokenizer_object=tok, model_max_length=model_max_length,
                                    additional_special_tokens=["<|im_start|>"], **SPECIAL)
-    fast.chat_template = TEMPLATES.get(chat_template, chat_template)
+    fast.chat_template = chat_templates.TEMPLATES.get(chat_template, chat_template)
     return fast
 
 
