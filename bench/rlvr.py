@@ -95,7 +95,7 @@ def markdown(results: dict) -> str:
             f"Warm-up (LoRA sft on worked answers) wall time: {warmups}. Versions: {results['versions']}.\n")
 
 
-def main() -> int:
+def arguments():
     parser = common.bench_parser(__doc__)
     common.add_quick(parser, "2 GRPO steps, 8 PPO episodes, 4 prompts, seed 0")
     common.add_out(parser, ROOT / "outputs" / "rlvr-bench")
@@ -105,7 +105,11 @@ def main() -> int:
     parser.add_argument("--eval-prompts", type=int, default=100)
     parser.add_argument("--contended", type=int, nargs="+", default=[], metavar="SEED",
                         help="with --tables-only: record that these seeds ran beside other work")
-    args = parser.parse_args()
+    return parser
+
+
+def main() -> int:
+    args = arguments().parse_args()
     if args.tables_only:
         results = common.load_results(NAME)
         if args.contended:

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-SCRIPTS = ("run", "ppo", "quickstart", "real_hh", "real_speed", "reward_probe")
+SCRIPTS = ("run", "ppo", "quickstart", "real_hh", "real_speed", "reward_probe", "rlvr")
 
 
 def _common():
