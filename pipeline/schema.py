@@ -524,6 +524,13 @@ class RLStage(TrainedStage):
     rollout: RolloutSection = Field(default_factory=RolloutSection, exclude_if=lambda value: value == RolloutSection(),
                                     description=(
         "where rollouts are sampled: `{engine: hf}` (default) or `{engine: vllm, ...}` (a vLLM server)"))
+    reward_model: str | None = Field(None, description="a `reward` stage artifact scoring each sampled answer")
+
+    @model_validator(mode="after")
+    def _some_reward(self):
+        if not self.reward_model and not self.rewards:
+            raise ValueError("set `reward_model:` (e.g. ${reward}) or at least one rule in `rewards:`")
+        return self
 
 
 class PpoStage(RLStage):
@@ -589,9 +596,7 @@ class PpoStage(RLStage):
         return self
 
     @model_validator(mode="after")
-    def _a_reward_and_a_critic(self):
-        if not self.reward_model and not self.rewards:
-            raise ValueError("set `reward_model:` (e.g. ${reward}) or at least one rule in `rewards:`")
+    def _a_critic(self):
         if not self.reward_model and not (self.value_head or self.value_model):
             raise ValueError("without `reward_model:` the critic has nothing to start from: set `value_head: true` "
                              "(a value head on the policy) or `value_model:`")
@@ -613,12 +618,6 @@ class OnlineRLStage(RLStage):
         if self.rollout.importance_correction:
             raise ValueError("rollout.importance_correction is ppo's: TRL's GRPO/RLOO apply theirs only to their "
                              "own vLLM client; remove it (docs/online-rl.md#rollouts-on-vllm)")
-        return self
-
-    @model_validator(mode="after")
-    def _some_reward(self):
-        if not self.reward_model and not self.rewards:
-            raise ValueError("set `reward_model:` (e.g. ${reward}) or at least one rule in `rewards:`")
         return self
 
 

@@ -114,12 +114,12 @@ def tool_answers(model, tokenizer, cfg) -> Answer:
     """Held-out answers with the stage's tools, as TRL's GRPO tool loop runs them: generate; while a completion
     holds tool calls (at most `max_tool_calls` rounds), run them, append the call and its results to the
     conversation and generate again; the answer is the last turn's text."""
-    schemas = tools_lib.functions(cfg.tools)
+    functions = tools_lib.functions(cfg.tools)
 
     def answer(prompts: list, *, sample: bool, seeds: list[int] | None) -> list[str]:
         conversations = [list(p) for p in prompts]
         finals = measures.generate(model, tokenizer, conversations, max_new_tokens=cfg.max_new_tokens,
-                                   do_sample=sample, temperature=cfg.temperature, tools=schemas)
+                                   do_sample=sample, temperature=cfg.temperature, tools=functions)
         for _ in range(cfg.max_tool_calls):
             calling = [i for i, text in enumerate(finals) if tools_lib.parse_calls(text)]
             if not calling:
@@ -132,7 +132,7 @@ def tool_answers(model, tokenizer, cfg) -> Answer:
                                      for name, args in calls]
             again = measures.generate(model, tokenizer, [conversations[i] for i in calling],
                                       max_new_tokens=cfg.max_new_tokens, do_sample=sample,
-                                      temperature=cfg.temperature, tools=schemas)
+                                      temperature=cfg.temperature, tools=functions)
             for i, text in zip(calling, again):
                 finals[i] = text
         return finals
