@@ -5,6 +5,7 @@
     python bench/quickstart.py --jobs 2        # two seeds at a time, one core each (on a 2-core machine)
     python bench/quickstart.py --from-runs     # no training: the results again from the runs already in --out
     python bench/quickstart.py --tables-only   # quickstart.md and the README table again from quickstart.json
+    python bench/quickstart.py --results quickstart-avx2   # bench/results/quickstart-avx2.*, README left alone
 
 Each seed runs `python -m pipeline run recipes/quickstart.yaml seed=N` in a fresh process into
 bench/out/quickstart/seed-N, `--jobs` of them at a time (the table says how many), each with the machine's cores
@@ -184,8 +185,9 @@ def markdown(summary: dict) -> str:
     seeds = ", ".join(map(str, summary["seeds"]))
     jobs = summary.get("jobs", 1)
     together = f", {jobs} at a time" if jobs > 1 else ""
+    named = f" --results {summary['results']}" if summary.get("results", NAME) != NAME else ""
     lines = [f"Quickstart on seeds {seeds} ({len(summary['seeds'])} runs of `recipes/quickstart.yaml`{together}, "
-             f"`python bench/quickstart.py`). Machine: {summary['machine']}.", "",
+             f"`python bench/quickstart.py{named}`). Machine: {summary['machine']}.", "",
              "| stage | held-out measure (before -> after) | mean | min | max |", "| --- | --- | --- | --- | --- |"]
     for row in summary["rows"]:
         lines.append(f"| `{row['stage']}` | {row['measure']} | {_cell(row['mean'])} | {_cell(row['min'])} "
@@ -231,20 +233,28 @@ def arguments():
     parser.add_argument("--jobs", type=int, default=1, help="seeds run at a time (each in its own process)")
     parser.add_argument("--from-runs", action="store_true",
                         help="do not train: rebuild the results from the runs already in --out")
+    parser.add_argument("--results", default=NAME, metavar="NAME",
+                        help="write bench/results/NAME.{json,md}; any other name than the default leaves the README's "
+                             "table alone (e.g. quickstart-avx2 on a CPU without AVX-512, whose digits differ)")
     return parser
+
+
+def readme_block(results_name: str) -> common.Block | None:
+    """The README's table is the default results' only: a results file under another name is kept beside it."""
+    return BLOCK if results_name == NAME else None
 
 
 def main(argv: list[str] | None = None) -> int:
     args = arguments().parse_args(argv)
     if args.tables_only:
-        summary = common.load_results(NAME)
-        common.write_tables(NAME, markdown(summary), BLOCK, block_body(summary))
+        summary = common.load_results(args.results)
+        common.write_tables(args.results, markdown(summary), readme_block(args.results), block_body(summary))
         return 0
     runs = load_runs(args.out, args.seeds) if args.from_runs else measure_seeds(args.seeds, args.out, args.jobs)
-    summary = summarise(runs, args.jobs)
+    summary = {**summarise(runs, args.jobs), **({"results": args.results} if args.results != NAME else {})}
     (args.out / "runs.json").write_text(json.dumps([{k: v for k, v in run.items() if k != "manifests"}
                                                      for run in runs]) + "\n")
-    common.write_results(NAME, summary, markdown(summary), BLOCK, block_body(summary))
+    common.write_results(args.results, summary, markdown(summary), readme_block(args.results), block_body(summary))
     print(markdown(summary))
     return 0 if all(goal["all"] for goal in summary["goals"]) else 1
 
