@@ -12,7 +12,12 @@ pipeline and keep their stored rows in <out>/bench-rows.json). Launch from the r
                                                      # are marked as not comparable (accuracy is unaffected)
 `--grpo-steps`, `--ppo-episodes` and `--eval-prompts` shorten the recipe (recorded with the results); `--quick` is a
 smoke run that writes nothing. Writes bench/results/rlvr.json and rlvr.md and the README block between the
-`rlvr-table` markers. Nothing runs at import.
+`rlvr-table` markers.
+
+`--tools` benches recipes/real/smollm2-tools.yaml instead: the tool warm-up, GRPO with the calculator, and `no_tool`
+(the same warm model on the same held-out 2-3-digit items, no tool shown): held-out accuracy with the tool (GRPO's
+before -> after) against without it, with the goal of +15 points. Writes rlvr-tools.json/.md and the README block
+between the `rlvr-tools-table` markers. Nothing runs at import.
 """
 from __future__ import annotations
 
@@ -32,11 +37,21 @@ ACCURACY = {"grpo": ("eval_exact_match", "eval_sampled_exact_match"),
             "ppo": ("eval_accuracy", "eval_sampled_accuracy")}
 GOAL_POINTS = 10  # sampled accuracy up by at least this many points, greedy not down
 
+TOOLS_NAME = "rlvr-tools"
+TOOLS_RECIPE = ROOT / "recipes" / "real" / "smollm2-tools.yaml"
+TOOLS_BLOCK = common.Block(README, "<!-- rlvr-tools-table -->", "<!-- /rlvr-tools-table -->")
+TOOLS_STAGES = ("warmup", "warm", "no_tool", "grpo")
+TOOLS_ACCURACY = {"grpo": ACCURACY["grpo"], "no_tool": ACCURACY["grpo"]}
+TOOL_GOAL_POINTS = 15  # accuracy with the tool at least this many points above the same model without it
+
 
 def overrides(args, seed: int, out: Path) -> list[str]:
-    return [f"seed={seed}", f"output_dir={out}", f"stages.warmup.model.path={common.smollm2_folder()}",
-            f"stages.grpo.train.max_steps={args.grpo_steps}", f"stages.ppo.total_episodes={args.ppo_episodes}",
-            f"stages.grpo.eval_prompts={args.eval_prompts}", f"stages.ppo.eval_prompts={args.eval_prompts}"]
+    common_overrides = [f"seed={seed}", f"output_dir={out}", f"stages.warmup.model.path={common.smollm2_folder()}",
+                        f"stages.grpo.train.max_steps={args.grpo_steps}", f"stages.grpo.eval_prompts={args.eval_prompts}"]
+    if args.tools:
+        return [*common_overrides, f"stages.no_tool.eval_prompts={args.eval_prompts}"]
+    return [*common_overrides, f"stages.ppo.total_episodes={args.ppo_episodes}",
+            f"stages.ppo.eval_prompts={args.eval_prompts}"]
 
 
 def run_seed(args, seed: int, log) -> dict:
@@ -44,17 +59,18 @@ def run_seed(args, seed: int, log) -> dict:
     out = args.out / f"seed{seed}"
     rows_path = out / "bench-rows.json"
     rows = json.loads(rows_path.read_text()) if rows_path.exists() else {}
-    for stage in STAGES:
+    recipe, stages, accuracy = (TOOLS_RECIPE, TOOLS_STAGES, TOOLS_ACCURACY) if args.tools else (RECIPE, STAGES, ACCURACY)
+    for stage in stages:
         if stage in rows and (out / stage / "manifest.json").exists():
             continue
-        ran = common.run_pipeline(["run", RECIPE, "--only", stage, *overrides(args, seed, out)], log)
+        ran = common.run_pipeline(["run", recipe, "--only", stage, *overrides(args, seed, out)], log)
         if ran["exit"] != 0:
             sys.exit(f"seed {seed} stage {stage} exited {ran['exit']}: see {log.name}")
         rows[stage] = {"wall_s": round(ran["wall_s"], 1), "peak_rss_mib": round(ran["peak_rss_mib"])}
         out.mkdir(parents=True, exist_ok=True)
         rows_path.write_text(json.dumps(rows, indent=2))
         print(f"seed {seed} {stage}: {rows[stage]}", flush=True)
-    for stage, keys in ACCURACY.items():
+    for stage, keys in accuracy.items():
         metrics = json.loads((out / stage / "manifest.json").read_text())["metrics"]
         rows[stage]["accuracy"] = {f"{key}_{phase}": metrics[f"{key}_{phase}"] for key in keys
                                    for phase in ("before", "after")}
@@ -89,6 +105,42 @@ def block_body(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+def tool_gain(rows: dict, phase: str) -> float:
+    """Held-out greedy accuracy with the tool (GRPO's policy, `phase` before or after GRPO) minus without it
+    (`no_tool`: the warm model, no tool shown, before its one step)."""
+    greedy = ACCURACY["grpo"][0]
+    return rows["grpo"]["accuracy"][f"{greedy}_{phase}"] - rows["no_tool"]["accuracy"][f"{greedy}_before"]
+
+
+def tools_block_body(results: dict) -> str:
+    settings = results["settings"]
+    greedy, sampled = ACCURACY["grpo"]
+    lines = [f"SmolLM2-135M-Instruct, {results['cpu']}; tool warm-up then GRPO {settings['grpo_steps']} steps with the "
+             f"calculator, {settings['eval_prompts']} held-out 2-3-digit items; `python bench/rlvr.py --tools`, "
+             "[bench/results/rlvr-tools.md](bench/results/rlvr-tools.md).", "",
+             "| seed | without the tool: greedy / sampled | with the tool, before -> after GRPO: greedy | sampled | "
+             f"goal (with the tool >= +{TOOL_GOAL_POINTS} points greedy, after GRPO) | wall s (warm-up, GRPO) |",
+             "|---|---|---|---|---|---|"]
+    contended = set(results.get("contended", []))
+    for seed, rows in results["seeds"].items():
+        mark = "*" if int(seed) in contended else ""
+        without, tool = rows["no_tool"]["accuracy"], rows["grpo"]["accuracy"]
+        met = tool_gain(rows, "after") >= TOOL_GOAL_POINTS / 100
+        lines.append(f"| {seed} | {without[greedy + '_before']:.3f} / {without[sampled + '_before']:.3f} | "
+                     f"{tool[greedy + '_before']:.3f} -> {tool[greedy + '_after']:.3f} | "
+                     f"{tool[sampled + '_before']:.3f} -> {tool[sampled + '_after']:.3f} | "
+                     f"{'met' if met else 'not met'} ({tool_gain(rows, 'after') * 100:+.1f}) | "
+                     f"{rows['warmup']['wall_s']:.0f}{mark}, {rows['grpo']['wall_s']:.0f}{mark} |")
+    if contended:
+        lines += ["", "\\* ran while other work shared the 2 cores: its wall times are not comparable."]
+    return "\n".join(lines) + "\n"
+
+
+def tools_markdown(results: dict) -> str:
+    return (f"# Tool use: recipes/real/smollm2-tools.yaml\n\n{tools_block_body(results)}\n"
+            f"Versions: {results['versions']}.\n")
+
+
 def markdown(results: dict) -> str:
     warmups = ", ".join(f"seed {seed} {rows['warmup']['wall_s']:.0f} s" for seed, rows in results["seeds"].items())
     return (f"# RL from verifiable rewards: recipes/real/smollm2-rlvr.yaml\n\n{block_body(results)}\n"
@@ -103,6 +155,8 @@ def arguments():
     parser.add_argument("--grpo-steps", type=int, default=60)
     parser.add_argument("--ppo-episodes", type=int, default=512)
     parser.add_argument("--eval-prompts", type=int, default=100)
+    parser.add_argument("--tools", action="store_true",
+                        help="bench recipes/real/smollm2-tools.yaml (tool use against no tool) instead")
     parser.add_argument("--contended", type=int, nargs="+", default=[], metavar="SEED",
                         help="with --tables-only: record that these seeds ran beside other work")
     return parser
@@ -110,11 +164,13 @@ def arguments():
 
 def main() -> int:
     args = arguments().parse_args()
+    name, block = (TOOLS_NAME, TOOLS_BLOCK) if args.tools else (NAME, BLOCK)
+    write_markdown, write_body = (tools_markdown, tools_block_body) if args.tools else (markdown, block_body)
     if args.tables_only:
-        results = common.load_results(NAME)
+        results = common.load_results(name)
         if args.contended:
             results["contended"] = sorted(set(results.get("contended", [])) | set(args.contended))
-            common.save_results(NAME, results)
+            common.save_results(name, results)
     else:
         if args.quick:
             args.seeds, args.grpo_steps, args.ppo_episodes, args.eval_prompts = [0], 2, 8, 4
@@ -126,10 +182,10 @@ def main() -> int:
                                 "eval_prompts": args.eval_prompts},
                    "cpu": common.cpu_line(), "versions": common.versions(), "seeds": seeds}
         if args.quick:
-            print(block_body(results))
+            print(write_body(results))
             return 0
-        common.save_results(NAME, results)
-    common.write_tables(NAME, markdown(results), BLOCK, block_body(results))
+        common.save_results(name, results)
+    common.write_tables(name, write_markdown(results), block, write_body(results))
     return 0
 
 

@@ -74,6 +74,8 @@ def test_the_same_flag_means_the_same_thing_in_every_bench(tmp_path):
         assert module.arguments().parse_args(["--out", str(tmp_path)]).out == tmp_path
         assert module.arguments().parse_args([]).out.is_relative_to(ROOT)
     assert quickstart.arguments().parse_args(["--seeds", "4", "5"]).seeds == [4, 5]
+    assert quickstart.readme_block(quickstart.arguments().parse_args([]).results) is quickstart.BLOCK
+    assert quickstart.readme_block(quickstart.arguments().parse_args(["--results", "quickstart-avx2"]).results) is None
     assert real_hh.arguments().parse_args(["stages.ppo.total_episodes=8"]).overrides == ["stages.ppo.total_episodes=8"]
 
 
@@ -141,6 +143,26 @@ def test_every_results_file_renders_to_the_markdown_and_block_beside_it():
         block = getattr(module, "BLOCK", None)
         if block is not None:
             assert block.read() == module.block_body(results), f"{script}: {block.path.name} {block.start}"
+    quickstart = _load("quickstart")  # the table of a CPU without AVX-512, kept beside the README's
+    avx2 = common.load_results("quickstart-avx2")
+    assert quickstart.markdown(avx2) == (common.RESULTS / "quickstart-avx2.md").read_text()
+
+
+def test_the_tool_bench_compares_with_the_tool_against_without_it(monkeypatch):
+    rlvr = _load("rlvr")
+    monkeypatch.setattr(rlvr.common, "smollm2_folder", lambda: "smollm2")
+    greedy, sampled = rlvr.ACCURACY["grpo"]
+    accuracy = lambda before, after: {f"{greedy}_before": before, f"{greedy}_after": after,  # noqa: E731
+                                      f"{sampled}_before": before / 2, f"{sampled}_after": after / 2}
+    rows = {"warmup": {"wall_s": 250.0}, "grpo": {"wall_s": 900.0, "accuracy": accuracy(0.40, 0.46)},
+            "no_tool": {"wall_s": 60.0, "accuracy": accuracy(0.30, 0.31)}}
+    assert rlvr.tool_gain(rows, "before") == pytest.approx(0.10) and rlvr.tool_gain(rows, "after") == pytest.approx(0.16)
+    results = {"settings": {"grpo_steps": 20, "eval_prompts": 64}, "cpu": "cpu", "versions": "v", "seeds": {"0": rows}}
+    row = rlvr.tools_block_body(results).splitlines()[-1]
+    assert row == "| 0 | 0.300 / 0.150 | 0.400 -> 0.460 | 0.200 -> 0.230 | met (+16.0) | 250, 900 |", row
+    rows["grpo"]["accuracy"] = accuracy(0.40, 0.44)
+    assert "| not met (+14.0) |" in rlvr.tools_block_body(results)
+    assert rlvr.overrides(rlvr.arguments().parse_args(["--tools"]), 0, Path("o"))[-1] == "stages.no_tool.eval_prompts=100"
 
 
 def test_the_package_imports_no_bench_code():

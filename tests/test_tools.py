@@ -66,7 +66,7 @@ def test_tool_calls_are_parsed_from_text_and_malformed_ones_ignored():
 
 
 def test_the_schema_shown_to_the_model_comes_from_the_docstring():
-    (schema,) = json.loads(tools.schemas(["calculator"]))
+    (schema,) = tools.schemas(["calculator"])
     function = schema["function"]
     assert function["name"] == "calculator" and function["parameters"]["required"] == ["expression"]
     assert "arithmetic" in function["description"]
@@ -85,7 +85,7 @@ def test_chatml_tools_renders_plain_conversations_exactly_as_chatml(tokenizer):
 
 
 def test_chatml_tools_shows_tools_and_renders_calls_as_flattened_data_reads_them(tokenizer):
-    schemas = json.loads(tools.schemas(["calculator"]))
+    schemas = tools.schemas(["calculator"])
     text = tokenizer.apply_chat_template([*QUESTION, CALL, RESULT, ANSWER], tools=schemas, tokenize=False)
     assert text.startswith("<|im_start|>system\nYou can call these tools.") and '"name": "calculator"' in text
     flattened = chat_templates.tool_call_text("calculator", {"expression": "12 * 3"})
@@ -188,7 +188,7 @@ def test_sft_warm_up_then_grpo_calls_the_tool(tokenizer, tmp_path):
 
     sft, rows = one_item_files(tmp_path)
     conversation = json.loads(sft.read_text().splitlines()[0])["messages"]
-    schemas = json.loads(tools.schemas(["calculator"]))
+    schemas = tools.schemas(["calculator"])
     call = chat_templates.tool_call_text("calculator", {"expression": "12 * 3"})
     save_tiny_chat_model(tmp_path / "policy", [tokenizer.apply_chat_template(conversation, tools=schemas,
                                                                              tokenize=False)] * 4,

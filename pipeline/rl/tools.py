@@ -66,11 +66,11 @@ def functions(names: list[str]) -> list[Callable[..., str]]:
     return [TOOLS[name] for name in names]
 
 
-def schemas(names: list[str]) -> str:
-    """The tools' JSON schemas as one JSON string: an sft row's `tools` column (TRL renders it into the prompt)."""
+def schemas(names: list[str]) -> list[dict]:
+    """The tools' JSON schemas, as a chat template's `tools=` takes them."""
     from transformers.utils import get_json_schema
 
-    return json.dumps([get_json_schema(function) for function in functions(names)])
+    return [get_json_schema(function) for function in functions(names)]
 
 
 CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.DOTALL)

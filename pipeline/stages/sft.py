@@ -65,15 +65,14 @@ def run(ctx: StageContext) -> StageResult:
     cfg = ctx.config
     model, tokenizer, base = load_policy(ctx)
     shown = tools.schemas(cfg.tools) if cfg.tools else None  # the tools' JSON schemas every prompt shows
-    loaded = load_stage_data(ctx, too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length,
-                                                                  json.loads(shown) if shown else None))
+    loaded = load_stage_data(ctx, too_long=data_lib.too_long_for(tokenizer, cfg.train.max_length, shown))
     args = SFTConfig(**training.trainer_kwargs(ctx, cfg.train), max_length=cfg.train.max_length,
                      packing=use_packing(cfg.train.packing, model), packing_strategy=packing_strategy(model),
                      completion_only_loss=cfg.completion_only_loss, eos_token=tokenizer.eos_token)
     peft_config = models.lora_config(cfg.lora) if cfg.lora else None
     rows = length_grouped(ctx, loaded.train, data_lib.row_tokens(tokenizer))
-    if shown:  # TRL renders each row's `tools` column into its prompt, as a grpo stage with these tools does
-        rows = rows.add_column("tools", [shown] * len(rows))
+    if shown:  # TRL renders each row's `tools` column (JSON text) into its prompt, as a grpo stage with them does
+        rows = rows.add_column("tools", [json.dumps(shown)] * len(rows))
     return run_trainer(
         ctx, tokenizer=tokenizer, model=model, loaded=loaded, metrics={"train_rows": len(loaded.train)},
         measure=held_out_measures(tokenizer, loaded.eval) if loaded.eval is not None else None,
