@@ -143,6 +143,10 @@ def test_every_results_file_renders_to_the_markdown_and_block_beside_it():
         block = getattr(module, "BLOCK", None)
         if block is not None:
             assert block.read() == module.block_body(results), f"{script}: {block.path.name} {block.start}"
+    rlvr = _load("rlvr")  # its --tools results: their own Markdown and README block
+    tools = common.load_results(rlvr.TOOLS_NAME)
+    assert rlvr.tools_markdown(tools) == (common.RESULTS / f"{rlvr.TOOLS_NAME}.md").read_text()
+    assert rlvr.TOOLS_BLOCK.read() == rlvr.tools_block_body(tools)
     quickstart = _load("quickstart")  # the table of a CPU without AVX-512, kept beside the README's
     avx2 = common.load_results("quickstart-avx2")
     assert quickstart.markdown(avx2) == (common.RESULTS / "quickstart-avx2.md").read_text()
