@@ -23,7 +23,9 @@ from __future__ import annotations
 
 import json
 import sys
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import common
 from common import README, ROOT
@@ -59,18 +61,18 @@ def run_seed(args, seed: int, log) -> dict:
     out = args.out / f"seed{seed}"
     rows_path = out / "bench-rows.json"
     rows = json.loads(rows_path.read_text()) if rows_path.exists() else {}
-    recipe, stages, accuracy = (TOOLS_RECIPE, TOOLS_STAGES, TOOLS_ACCURACY) if args.tools else (RECIPE, STAGES, ACCURACY)
-    for stage in stages:
+    bench = setup(args.tools)
+    for stage in bench.stages:
         if stage in rows and (out / stage / "manifest.json").exists():
             continue
-        ran = common.run_pipeline(["run", recipe, "--only", stage, *overrides(args, seed, out)], log)
+        ran = common.run_pipeline(["run", bench.recipe, "--only", stage, *overrides(args, seed, out)], log)
         if ran["exit"] != 0:
             sys.exit(f"seed {seed} stage {stage} exited {ran['exit']}: see {log.name}")
         rows[stage] = {"wall_s": round(ran["wall_s"], 1), "peak_rss_mib": round(ran["peak_rss_mib"])}
         out.mkdir(parents=True, exist_ok=True)
         rows_path.write_text(json.dumps(rows, indent=2))
         print(f"seed {seed} {stage}: {rows[stage]}", flush=True)
-    for stage, keys in accuracy.items():
+    for stage, keys in bench.accuracy.items():
         metrics = json.loads((out / stage / "manifest.json").read_text())["metrics"]
         rows[stage]["accuracy"] = {f"{key}_{phase}": metrics[f"{key}_{phase}"] for key in keys
                                    for phase in ("before", "after")}
@@ -147,6 +149,28 @@ def markdown(results: dict) -> str:
             f"Warm-up (LoRA sft on worked answers) wall time: {warmups}. Versions: {results['versions']}.\n")
 
 
+@dataclass(frozen=True)
+class Setup:
+    """What one bench of this script reads and writes: the recipe, its stages, the accuracy kept per stage, the
+    results name, the README block and the two table writers."""
+
+    recipe: Path
+    stages: tuple[str, ...]
+    accuracy: dict[str, tuple[str, str]]
+    name: str
+    block: common.Block
+    markdown: Callable[[dict], str]
+    block_body: Callable[[dict], str]
+
+
+def setup(tools: bool) -> Setup:
+    """The rlvr recipe's bench, or with `tools` the tool recipe's."""
+    if tools:
+        return Setup(TOOLS_RECIPE, TOOLS_STAGES, TOOLS_ACCURACY, TOOLS_NAME, TOOLS_BLOCK, tools_markdown,
+                     tools_block_body)
+    return Setup(RECIPE, STAGES, ACCURACY, NAME, BLOCK, markdown, block_body)
+
+
 def arguments():
     parser = common.bench_parser(__doc__)
     common.add_quick(parser, "2 GRPO steps, 8 PPO episodes, 4 prompts, seed 0")
@@ -164,13 +188,12 @@ def arguments():
 
 def main() -> int:
     args = arguments().parse_args()
-    name, block = (TOOLS_NAME, TOOLS_BLOCK) if args.tools else (NAME, BLOCK)
-    write_markdown, write_body = (tools_markdown, tools_block_body) if args.tools else (markdown, block_body)
+    bench = setup(args.tools)
     if args.tables_only:
-        results = common.load_results(name)
+        results = common.load_results(bench.name)
         if args.contended:
             results["contended"] = sorted(set(results.get("contended", [])) | set(args.contended))
-            common.save_results(name, results)
+            common.save_results(bench.name, results)
     else:
         if args.quick:
             args.seeds, args.grpo_steps, args.ppo_episodes, args.eval_prompts = [0], 2, 8, 4
@@ -182,10 +205,10 @@ def main() -> int:
                                 "eval_prompts": args.eval_prompts},
                    "cpu": common.cpu_line(), "versions": common.versions(), "seeds": seeds}
         if args.quick:
-            print(write_body(results))
+            print(bench.block_body(results))
             return 0
-        common.save_results(name, results)
-    common.write_tables(name, write_markdown(results), block, write_body(results))
+        common.save_results(bench.name, results)
+    common.write_tables(bench.name, bench.markdown(results), bench.block, bench.block_body(results))
     return 0
 
 
