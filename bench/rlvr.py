@@ -14,9 +14,10 @@ pipeline and keep their stored rows in <out>/bench-rows.json). Launch from the r
 smoke run that writes nothing. Writes bench/results/rlvr.json and rlvr.md and the README block between the
 `rlvr-table` markers.
 
-`--tools` benches recipes/real/smollm2-tools.yaml instead: the tool warm-up, GRPO with the calculator, and `no_tool`
-(the same warm model on the same held-out 2-3-digit items, no tool shown): held-out accuracy with the tool (GRPO's
-before -> after) against without it, with the goal of +15 points. Writes rlvr-tools.json/.md and the README block
+`--tools` benches recipes/real/smollm2-tools.yaml instead: the tool warm-up, GRPO with the calculator, `no_tool`
+(the same warm model on the same held-out 2-3-digit items, no tool shown) and `base_no_tool` (SmolLM2 as shipped,
+no warm-up, no tool, its last number read as the answer): held-out accuracy with the tool (GRPO's before -> after)
+against the better of the two without it, with the goal of +15 points. Writes rlvr-tools.json/.md and the README block
 between the `rlvr-tools-table` markers. Nothing runs at import.
 """
 from __future__ import annotations
@@ -42,8 +43,9 @@ GOAL_POINTS = 10  # sampled accuracy up by at least this many points, greedy not
 TOOLS_NAME = "rlvr-tools"
 TOOLS_RECIPE = ROOT / "recipes" / "real" / "smollm2-tools.yaml"
 TOOLS_BLOCK = common.Block(README, "<!-- rlvr-tools-table -->", "<!-- /rlvr-tools-table -->")
-TOOLS_STAGES = ("warmup", "warm", "no_tool", "grpo")
-TOOLS_ACCURACY = {"grpo": ACCURACY["grpo"], "no_tool": ACCURACY["grpo"]}
+TOOLS_STAGES = ("warmup", "warm", "no_tool", "base_no_tool", "grpo")
+WITHOUT_TOOL = ("no_tool", "base_no_tool")  # the warm model and SmolLM2 as shipped, no tool shown
+TOOLS_ACCURACY = {"grpo": ACCURACY["grpo"], **{stage: ACCURACY["grpo"] for stage in WITHOUT_TOOL}}
 TOOL_GOAL_POINTS = 15  # accuracy with the tool at least this many points above the same model without it
 
 
@@ -51,7 +53,8 @@ def overrides(args, seed: int, out: Path) -> list[str]:
     common_overrides = [f"seed={seed}", f"output_dir={out}", f"stages.warmup.model.path={common.smollm2_folder()}",
                         f"stages.grpo.train.max_steps={args.grpo_steps}", f"stages.grpo.eval_prompts={args.eval_prompts}"]
     if args.tools:
-        return [*common_overrides, f"stages.no_tool.eval_prompts={args.eval_prompts}"]
+        return [*common_overrides, f"stages.base_no_tool.model.path={common.smollm2_folder()}",
+                *(f"stages.{stage}.eval_prompts={args.eval_prompts}" for stage in WITHOUT_TOOL)]
     return [*common_overrides, f"stages.ppo.total_episodes={args.ppo_episodes}",
             f"stages.ppo.eval_prompts={args.eval_prompts}"]
 
@@ -107,11 +110,17 @@ def block_body(results: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def tool_gain(rows: dict, phase: str) -> float:
-    """Held-out greedy accuracy with the tool (GRPO's policy, `phase` before or after GRPO) minus without it
-    (`no_tool`: the warm model, no tool shown, before its one step)."""
+def without_tool(rows: dict) -> float:
+    """The better held-out greedy accuracy without the tool, before their one step: the warm model (`no_tool`) or
+    SmolLM2 as shipped (`base_no_tool`; results from before it existed have only `no_tool`)."""
     greedy = ACCURACY["grpo"][0]
-    return rows["grpo"]["accuracy"][f"{greedy}_{phase}"] - rows["no_tool"]["accuracy"][f"{greedy}_before"]
+    return max(rows[stage]["accuracy"][f"{greedy}_before"] for stage in WITHOUT_TOOL if stage in rows)
+
+
+def tool_gain(rows: dict, phase: str) -> float:
+    """Held-out greedy accuracy with the tool (GRPO's policy, `phase` before or after GRPO) minus the better of
+    the two models without it (`without_tool`)."""
+    return rows["grpo"]["accuracy"][f"{ACCURACY['grpo'][0]}_{phase}"] - without_tool(rows)
 
 
 def tools_block_body(results: dict) -> str:
@@ -120,15 +129,16 @@ def tools_block_body(results: dict) -> str:
     lines = [f"SmolLM2-135M-Instruct, {results['cpu']}; tool warm-up then GRPO {settings['grpo_steps']} steps with the "
              f"calculator, {settings['eval_prompts']} held-out 2-3-digit items; `python bench/rlvr.py --tools`, "
              "[bench/results/rlvr-tools.md](bench/results/rlvr-tools.md).", "",
-             "| seed | without the tool: greedy / sampled | with the tool, before -> after GRPO: greedy | sampled | "
-             f"goal (with the tool >= +{TOOL_GOAL_POINTS} points greedy, after GRPO) | wall s (warm-up, GRPO) |",
-             "|---|---|---|---|---|---|"]
+             "| seed | without the tool, the warm model: greedy / sampled | without the tool, SmolLM2 as shipped: "
+             "greedy / sampled | with the tool, before -> after GRPO: greedy | sampled | goal (with the tool >= "
+             f"+{TOOL_GOAL_POINTS} points greedy over the better without it, after GRPO) | wall s (warm-up, GRPO) |",
+             "|---|---|---|---|---|---|---|"]
     contended = set(results.get("contended", []))
     for seed, rows in results["seeds"].items():
         mark = "*" if int(seed) in contended else ""
-        without, tool = rows["no_tool"]["accuracy"], rows["grpo"]["accuracy"]
+        tool = rows["grpo"]["accuracy"]
         met = tool_gain(rows, "after") >= TOOL_GOAL_POINTS / 100
-        lines.append(f"| {seed} | {without[greedy + '_before']:.3f} / {without[sampled + '_before']:.3f} | "
+        lines.append(f"| {seed} | {without_cell(rows, 'no_tool')} | {without_cell(rows, 'base_no_tool')} | "
                      f"{tool[greedy + '_before']:.3f} -> {tool[greedy + '_after']:.3f} | "
                      f"{tool[sampled + '_before']:.3f} -> {tool[sampled + '_after']:.3f} | "
                      f"{'met' if met else 'not met'} ({tool_gain(rows, 'after') * 100:+.1f}) | "
@@ -136,6 +146,15 @@ def tools_block_body(results: dict) -> str:
     if contended:
         lines += ["", "\\* ran while other work shared the 2 cores: its wall times are not comparable."]
     return "\n".join(lines) + "\n"
+
+
+def without_cell(rows: dict, stage: str) -> str:
+    """A model's held-out greedy / sampled accuracy without the tool, or '-' where the bench did not run it."""
+    if stage not in rows:
+        return "-"
+    greedy, sampled = ACCURACY["grpo"]
+    accuracy = rows[stage]["accuracy"]
+    return f"{accuracy[greedy + '_before']:.3f} / {accuracy[sampled + '_before']:.3f}"
 
 
 def tools_markdown(results: dict) -> str:

@@ -25,11 +25,14 @@ SHORT = {
                       "grpo": {"train": SHORT_TRAIN, "eval_prompts": 2, "max_new_tokens": 48,
                                "data": {"max_rows": 8}},
                       "no_tool": {"train": SHORT_TRAIN, "eval_prompts": 2, "max_new_tokens": 16,
-                                  "data": {"max_rows": 8}}},
+                                  "data": {"max_rows": 8}},
+                      "base_no_tool": {"train": SHORT_TRAIN, "eval_prompts": 2, "max_new_tokens": 16,
+                                       "data": {"max_rows": 8}}},
 }
 MEASURES = {"grpo": ("eval_exact_match_before", "eval_exact_match_after", "eval_sampled_exact_match_before"),
             "ppo": ("eval_accuracy_before", "eval_accuracy_after", "eval_sampled_accuracy_before"),
-            "no_tool": ("eval_exact_match_before", "eval_sampled_exact_match_before")}
+            "no_tool": ("eval_exact_match_before", "eval_sampled_exact_match_before"),
+            "base_no_tool": ("eval_exact_match_before", "eval_sampled_exact_match_before")}
 
 
 def model_folder() -> str:
@@ -48,7 +51,9 @@ def test_real_recipe_runs_shortened(name, tmp_path, monkeypatch):
 
     spec = yaml.safe_load((ROOT / "recipes" / "real" / f"{name}.yaml").read_text())
     spec["output_dir"] = str(tmp_path / "out")
-    spec["stages"]["warmup"]["model"]["path"] = model_folder()
+    for stage in spec["stages"].values():  # the stages that load SmolLM2 itself (the others name a stage)
+        if isinstance(stage.get("model"), dict) and "gguf_file" in stage["model"]:
+            stage["model"]["path"] = model_folder()
     for stage, changes in SHORT[name].items():
         for key, value in changes.items():
             current = spec["stages"][stage].get(key, {})
