@@ -219,9 +219,7 @@ def load_causal_lm(path: str, section: schema.ModelSection, *, merge_adapter: bo
             gguf_file = adapter_base_gguf(path)
             if gguf_file:
                 return _adapter_on_gguf_base(path, section, gguf_file, merge_adapter=merge_adapter, tp_size=tp_size)
-            from peft import AutoPeftModelForCausalLM
-
-            model = AutoPeftModelForCausalLM.from_pretrained(path, **kwargs)
+            model = _adapter_on_base(path, kwargs)
             return model.merge_and_unload() if merge_adapter else model
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
         return _dequantised(model) if section.gguf_file else model
@@ -272,10 +270,21 @@ def load_adapter(path: str | Path, *, merge: bool):
     .gguf file (see `adapter_base_gguf`) is loaded through its gguf_file, dequantised to float32."""
     if adapter_base_gguf(path):
         return load_causal_lm(str(path), schema.ModelSection(path=str(path), dtype="float32"), merge_adapter=merge)
-    from peft import AutoPeftModelForCausalLM
-
-    model = AutoPeftModelForCausalLM.from_pretrained(str(path))
+    model = _adapter_on_base(str(path), {})
     return model.merge_and_unload() if merge else model
+
+
+def _adapter_on_base(path: str, kwargs: dict[str, Any]):
+    """A LoRA causal-LM adapter on its base, as peft's AutoPeftModel loads it; when the base is not where the
+    adapter's config says (its output folder moved: see `base_model_of`), the base is loaded from where it is now
+    and the adapter put on it."""
+    from peft import AutoPeftModelForCausalLM, PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = base_model_of(path)
+    if base == recorded_base(path):
+        return AutoPeftModelForCausalLM.from_pretrained(path, **kwargs)
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), path)
 
 
 def _dequantised(model):
@@ -327,12 +336,46 @@ def check_lora_targets(model, section: schema.LoraSection) -> None:
 
 
 def base_model_of(path: str | Path) -> str | None:
-    """The model an artifact was trained from, as recorded in its manifest or adapter config."""
+    """The model an artifact was trained from: for an adapter, the base its config names, or that base found again
+    beside it when the output folder has moved (`moved_base`); for full weights, the artifact itself."""
     folder = Path(path)
-    adapter = folder / "adapter_config.json"
-    if adapter.exists():
-        return json.loads(adapter.read_text()).get("base_model_name_or_path")
+    if (folder / "adapter_config.json").exists():
+        recorded = recorded_base(folder)
+        return moved_base(folder, recorded) or recorded
     return str(path)
+
+
+def recorded_base(adapter: str | Path) -> str | None:
+    """The base an adapter's adapter_config.json names (an absolute path for a base trained in this pipeline); None
+    when the file is unreadable (peft's own load then says why)."""
+    try:
+        return json.loads((Path(adapter) / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    except (OSError, ValueError, AttributeError):
+        return None
+
+
+def moved_base(adapter: Path, recorded: str | None) -> str | None:
+    """Where the base of an adapter is now when its recorded absolute path is gone because the run's output folder
+    moved (copied to another disk or machine): the adapter's manifest names its parent stage with the parent's
+    fingerprint, and the sibling folder of that stage holding an artifact of that fingerprint is the base. None
+    when the recorded path exists or no such sibling is found (peft's own error then names the recorded path)."""
+    if not recorded or not Path(recorded).is_absolute() or Path(recorded).exists():
+        return None
+    try:
+        parents = json.loads((adapter / "manifest.json").read_text()).get("parents") or []
+    except (OSError, ValueError):
+        return None
+    for parent in parents:
+        if not isinstance(parent, dict) or parent.get("path") != recorded or not parent.get("stage"):
+            continue
+        sibling = adapter.parent / parent["stage"]
+        try:
+            found = json.loads((sibling / "manifest.json").read_text())
+        except (OSError, ValueError):
+            continue
+        if found.get("fingerprint") == parent.get("fingerprint") and found.get("complete"):
+            return str(sibling)
+    return None
 
 
 def save_model(model, tokenizer, folder: Path, *, merge_lora: bool = False) -> str:

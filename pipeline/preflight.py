@@ -23,7 +23,7 @@ from pipeline import data as data_lib
 from pipeline import registry, schema
 from pipeline.data import looks_local
 from pipeline.errors import DataError, PipelineError, RecipeError
-from pipeline.models import check_safe_weights
+from pipeline.models import base_model_of, check_safe_weights
 from pipeline.recipe import Recipe
 from pipeline.tools import gguf
 
@@ -332,8 +332,7 @@ def model_config(recipe: Recipe, name: str, seen: frozenset = frozenset()) -> di
     if folder is None:
         return None
     if (folder / "adapter_config.json").exists():
-        base = (_read_json(folder / "adapter_config.json") or {}).get("base_model_name_or_path")
-        folder = _folder(base)
+        folder = _folder(base_model_of(folder))
         if folder is None:
             return None
     return _read_json(folder / "config.json")

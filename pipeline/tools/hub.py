@@ -115,7 +115,7 @@ def stage_files(artifact: Artifact, folder: Path, *, merge: bool) -> dict[str, A
 
 
 def _adapter_base(folder: Path) -> str | None:
-    return json.loads((folder / "adapter_config.json").read_text()).get("base_model_name_or_path")
+    return models.base_model_of(folder)
 
 
 def _rewrite_adapter_config(path: Path, base_id: str, revision: str | None) -> None:
