@@ -138,7 +138,7 @@ def tools_block_body(results: dict) -> str:
         mark = "*" if int(seed) in contended else ""
         tool = rows["grpo"]["accuracy"]
         met = tool_gain(rows, "after") >= TOOL_GOAL_POINTS / 100
-        lines.append(f"| {seed} | {without_cell(rows, 'no_tool')} | {without_cell(rows, 'base_no_tool')} | "
+        lines.append(f"| {seed} | {' | '.join(without_cell(rows, stage) for stage in WITHOUT_TOOL)} | "
                      f"{tool[greedy + '_before']:.3f} -> {tool[greedy + '_after']:.3f} | "
                      f"{tool[sampled + '_before']:.3f} -> {tool[sampled + '_after']:.3f} | "
                      f"{'met' if met else 'not met'} ({tool_gain(rows, 'after') * 100:+.1f}) | "

@@ -281,10 +281,10 @@ def _adapter_on_base(path: str, kwargs: dict[str, Any]):
     from peft import AutoPeftModelForCausalLM, PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = base_model_of(path)
-    if base == recorded_base(path):
+    moved = moved_base(Path(path), recorded_base(path))
+    if moved is None:
         return AutoPeftModelForCausalLM.from_pretrained(path, **kwargs)
-    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(base, **kwargs), path)
+    return PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(moved, **kwargs), path)
 
 
 def _dequantised(model):

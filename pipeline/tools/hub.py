@@ -94,7 +94,7 @@ def hub_base(local: str | None) -> tuple[str | None, str | None]:
 
 def stage_files(artifact: Artifact, folder: Path, *, merge: bool) -> dict[str, Any]:
     """Copy (or merge) the artifact into `folder` ready to push; returns what the card needs to know."""
-    base_local = _adapter_base(artifact.path) if artifact.is_adapter else artifact.manifest.get("base_model")
+    base_local = models.base_model_of(artifact.path) if artifact.is_adapter else artifact.manifest.get("base_model")
     base_id, base_revision = hub_base(base_local)
     if base_local and base_id is None:
         _warn(f"base model {base_local} was never pushed, so the card on the Hub names no base_model"
@@ -112,10 +112,6 @@ def stage_files(artifact: Artifact, folder: Path, *, merge: bool) -> dict[str, A
         if artifact.is_adapter and base_id:
             _rewrite_adapter_config(folder / "adapter_config.json", base_id, base_revision)
     return {"base_model": base_id, "library_name": library, "merged": artifact.is_adapter and merge}
-
-
-def _adapter_base(folder: Path) -> str | None:
-    return models.base_model_of(folder)
 
 
 def _rewrite_adapter_config(path: Path, base_id: str, revision: str | None) -> None:
