@@ -1,7 +1,13 @@
-"""Shared fixtures: offline Hub, a repo-root working directory, and a tiny trained chain reused across tests."""
+"""Shared fixtures: offline Hub, a repo-root working directory, and a tiny trained chain reused across tests.
+
+A bare `pytest` (or `pytest -m slow`) started by an interpreter without the project's packages reruns itself under
+the project's `.venv/bin/python` (the README's test command), or stops with one line saying how to make that venv.
+"""
 from __future__ import annotations
 
+import importlib.util
 import os
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +16,24 @@ ROOT = Path(__file__).resolve().parents[1]
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_DISABLE_XET", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+VENV = ROOT / ".venv"
+
+
+def pytest_configure(config):
+    """Run the suite under the interpreter that has the project: this one when it imports `pipeline` and torch,
+    else the same pytest command under `.venv/bin/python` (once: inside the venv a missing package is an error)."""
+    if all(importlib.util.find_spec(name) for name in ("torch", "pipeline")):
+        return
+    python = VENV / "bin" / "python"
+    if python.exists() and Path(sys.prefix).resolve() != VENV.resolve():
+        config.pluginmanager.getplugin("capturemanager").stop_global_capturing()
+        print(f"{sys.executable} lacks torch or the pipeline package: running the tests under {python}",
+              file=sys.stderr, flush=True)
+        os.chdir(config.invocation_params.dir)
+        os.execv(str(python), [str(python), "-m", "pytest", *config.invocation_params.args])
+    raise pytest.UsageError(f"{sys.executable} lacks torch or the pipeline package and there is no working "
+                            f"{python}: run .ci/run once (it installs .venv from the lock), then "
+                            ".venv/bin/python -m pytest")
 
 
 @pytest.fixture
