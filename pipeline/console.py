@@ -92,12 +92,14 @@ class Console:
 
 class Progress:
     """One stage's progress: `update(step, figures)` as training goes, `close()` at the end. On a terminal a tqdm bar
-    with the latest figures; otherwise a plain line each time a tenth of the steps is done (and at the end)."""
+    with the latest figures; otherwise a plain line each time a tenth of the steps is done (and at the end), naming
+    the step its figures come from when that is an earlier one (figures arrive every `logging_steps`)."""
 
     def __init__(self, console: Console, total: int, desc: str, initial: int = 0,
                  episodes_per_step: int | None = None):
         self.console, self.total, self.desc = console, max(int(total), 1), desc
         self.step, self.shown, self.pending, self.closed = initial, {}, None, False
+        self.shown_at = initial  # the step the figures in `shown` were last reported at
         self.episodes_per_step, self.start_step, self.started = episodes_per_step, initial, time.perf_counter()
         self.next_mark = self._mark_after(initial)
         self.bar = None
@@ -116,7 +118,9 @@ class Progress:
         if self.pending is not None and step != self.pending:
             self._print_line()
         self.step = step
-        self.shown.update(shown or {})
+        if shown:
+            self.shown.update(shown)
+            self.shown_at = step
         if self.bar is not None:
             self.bar.set_postfix_str(self.text(), refresh=False)
             self.bar.update(max(0, step - self.bar.n))
@@ -132,6 +136,8 @@ class Progress:
 
     def _print_line(self) -> None:
         text = self.text()
+        if self.shown and self.shown_at < self.step:
+            text += f"  (figures of step {self.shown_at})"
         self.console.say(f"  {self.desc} {self.step}/{self.total}" + (f"  {text}" if text else ""))
         self.pending = None
 

@@ -160,6 +160,19 @@ def test_plain_progress_prints_a_line_per_tenth_with_the_latest_figures():
     assert "\r" not in stream.getvalue()
 
 
+def test_plain_progress_names_the_step_of_figures_logged_before_the_line():
+    stream = io.StringIO()
+    display = Console(stream=stream, interactive=False).progress(20, "sft")
+    for step in range(1, 21):
+        display.update(step, {"loss": 1.0 / step} if step % 5 == 0 else None)
+    display.close()
+    lines = stream.getvalue().splitlines()
+    assert lines[0] == "  sft 2/20"  # nothing logged yet: no figures, no note
+    assert lines[2] == "  sft 6/20  loss 0.2  (figures of step 5)"
+    assert lines[4] == "  sft 10/20  loss 0.1"  # figures of the step it reports: no note
+    assert lines[-1] == "  sft 20/20  loss 0.05"
+
+
 def test_interactive_progress_redraws_one_bar_and_a_disabled_console_shows_nothing():
     stream = io.StringIO()
     display = Console(stream=stream, interactive=True).progress(5, "ppo")
