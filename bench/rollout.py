@@ -288,15 +288,16 @@ def stage_markdown(sides: dict, contended: set[str] = frozenset()) -> str:
             "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for key, side in sides.items():
         method, policy, engine, sync = key.split("/")
-        base = sides.get(f"{method}/{policy}/hf/-")
+        base_key = f"{method}/{policy}/hf/-"
+        base = sides.get(base_key) if not {key, base_key} & contended else None  # no ratio of a contended timing
         gen_x = f"{base['generation_s'] / side['generation_s']:.2f}x" if base and "generation_s" in side else "-"
-        step_x = f"{base['step_s'] / side['step_s']:.2f}x" if base else ""
+        step_x = f"{base['step_s'] / side['step_s']:.2f}x" if base else "-"
         gap = f"{side['logprob_gap_mean']} / {side['logprob_gap_max']}" if "logprob_gap_mean" in side else "-"
-        mark = "*" if key in contended else ""
-        rows.append(f"| {method} | {policy} | {engine} | {sync} | {side.get('generation_s', '-')}{mark} | "
-                    f"{side.get('sync_s', '-')}{mark} | {side['step_s']}{mark} | "
-                    f"{side['episodes_per_s']}{mark} | {gen_x} | {step_x} | {gap} | {side['peak_rss_mib']:.0f} / "
-                    f"{side['server_peak_rss_mib']:.0f} | {side['steps']} | {side['seeds']} |")
+        mark = lambda name: f"{side[name]}{'*' if key in contended else ''}" if name in side else "-"  # noqa: E731
+        rows.append(f"| {method} | {policy} | {engine} | {sync} | {mark('generation_s')} | {mark('sync_s')} | "
+                    f"{mark('step_s')} | {mark('episodes_per_s')} | {gen_x} | {step_x} | {gap} | "
+                    f"{side['peak_rss_mib']:.0f} / {side['server_peak_rss_mib']:.0f} | {side['steps']} | "
+                    f"{side['seeds']} |")
     if contended & set(sides):
         rows += ["", "\\* ran while other work shared the 2 cores: its timings are not comparable (its rewards and "
                  "log-prob gaps are: the same threads compute the same numbers)."]

@@ -214,6 +214,18 @@ def test_reward_curves_compare_only_sides_run_on_the_same_seeds():
     assert rollout.curves_markdown({"ppo/lora/hf/-": sides["ppo/lora/hf/-"]}) == ""
 
 
+def test_a_contended_side_is_marked_and_gets_no_speed_up():
+    rollout = _load("rollout")
+    side = lambda step_s: {"generation_s": step_s / 4, "sync_s": 0.0, "step_s": step_s,  # noqa: E731
+                           "episodes_per_s": 16 / step_s, "peak_rss_mib": 1.0, "server_peak_rss_mib": 0.0,
+                           "steps": 8, "seeds": 3}
+    sides = {"ppo/full/hf/-": side(80.0), "ppo/full/vllm/merged": side(40.0)}
+    assert "| 10.0 | 0.0 | 40.0 | 0.4 | 2.00x | 2.00x |" in rollout.stage_markdown(sides)
+    marked = rollout.stage_markdown(sides, {"ppo/full/hf/-"})
+    assert "| ppo | full | hf | - | 20.0* | 0.0* | 80.0* | 0.2* | - | - |" in marked
+    assert "| 10.0 | 0.0 | 40.0 | 0.4 | - | - |" in marked and "not comparable" in marked
+
+
 def test_the_package_imports_no_bench_code():
     for path in (ROOT / "pipeline").rglob("*.py"):
         for node in ast.walk(ast.parse(path.read_text())):
